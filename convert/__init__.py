@@ -1,0 +1,1 @@
+"""HF checkpoint dir | cached hub id | .gguf  ->  NE f32/f16, streaming."""

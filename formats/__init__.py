@@ -1,0 +1,1 @@
+"""File formats: NE (neural-speed), GGUF and Hugging Face checkpoint readers, shard manifest."""

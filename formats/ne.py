@@ -1,0 +1,389 @@
+"""The NE model file (neural-speed's format): a lazy reader and a streaming writer.
+
+Layout (little-endian): magic `tjgg`, the header of NE_HEADER_FIELDS, n_vocab
+vocab entries (i length, bytes, f score), then tensor records until EOF:
+i n_dims, i name length, i ggml type, n_dims ints of ne (fastest-varying
+first, the numpy shape reversed), the name, zero padding to a multiple of 32
+of the file offset, the raw data.
+
+Shapes in this module are numpy order (slowest-varying first); the file
+stores them reversed. Quantized rows are `row_nbytes` bytes along ne[0].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+
+from netp.errors import NetpError
+from netp.formats import atomic
+from netp.formats.constants import (
+    FTYPE_OF_TYPE, GGMLType, NE_ALIGNMENT, NE_FILE_VERSION, NE_HEADER_FIELDS, NE_HEADER_STRUCT,
+    NE_MAGIC, NE_MAX_DIMS, NE_TENSOR_HEAD, SUPPORTED_TYPES, block_geometry,
+)
+
+NEHeader = make_dataclass(
+    "NEHeader",
+    [(name, int if fmt == "i" else float, field(default=default)) for name, fmt, default in NE_HEADER_FIELDS],
+)
+NEHeader.__doc__ = "The NE header after the magic; fields as in constants.NE_HEADER_FIELDS."
+
+Vocab = list[tuple[bytes, float]]  # (token bytes, score) per token id
+
+_INT = struct.Struct("<i")
+_VOCAB_SCORE = struct.Struct("<f")
+_MAX_NAME = 4096
+
+
+def header_to_bytes(header: Any) -> bytes:
+    return NE_MAGIC + NE_HEADER_STRUCT.pack(*dataclasses.astuple(header))
+
+
+def vocab_to_bytes(vocab: Sequence[tuple[bytes, float]]) -> bytes:
+    parts = []
+    for text, score in vocab:
+        parts += (_INT.pack(len(text)), text, _VOCAB_SCORE.pack(score))
+    return b"".join(parts)
+
+
+def aligned(offset: int) -> int:
+    return -(-offset // NE_ALIGNMENT) * NE_ALIGNMENT
+
+
+def tensor_nbytes(ggml_type: GGMLType, shape: Sequence[int]) -> int:
+    block, block_bytes = block_geometry(ggml_type)
+    n = math.prod(shape)
+    return n // block * block_bytes
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in an NE file."""
+
+    name: str
+    ggml_type: GGMLType
+    shape: tuple[int, ...]  # numpy order: shape[-1] is ne[0], the row length
+    offset: int  # absolute file offset of the data
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.nbytes // self.n_rows
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.ggml_type not in (GGMLType.F32, GGMLType.F16)
+
+
+_NUMPY_DTYPE = {GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2")}
+
+
+class NEReader:
+    """An NE file's header, vocab and tensor index; tensor data on demand.
+
+    Opening parses and validates every record (magic, version, sizes against
+    the file, known types, UTF-8 names) without reading tensor data, so a
+    corrupt file is refused before any large allocation. Data comes either as
+    views into one read-only memory map (`view`) or read into fresh buffers
+    (`read`, for --no_mmap and streaming stages that must not keep pages).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._mmap: mmap.mmap | None = None
+        try:
+            self._file: BinaryIO = open(self.path, "rb")
+        except IsADirectoryError:
+            raise NetpError(self.path, "is a directory, not an NE file") from None
+        except FileNotFoundError:
+            raise NetpError(self.path, "no such file") from None
+        try:
+            self.file_size = os.fstat(self._file.fileno()).st_size
+            self._parse()
+        except BaseException:
+            self._file.close()
+            raise
+
+    # -- parsing -------------------------------------------------------------
+    def _bad(self, what: str) -> NetpError:
+        return NetpError(self.path, what)
+
+    def _read_exact(self, n: int, what: str) -> bytes:
+        b = self._file.read(n)
+        if len(b) != n:
+            raise self._bad(f"truncated: file ends inside {what}")
+        return b
+
+    def _parse(self) -> None:
+        f = self._file
+        magic = f.read(len(NE_MAGIC))
+        if magic != NE_MAGIC:
+            raise self._bad(f"not an NE model file (magic {magic!r}, expected {NE_MAGIC!r})")
+        values = NE_HEADER_STRUCT.unpack(self._read_exact(NE_HEADER_STRUCT.size, "the header"))
+        self.header = NEHeader(*values)
+        h = self.header
+        if h.version != NE_FILE_VERSION:
+            raise self._bad(f"unsupported NE file version {h.version} (netp reads version {NE_FILE_VERSION})")
+        if h.ftype not in FTYPE_OF_TYPE.values():
+            raise self._bad(f"unknown ftype {h.ftype} in the header")
+        for name in ("n_vocab", "n_embd", "n_head", "n_layer"):
+            if getattr(h, name) <= 0:
+                raise self._bad(f"header field {name} is {getattr(h, name)}, must be positive")
+        # Each vocab entry takes at least 8 bytes: refuse an impossible count
+        # before allocating for it.
+        if h.n_vocab * 8 > self.file_size:
+            raise self._bad(f"header claims {h.n_vocab} vocab entries, more than the file's {self.file_size} bytes hold")
+        self.vocab = self._parse_vocab(h.n_vocab)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._parse_tensors()
+
+    def _parse_vocab(self, n: int) -> Vocab:
+        # One read of the rest of the small sections would be faster, but the
+        # vocab length is only known by walking it; read in modest chunks.
+        f = self._file
+        vocab: Vocab = []
+        buf = f.read(min(self.file_size, 1 << 20))
+        pos = 0
+        base = f.tell() - len(buf)
+        for i in range(n):
+            if pos + 4 > len(buf):
+                buf, pos, base = self._refill(buf, pos, base, 4)
+                if pos + 4 > len(buf):
+                    raise self._bad(f"truncated: file ends inside vocab entry {i}")
+            (length,) = _INT.unpack_from(buf, pos)
+            if length < 0 or length > 1 << 16:
+                raise self._bad(f"vocab entry {i} has impossible length {length}")
+            need = 4 + length + 4
+            if pos + need > len(buf):
+                buf, pos, base = self._refill(buf, pos, base, need)
+                if pos + need > len(buf):
+                    raise self._bad(f"truncated: file ends inside vocab entry {i}")
+            text = bytes(buf[pos + 4: pos + 4 + length])
+            (score,) = _VOCAB_SCORE.unpack_from(buf, pos + 4 + length)
+            vocab.append((text, score))
+            pos += need
+        f.seek(base + pos)
+        return vocab
+
+    def _refill(self, buf: bytes, pos: int, base: int, need: int) -> tuple[bytes, int, int]:
+        rest = buf[pos:]
+        more = self._file.read(max(1 << 20, need))
+        return rest + more, 0, base + pos
+
+    def _parse_tensors(self) -> None:
+        f = self._file
+        pos = f.tell()
+        self.tensor_data_start = None
+        while pos < self.file_size:
+            head = f.read(NE_TENSOR_HEAD.size)
+            if len(head) != NE_TENSOR_HEAD.size:
+                raise self._bad(f"truncated: file ends inside a tensor record at offset {pos}")
+            n_dims, name_len, type_id = NE_TENSOR_HEAD.unpack(head)
+            if not 1 <= n_dims <= NE_MAX_DIMS:
+                raise self._bad(f"tensor record at offset {pos} has {n_dims} dimensions (1..{NE_MAX_DIMS} allowed)")
+            if not 1 <= name_len <= _MAX_NAME:
+                raise self._bad(f"tensor record at offset {pos} has a name of {name_len} bytes")
+            try:
+                ggml_type = GGMLType(type_id)
+            except ValueError:
+                ggml_type = None
+            if ggml_type not in SUPPORTED_TYPES:
+                raise self._bad(f"tensor record at offset {pos} has unsupported ggml type {type_id}")
+            ne = struct.unpack(f"<{n_dims}i", self._read_exact(4 * n_dims, "a tensor shape"))
+            raw_name = self._read_exact(name_len, "a tensor name")
+            try:
+                name = raw_name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self._bad(f"tensor record at offset {pos} has a name that is not UTF-8") from None
+            if any(d <= 0 for d in ne):
+                raise self._bad(f"tensor {name} has a non-positive dimension {list(ne)}")
+            block, _ = block_geometry(ggml_type)
+            if ne[0] % block:
+                raise self._bad(f"tensor {name}: row length {ne[0]} is not a multiple of the {ggml_type.name} block ({block})")
+            shape = tuple(reversed(ne))
+            offset = aligned(f.tell())
+            nbytes = tensor_nbytes(ggml_type, shape)
+            if offset + nbytes > self.file_size:
+                raise self._bad(
+                    f"truncated: tensor {name} needs bytes {offset}..{offset + nbytes}, file has {self.file_size}")
+            if name in self.tensors:
+                raise self._bad(f"tensor {name} appears twice")
+            self.tensors[name] = TensorInfo(name, ggml_type, shape, offset, nbytes)
+            if self.tensor_data_start is None:
+                self.tensor_data_start = pos
+            pos = offset + nbytes
+            f.seek(pos)
+        if not self.tensors:
+            raise self._bad("has no tensors (truncated after the vocab?)")
+
+    # -- data ----------------------------------------------------------------
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise NetpError(self.path, f"missing tensor {name}") from None
+
+    def _map(self) -> mmap.mmap:
+        if self._mmap is None:
+            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def _shaped(self, info: TensorInfo, flat: np.ndarray) -> np.ndarray:
+        if info.ggml_type in _NUMPY_DTYPE:
+            return flat.view(_NUMPY_DTYPE[info.ggml_type]).reshape(info.shape)
+        return flat.reshape(*info.shape[:-1], info.row_nbytes)
+
+    def view(self, name: str) -> np.ndarray:
+        """Zero-copy view into the memory map: f32/f16 in the tensor's shape,
+        quantized types as uint8 rows of blocks."""
+        info = self.info(name)
+        flat = np.frombuffer(self._map(), dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        return self._shaped(info, flat)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Read a tensor (or a range of its leading-axis rows) into a new array."""
+        info = self.info(name)
+        lead = info.shape[0]
+        start, stop = rows if rows is not None else (0, lead)
+        if not 0 <= start <= stop <= lead:
+            raise ValueError(f"rows {start}:{stop} outside {name} with {lead} rows")
+        per_row = info.nbytes // lead
+        out = np.empty(per_row * (stop - start), dtype=np.uint8)
+        self.read_into(info.offset + start * per_row, out)
+        shape = (stop - start, *info.shape[1:])
+        return self._shaped(dataclasses.replace(info, shape=shape, nbytes=out.size), out)
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        """Fill `out` (a writable uint8 buffer) with file bytes from `offset`."""
+        got = os.preadv(self._file.fileno(), [memoryview(out).cast("B")], offset) if hasattr(os, "preadv") else None
+        if got is None:
+            self._file.seek(offset)
+            got = self._file.readinto(memoryview(out).cast("B"))
+        if got != out.nbytes:
+            raise NetpError(self.path, f"truncated: short read at offset {offset}")
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # views still alive; the map closes when they are gone
+            self._mmap = None
+        self._file.close()
+
+    def __enter__(self) -> "NEReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NEWriter:
+    """Write an NE file one tensor at a time under a temporary name.
+
+    Use as a context manager: on a clean exit the file is flushed, fsynced
+    and renamed to `path`; on an exception the temporary file is removed, so
+    `path` never holds a half-written model. `hasher` (anything with
+    .update) sees every byte written, for checksums computed on the way.
+    """
+
+    def __init__(self, path: str | os.PathLike, header: Any, vocab: Sequence[tuple[bytes, float]],
+                 hasher: Any = None):
+        self.path = Path(path)
+        if len(vocab) != header.n_vocab:
+            raise ValueError(f"vocab has {len(vocab)} entries, header says {header.n_vocab}")
+        atomic.clean_stale_partials(self.path)
+        self.tmp_path = atomic.partial_name(self.path)
+        self._f: BinaryIO = open(self.tmp_path, "wb", buffering=1 << 20)
+        self._hasher = hasher
+        self._pos = 0
+        self._pending: tuple[str, int] | None = None  # tensor being streamed: name, bytes left
+        self.names: list[str] = []
+        self._write(header_to_bytes(header))
+        self._write(vocab_to_bytes(vocab))
+
+    def _write(self, b: Any) -> None:
+        mv = memoryview(b).cast("B")
+        self._f.write(mv)
+        if self._hasher is not None:
+            self._hasher.update(mv)
+        self._pos += mv.nbytes
+
+    @property
+    def tell(self) -> int:
+        return self._pos
+
+    def begin_tensor(self, name: str, ggml_type: GGMLType, shape: Sequence[int]) -> int:
+        """Write a tensor's record header; its data follows via `write`. Returns the data offset."""
+        if self._pending is not None:
+            raise RuntimeError(f"tensor {self._pending[0]} is not complete")
+        if name in self.names:
+            raise ValueError(f"tensor {name} written twice")
+        ggml_type = GGMLType(ggml_type)
+        block, _ = block_geometry(ggml_type)
+        if shape[-1] % block:
+            raise ValueError(f"{name}: row length {shape[-1]} is not a multiple of the {ggml_type.name} block")
+        raw_name = name.encode("utf-8")
+        ne = tuple(reversed([int(d) for d in shape]))
+        self._write(NE_TENSOR_HEAD.pack(len(ne), len(raw_name), int(ggml_type)))
+        self._write(struct.pack(f"<{len(ne)}i", *ne))
+        self._write(raw_name)
+        self._write(bytes(aligned(self._pos) - self._pos))
+        self._pending = (name, tensor_nbytes(ggml_type, shape))
+        self.names.append(name)
+        return self._pos
+
+    def write(self, chunk: Any) -> None:
+        """Append data of the tensor begun last (any C-contiguous buffer)."""
+        if self._pending is None:
+            raise RuntimeError("write() outside a tensor")
+        name, left = self._pending
+        n = memoryview(chunk).nbytes
+        if n > left:
+            raise ValueError(f"{name}: {n} bytes written, only {left} expected")
+        self._write(chunk)
+        self._pending = (name, left - n) if left - n else None
+
+    def add_tensor(self, name: str, ggml_type: GGMLType, shape: Sequence[int], data: Any) -> None:
+        """Write a whole tensor whose bytes are `data` (array or bytes)."""
+        self.begin_tensor(name, ggml_type, shape)
+        self.write(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data)
+        if self._pending is not None:
+            raise ValueError(f"{name}: {self._pending[1]} bytes missing")
+
+    def commit(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError(f"tensor {self._pending[0]} is not complete")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        atomic.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "NEWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+

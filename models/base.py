@@ -1,0 +1,231 @@
+"""What every architecture module declares, and the registry that finds it.
+
+An architecture is one class in models/<arch>.py, registered with
+`@register`. It holds the facts every stage needs, so no stage ever says
+`if arch == ...`:
+- names: HF -> NE and GGUF -> NE tensor name maps, and a recogniser of its
+  NE names (the NE header has no architecture field);
+- hparams: from config.json (read as JSON, with defaults declared here and
+  checked against transformers' config classes by a test), from GGUF
+  metadata, and from an NE header; header field values for writing;
+- the rare tensor that needs work on the way in (LLaMA's q/k permutation);
+- the tensor-parallel split plan, as data;
+- the rank-local numpy forward.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Mapping as TMapping
+
+import numpy as np
+
+from netp.errors import NetpError
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Hyper-parameters of one model, in the units the forward uses."""
+
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_layer: int
+    n_ff: int  # MLP inner width
+    n_rot: int  # rotary dims per head
+    norm_eps: float
+    rope_theta: float
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int = -1
+    parallel_residual: bool = False
+    tie_embeddings: bool = False
+    max_seq_len: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How one tensor is cut across tensor-parallel ranks.
+
+    kind: "rows" (output rows, numpy axis 0), "cols" (input columns, numpy
+    axis 1), "rank0" (whole tensor on rank 0 only: the bias of a column-split
+    matrix, added once before the all-reduce), "replicated".
+    unit: what the cut counts in for rows/cols: "q_heads", "kv_heads",
+    "qkv_heads" (a fused per-head q|k|v block), "ffn" (MLP width), "vocab".
+    """
+
+    kind: str
+    unit: str | None = None
+
+    @property
+    def axis(self) -> int | None:
+        return {"rows": 0, "cols": 1}.get(self.kind)
+
+
+REPLICATED = SplitRule("replicated")
+RANK0 = SplitRule("rank0")
+
+
+class Architecture:
+    """Base class; subclasses fill the class attributes and the hooks."""
+
+    name: ClassVar[str]  # netp's name, also recorded in the manifest
+    hf_model_types: ClassVar[tuple[str, ...]] = ()  # config.json "model_type"
+    gguf_architectures: ClassVar[tuple[str, ...]] = ()  # GGUF general.architecture
+    ns_model_names: ClassVar[tuple[str, ...]] = ()  # neural-speed --model_name values
+    # config.json defaults: what transformers' config class assumes when a key is absent.
+    hf_defaults: ClassVar[dict[str, Any]] = {}
+    # (regex on HF name, NE name template with {0}.. for groups); None template drops the tensor.
+    hf_name_map: ClassVar[tuple[tuple[str, str | None], ...]] = ()
+    gguf_name_map: ClassVar[tuple[tuple[str, str | None], ...]] = ()
+    # (regex on NE name, split rule); first match wins.
+    split_plan: ClassVar[tuple[tuple[str, SplitRule], ...]] = ()
+
+    # -- names ---------------------------------------------------------------
+    @staticmethod
+    def _map_name(table: Iterable[tuple[str, str | None]], name: str) -> str | None | bool:
+        for pattern, template in table:
+            m = re.fullmatch(pattern, name)
+            if m:
+                return None if template is None else template.format(*m.groups())
+        return False  # unknown name
+
+    def ne_name_from_hf(self, hf_name: str) -> str | None | bool:
+        """NE name, None for a tensor to drop, False for a name this architecture does not know."""
+        return self._map_name(self.hf_name_map, hf_name)
+
+    def ne_name_from_gguf(self, gguf_name: str) -> str | None | bool:
+        return self._map_name(self.gguf_name_map, gguf_name)
+
+    def tensor_shapes(self, hp: HParams) -> dict[str, tuple[int, ...]]:
+        """Every NE tensor of a model with these hparams, in file order, numpy shapes."""
+        raise NotImplementedError
+
+    def recognises(self, ne_names: Iterable[str]) -> bool:
+        """Whether a set of NE tensor names is this architecture's."""
+        raise NotImplementedError
+
+    def split_rule(self, ne_name: str) -> SplitRule:
+        for pattern, rule in self.split_plan:
+            if re.fullmatch(pattern, ne_name):
+                return rule
+        raise KeyError(f"{self.name}: no split rule for tensor {ne_name}")
+
+    # -- hparams -------------------------------------------------------------
+    def hf_value(self, config: TMapping[str, Any], key: str) -> Any:
+        value = config.get(key)
+        return self.hf_defaults.get(key) if value is None else value
+
+    def hparams_from_hf(self, config: TMapping[str, Any], path: str) -> HParams:
+        raise NotImplementedError
+
+    def hparams_from_gguf(self, meta: TMapping[str, Any], path: str) -> HParams:
+        raise NetpError(path, f"GGUF input is not supported for {self.name}")
+
+    def hparams_from_ne(self, header: Any, shapes: TMapping[str, tuple[int, ...]]) -> HParams:
+        raise NotImplementedError
+
+    def header_fields(self, hp: HParams) -> dict[str, Any]:
+        """NE header values (all but version and ftype) for these hparams."""
+        raise NotImplementedError
+
+    # -- tensors on the way in -------------------------------------------------
+    def transform_hf(self, ne_name: str, data: np.ndarray, hp: HParams) -> np.ndarray:
+        """Rework a tensor read from an HF checkpoint (default: as it is)."""
+        return data
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(cls: type[Architecture]) -> type[Architecture]:
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def all_architectures() -> list[Architecture]:
+    return list(_REGISTRY.values())
+
+
+def supported_names() -> str:
+    return ", ".join(sorted(_REGISTRY))
+
+
+def by_name(name: str) -> Architecture:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r} (supported: {supported_names()})") from None
+
+
+def by_hf_config(config: TMapping[str, Any], path: str) -> Architecture:
+    model_type = config.get("model_type")
+    for arch in _REGISTRY.values():
+        if model_type in arch.hf_model_types:
+            return arch
+    known = ", ".join(sorted(t for a in _REGISTRY.values() for t in a.hf_model_types))
+    raise NetpError(path, f"unsupported architecture {model_type!r} "
+                          f"({', '.join(config.get('architectures') or []) or 'no architectures listed'}); "
+                          f"supported model_type: {known}")
+
+
+def by_gguf_architecture(gguf_arch: str, path: str) -> Architecture:
+    for arch in _REGISTRY.values():
+        if gguf_arch in arch.gguf_architectures:
+            return arch
+    known = ", ".join(sorted(t for a in _REGISTRY.values() for t in a.gguf_architectures))
+    raise NetpError(path, f"unsupported GGUF architecture {gguf_arch!r} (supported: {known})")
+
+
+def by_ne_tensors(ne_names: Iterable[str], path: str) -> Architecture:
+    names = set(ne_names)
+    for arch in _REGISTRY.values():
+        if arch.recognises(names):
+            return arch
+    raise NetpError(path, f"tensor names match no supported architecture ({supported_names()})")
+
+
+def by_ns_model_name(model_name: str) -> Architecture:
+    for arch in _REGISTRY.values():
+        if model_name in arch.ns_model_names:
+            return arch
+    known = ", ".join(sorted(n for a in _REGISTRY.values() for n in a.ns_model_names))
+    raise ValueError(f"unknown --model_name {model_name!r} (supported: {known})")
+
+
+def refuse(path: str, what: str) -> NetpError:
+    """The error for a config whose math netp does not implement."""
+    return NetpError(path, f"unsupported config: {what}; netp would compute this model wrong, so it refuses it")
+
+
+def rope_from_hf(arch: Architecture, config: TMapping[str, Any], path: str) -> tuple[float, float]:
+    """(rope theta, partial rotary factor) from a config.json of transformers 4 or 5.
+
+    transformers 5 writes `rope_parameters`; older files write `rope_theta`
+    and `rope_scaling`. Any scaling but none/linear-1.0 is refused.
+    """
+    params = dict(config.get("rope_parameters") or {})
+    scaling = config.get("rope_scaling")
+    if scaling:
+        params = {**scaling, **params}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    factor = params.get("factor", 1.0)
+    if rope_type not in ("default", "linear") or (rope_type == "linear" and factor != 1.0):
+        raise refuse(path, f"rope scaling {rope_type!r} (factor {factor})")
+    theta = params.get("rope_theta", config.get("rope_theta", arch.hf_defaults.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor",
+                         config.get("rotary_pct", config.get("partial_rotary_factor",
+                                                             arch.hf_defaults.get("partial_rotary_factor", 1.0))))
+    return float(theta), float(partial)
+
+
+def token_id(value: Any) -> int:
+    if isinstance(value, (list, tuple)):  # some configs list several EOS ids: the first is the main one
+        value = value[0] if value else None
+    return -1 if value is None else int(value)

@@ -1,0 +1,97 @@
+"""GPT-J: parallel residual (attention and MLP read the same layer norm),
+rotary over the first rotary_dim dims of each head in adjacent pairs,
+gelu_new MLP, biased output head. NE keeps the HF names (neural-speed's
+convert_gptj), dropping the attention mask buffers.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from netp.models.base import RANK0, REPLICATED, Architecture, HParams, SplitRule, refuse, register, token_id
+
+
+@register
+class GPTJ(Architecture):
+    name = "gptj"
+    hf_model_types = ("gptj",)
+    ns_model_names = ("gptj", "gpt-j")
+    # GPTJConfig's defaults (tests hold these against transformers).
+    hf_defaults = {
+        "vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16,
+        "rotary_dim": 64, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": False,
+    }
+    hf_name_map = (
+        (r"transformer\.h\.\d+\.attn\.(masked_)?bias", None),
+        (r"(transformer\.wte\.weight)", "{0}"),
+        (r"(transformer\.ln_f\.(weight|bias))", "{0}"),
+        (r"(lm_head\.(weight|bias))", "{0}"),
+        (r"(transformer\.h\.\d+\.ln_1\.(weight|bias))", "{0}"),
+        (r"(transformer\.h\.\d+\.attn\.[qkv]_proj\.weight)", "{0}"),
+        (r"(transformer\.h\.\d+\.attn\.out_proj\.weight)", "{0}"),
+        (r"(transformer\.h\.\d+\.mlp\.fc_(in|out)\.(weight|bias))", "{0}"),
+    )
+    split_plan = (
+        (r"transformer\.h\.\d+\.attn\.[qkv]_proj\.weight", SplitRule("rows", "q_heads")),
+        (r"transformer\.h\.\d+\.attn\.out_proj\.weight", SplitRule("cols", "q_heads")),
+        (r"transformer\.h\.\d+\.mlp\.fc_in\.(weight|bias)", SplitRule("rows", "ffn")),
+        (r"transformer\.h\.\d+\.mlp\.fc_out\.weight", SplitRule("cols", "ffn")),
+        (r"transformer\.h\.\d+\.mlp\.fc_out\.bias", RANK0),
+        (r"lm_head\.(weight|bias)", SplitRule("rows", "vocab")),
+        (r"transformer\.wte\.weight|transformer\.ln_f\.(weight|bias)|transformer\.h\.\d+\.ln_1\.(weight|bias)",
+         REPLICATED),
+    )
+
+    def tensor_shapes(self, hp: HParams) -> dict[str, tuple[int, ...]]:
+        d, f = hp.n_embd, hp.n_ff
+        shapes = {"transformer.wte.weight": (hp.n_vocab, d)}
+        for i in range(hp.n_layer):
+            p = f"transformer.h.{i}."
+            shapes |= {
+                p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
+                p + "attn.q_proj.weight": (d, d), p + "attn.k_proj.weight": (d, d),
+                p + "attn.v_proj.weight": (d, d), p + "attn.out_proj.weight": (d, d),
+                p + "mlp.fc_in.weight": (f, d), p + "mlp.fc_in.bias": (f,),
+                p + "mlp.fc_out.weight": (d, f), p + "mlp.fc_out.bias": (d,),
+            }
+        shapes |= {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,),
+                   "lm_head.weight": (hp.n_vocab, d), "lm_head.bias": (hp.n_vocab,)}
+        return shapes
+
+    def recognises(self, ne_names) -> bool:
+        return "transformer.wte.weight" in ne_names and "transformer.h.0.attn.q_proj.weight" in ne_names
+
+    def hparams_from_hf(self, config: Mapping[str, Any], path: str) -> HParams:
+        v = lambda key: self.hf_value(config, key)  # noqa: E731
+        n_embd, n_head = int(v("n_embd")), int(v("n_head"))
+        if v("activation_function") != "gelu_new":
+            raise refuse(path, f"activation_function {v('activation_function')!r} (GPT-J uses gelu_new)")
+        if v("tie_word_embeddings"):
+            raise refuse(path, "tie_word_embeddings true (GPT-J has its own biased output head)")
+        if n_embd % n_head:
+            raise refuse(path, f"n_embd {n_embd} not divisible by n_head {n_head}")
+        rotary_dim = int(v("rotary_dim") or n_embd // n_head)
+        return HParams(
+            arch=self.name, n_vocab=int(v("vocab_size")), n_embd=n_embd, n_head=n_head, n_head_kv=n_head,
+            n_layer=int(v("n_layer")), n_ff=int(config.get("n_inner") or 4 * n_embd), n_rot=rotary_dim,
+            norm_eps=float(v("layer_norm_epsilon")), rope_theta=10000.0,
+            bos_token_id=token_id(v("bos_token_id")), eos_token_id=token_id(v("eos_token_id")),
+            pad_token_id=token_id(config.get("pad_token_id")), parallel_residual=True,
+            max_seq_len=int(v("n_positions")),
+        )
+
+    def header_fields(self, hp: HParams) -> dict[str, Any]:
+        return dict(
+            n_vocab=hp.n_vocab, n_embd=hp.n_embd, n_mult=hp.n_embd // hp.n_head, n_head=hp.n_head, n_head_kv=0,
+            n_layer=hp.n_layer, n_rot=hp.n_rot, max_seq_len=hp.max_seq_len, norm_eps=hp.norm_eps,
+            bos_token_id=hp.bos_token_id, eos_token_id=hp.eos_token_id, pad_token_id=hp.pad_token_id,
+        )
+
+    def hparams_from_ne(self, header: Any, shapes: Mapping[str, tuple[int, ...]]) -> HParams:
+        return HParams(
+            arch=self.name, n_vocab=header.n_vocab, n_embd=header.n_embd, n_head=header.n_head,
+            n_head_kv=header.n_head, n_layer=header.n_layer, n_ff=shapes["transformer.h.0.mlp.fc_in.weight"][0],
+            n_rot=header.n_rot, norm_eps=header.norm_eps, rope_theta=header.freq_base,
+            bos_token_id=header.bos_token_id, eos_token_id=header.eos_token_id,
+            pad_token_id=header.pad_token_id, parallel_residual=True, max_seq_len=header.max_seq_len,
+        )

@@ -1,0 +1,72 @@
+"""Shared click plumbing: one-line errors, --debug/--quiet, progress bars.
+
+Stage commands live in <stage>/cli.py, import only click and this module at
+the top (heavy imports go inside the command), and run their work inside
+`run_reporting`, so every entry point answers a bad input with one line
+`<prog>: error: <file>: <what>` and a non-zero exit.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Iterable, TypeVar
+
+import click
+
+from netp.errors import fail, rank_prefix, report_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OneLineErrors:
+    """Mixin for click commands and groups: usage errors become one line."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        prog = prog_name or self.name or "netp"
+        try:
+            rv = super().main(args=args, prog_name=prog, **kwargs)  # type: ignore[misc]
+        except click.exceptions.Exit as e:
+            raise SystemExit(e.exit_code) from None
+        except click.Abort:
+            print(f"{rank_prefix()}{prog}: error: aborted", file=sys.stderr)
+            raise SystemExit(1) from None
+        except click.UsageError as e:
+            command = e.ctx.command if e.ctx is not None else self
+            hint = getattr(command, "usage_hint", None)
+            text = hint(e) if hint else e.format_message()
+            print(f"{rank_prefix()}{prog}: error: {text} (see {prog} --help)", file=sys.stderr)
+            raise SystemExit(2) from None
+        if isinstance(rv, int) and rv:
+            raise SystemExit(rv)
+        return rv
+
+
+class NetpCommand(OneLineErrors, click.Command):
+    """A stage command. Subclasses may override `usage_hint` to add a corrected line."""
+
+    def usage_hint(self, e: click.UsageError) -> str:
+        return e.format_message()
+
+
+def common_options(f: F) -> F:
+    """--debug (tracebacks) and --quiet (no progress bars)."""
+    f = click.option("--debug", is_flag=True, help="Show a full traceback on errors.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bars or informational output.")(f)
+    return f
+
+
+def run_reporting(prog: str, debug: bool, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call fn, turning any failure into the one-line error and exit 1."""
+    with report_errors(prog, debug):
+        return fn(*args, **kwargs)
+
+
+def progress(iterable: Iterable[Any] | None = None, *, quiet: bool = False, **kwargs: Any) -> Any:
+    """A tqdm bar on a terminal; silent when stderr is not a terminal or with --quiet."""
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+__all__ = ["OneLineErrors", "NetpCommand", "common_options", "run_reporting", "progress", "fail"]

@@ -1,0 +1,1 @@
+"""numpy + MPI tensor-parallel runtime: load a rank's shard, generate, verify."""

@@ -1,0 +1,100 @@
+"""The NE reader and writer: round trips, layout facts, and refusals."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from netp.errors import NetpError
+from netp.formats.constants import NE_HEADER_FIELDS, GGMLType
+from netp.formats.ne import NEHeader, NEReader, NEWriter
+
+
+def _write_small(path, tensors, vocab=((b"a", 0.0), (b"bc", -1.0))):
+    header = NEHeader(n_vocab=len(vocab), n_embd=64, n_head=2, n_layer=1, ftype=0, norm_eps=2.0**-20)  # exact in f32
+    with NEWriter(path, header, list(vocab)) as w:
+        for name, arr in tensors.items():
+            t = GGMLType.F32 if arr.dtype == np.float32 else GGMLType.F16
+            w.add_tensor(name, t, arr.shape, arr)
+    return header
+
+
+def test_round_trip_header_vocab_tensors(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"a.weight": rng.standard_normal((3, 64), dtype=np.float32),
+               "b": rng.standard_normal(64).astype(np.float16),
+               "c": rng.standard_normal((2, 3, 32), dtype=np.float32)}
+    header = _write_small(tmp_path / "m.bin", tensors)
+    with NEReader(tmp_path / "m.bin") as r:
+        assert r.header == header
+        assert r.vocab == [(b"a", 0.0), (b"bc", -1.0)]
+        assert list(r.tensors) == list(tensors)
+        for name, arr in tensors.items():
+            info = r.tensors[name]
+            assert info.offset % 32 == 0
+            assert info.shape == arr.shape
+            np.testing.assert_array_equal(r.view(name), arr)
+            np.testing.assert_array_equal(r.read(name), arr)
+        np.testing.assert_array_equal(r.read("a.weight", rows=(1, 3)), tensors["a.weight"][1:3])
+
+
+def test_bytes_follow_the_documented_layout(tmp_path):
+    """Hand-parse the file with struct, independent of NEReader."""
+    arr = np.arange(64, dtype=np.float32).reshape(2, 32)
+    _write_small(tmp_path / "m.bin", {"w": arr}, vocab=[(b"xy", 2.5)])
+    raw = (tmp_path / "m.bin").read_bytes()
+    assert raw[:4] == b"tjgg"
+    n_fields = len(NE_HEADER_FIELDS)
+    fmt = "<" + "".join(f for _, f, _ in NE_HEADER_FIELDS)
+    values = struct.unpack_from(fmt, raw, 4)
+    assert values[:3] == (1, 1, 64)  # version, n_vocab, n_embd
+    pos = 4 + struct.calcsize(fmt)
+    assert n_fields == 31
+    assert struct.unpack_from("<i", raw, pos)[0] == 2 and raw[pos + 4:pos + 6] == b"xy"
+    assert struct.unpack_from("<f", raw, pos + 6)[0] == 2.5
+    pos += 10
+    n_dims, name_len, ttype = struct.unpack_from("<iii", raw, pos)
+    assert (n_dims, name_len, ttype) == (2, 1, 0)
+    assert struct.unpack_from("<ii", raw, pos + 12) == (32, 2)  # ne[0] first
+    data = pos + 12 + 8 + 1
+    data += -data % 32
+    np.testing.assert_array_equal(np.frombuffer(raw, "<f4", 64, data).reshape(2, 32), arr)
+    assert len(raw) == data + arr.nbytes
+
+
+def test_writer_leaves_nothing_on_error(tmp_path):
+    out = tmp_path / "m.bin"
+    header = NEHeader(n_vocab=1, n_embd=32, n_head=1, n_layer=1)
+    with pytest.raises(RuntimeError):
+        with NEWriter(out, header, [(b"a", 0.0)]) as w:
+            w.add_tensor("x", GGMLType.F32, (32,), np.zeros(32, np.float32))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [0, 3, 10, 60, 200, -5, -1])
+def test_truncated_files_are_refused(tmp_path, cut):
+    src = tmp_path / "m.bin"
+    _write_small(src, {"w": np.ones((4, 64), np.float32)})
+    raw = src.read_bytes()
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(raw[:cut] if cut >= 0 else raw[:len(raw) + cut])
+    with pytest.raises(NetpError) as e:
+        NEReader(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_wrong_magic_and_impossible_sizes(tmp_path):
+    src = tmp_path / "m.bin"
+    _write_small(src, {"w": np.ones((4, 64), np.float32)})
+    raw = bytearray(src.read_bytes())
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"GGUF" + raw[4:])
+    with pytest.raises(NetpError, match="magic"):
+        NEReader(bad)
+    big = bytearray(raw)
+    struct.pack_into("<i", big, 8, 10**9)  # n_vocab
+    bad.write_bytes(big)
+    with pytest.raises(NetpError, match="vocab"):
+        NEReader(bad)
