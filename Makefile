@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # pytest exits 5 when it collects nothing: treat that as a failure too.
 test: setup
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

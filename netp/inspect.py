@@ -1,0 +1,153 @@
+"""`netp inspect PATH`: what is in an NE file, a GGUF file or a shard set.
+
+Like llama.cpp's gguf-dump: the header, the recognised architecture and its
+hparams, the vocab size, a tensor table (name, type, shape, bytes, offset)
+and totals by type; for a shard set the world size, each rank file, every
+tensor's split and ranges, and whether the checksums hold. `--json` prints
+the same facts for machines.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from netp.cliutil import NetpCommand, common_options, run_reporting
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _tensor_rows(tensors: list[dict[str, Any]]) -> list[str]:
+    width = max([len(t["name"]) for t in tensors] + [4])
+    lines = [f"  {'name':<{width}}  {'type':<5} {'shape':<16} {'bytes':>12} {'offset':>12}"]
+    for t in tensors:
+        shape = "x".join(map(str, t["shape"]))
+        lines.append(f"  {t['name']:<{width}}  {t['type']:<5} {shape:<16} {t['nbytes']:>12} {t['offset']:>12}")
+    return lines
+
+
+def _totals(tensors: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    count, size, params = Counter(), Counter(), Counter()
+    for t in tensors:
+        count[t["type"]] += 1
+        size[t["type"]] += t["nbytes"]
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        params[t["type"]] += n
+    return {k: {"tensors": count[k], "bytes": size[k], "elements": params[k]} for k in sorted(count)}
+
+
+def describe_ne(path: Path) -> dict[str, Any]:
+    from netp.formats.constants import TYPE_NAMES
+    from netp.formats.ne import NEReader
+    from netp.models import by_ne_tensors
+
+    with NEReader(path) as r:
+        tensors = [{"name": t.name, "type": TYPE_NAMES[t.ggml_type], "shape": list(t.shape),
+                    "nbytes": t.nbytes, "offset": t.offset} for t in r.tensors.values()]
+        arch = by_ne_tensors(r.tensors, str(path))
+        hp = arch.hparams_from_ne(r.header, {t.name: t.shape for t in r.tensors.values()})
+        return {"kind": "ne", "path": str(path), "file_size": r.file_size, "architecture": arch.name,
+                "header": dataclasses.asdict(r.header), "hparams": dataclasses.asdict(hp),
+                "vocab_size": len(r.vocab), "tensors": tensors, "totals": _totals(tensors)}
+
+
+def describe_gguf(path: Path) -> dict[str, Any]:
+    import gguf
+
+    from netp.errors import NetpError
+
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/struct.error/... on bad files
+        raise NetpError(path, f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta: dict[str, Any] = {}
+    for name, field in r.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+            meta[name] = f"[{len(field.data)} items]"
+        else:
+            value = field.contents()
+            if isinstance(value, str):
+                value = value.replace("\n", "\\n")
+                value = value if len(value) < 120 else value[:117] + "..."
+            meta[name] = value
+    tensors = [{"name": t.name, "type": t.tensor_type.name.lower(), "shape": [int(d) for d in reversed(t.shape)],
+                "nbytes": int(t.n_bytes), "offset": int(t.data_offset)} for t in r.tensors]
+    return {"kind": "gguf", "path": str(path), "file_size": path.stat().st_size, "metadata": meta,
+            "tensors": tensors, "totals": _totals(tensors)}
+
+
+def describe_shards(path: Path) -> dict[str, Any]:
+    from netp.shard.check import describe_shard_set
+
+    return describe_shard_set(path)
+
+
+def describe(path: Path) -> dict[str, Any]:
+    from netp.errors import NetpError
+
+    if path.is_dir():
+        if not (path / "manifest.json").exists():
+            raise NetpError(path, "is a directory without manifest.json (not a shard set)")
+        return describe_shards(path)
+    if not path.exists():
+        raise NetpError(path, "no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return describe_gguf(path)
+    return describe_ne(path)
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [f"{info['path']}: {info['kind'].upper()} file, {_human(info['file_size'])}"]
+    if info["kind"] == "ne":
+        lines.append(f"architecture: {info['architecture']}   vocab: {info['vocab_size']}")
+        lines.append("header: " + "  ".join(f"{k}={v}" for k, v in info["header"].items()))
+    elif info["kind"] == "gguf":
+        lines += [f"  {k} = {v}" for k, v in info["metadata"].items()]
+    elif info["kind"] == "shards":
+        lines += info["summary_lines"]
+    lines.append(f"tensors: {len(info['tensors'])}")
+    lines += _tensor_rows(info["tensors"])
+    lines.append("totals by type:")
+    for t, v in info["totals"].items():
+        lines.append(f"  {t:<5} {v['tensors']:>5} tensors  {v['elements']:>12} values  {_human(v['bytes']):>10}")
+    return "\n".join(lines)
+
+
+@click.command("inspect", cls=NetpCommand)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@common_options
+def inspect_command(path: Path, as_json: bool, quiet: bool, debug: bool) -> None:
+    """Show what an NE file, a GGUF file or a shard set holds.
+
+    \b
+    Examples:
+      netp inspect ne-q4_0.bin
+      netp inspect model.gguf --json
+      netp inspect shards/          # also re-checks every checksum
+    """
+    info = run_reporting("netp inspect", debug, describe, path)
+    if as_json:
+        json.dump(info, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        click.echo(render(info))
+    if info.get("checksums_ok") is False:
+        raise SystemExit(1)

