@@ -359,6 +359,36 @@ class NEWriter:
         self._write(chunk)
         self._pending = (name, left - n) if left - n else None
 
+    def copy_from(self, fd: int, offset: int, nbytes: int) -> None:
+        """Append `nbytes` of the tensor begun last straight from file `fd` at
+        `offset`: an in-kernel copy (os.copy_file_range) when nothing hashes
+        the bytes, else read in chunks. The bytes never enter this process."""
+        if self._pending is None or nbytes > self._pending[1]:
+            raise ValueError(f"copy_from: {nbytes} bytes do not fit the tensor being written")
+        done = 0
+        if self._hasher is None and hasattr(os, "copy_file_range"):
+            self._f.flush()
+            out = self._f.fileno()
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(fd, out, nbytes - done, offset + done)
+                    if n <= 0:
+                        raise EOFError(f"source ends {nbytes - done} bytes short")
+                    done += n
+            except OSError:
+                pass  # e.g. a filesystem without it: the rest goes through a buffer below
+            finally:
+                self._pos += done
+                self._f.seek(self._pos)  # resync the buffered writer with the advanced fd
+                name, left = self._pending
+                self._pending = (name, left - done) if left - done else None
+        while done < nbytes:
+            chunk = os.pread(fd, min(16 << 20, nbytes - done), offset + done)
+            if not chunk:
+                raise EOFError(f"source ends {nbytes - done} bytes short")
+            self.write(chunk)
+            done += len(chunk)
+
     def add_tensor(self, name: str, ggml_type: GGMLType, shape: Sequence[int], data: Any) -> None:
         """Write a whole tensor whose bytes are `data` (array or bytes)."""
         self.begin_tensor(name, ggml_type, shape)

@@ -140,6 +140,26 @@ class Architecture:
         """Rework a tensor read from an HF checkpoint (default: as it is)."""
         return data
 
+    # -- runtime (the rank-local numpy forward) ---------------------------------
+    embedding_name: ClassVar[str]  # the token embedding: kept in file form, rows dequantized on lookup
+    output_name: ClassVar[str]  # the output head; when absent (tied) the embedding's vocab rows serve
+
+    def runtime_tensors(self, layer: int | None) -> dict[str, tuple[str, ...]]:
+        """The weights the forward uses, by its own names, each made of NE
+        tensors stacked by rows (q|k|v in one matrix: one product, not three).
+        layer None: the model-level weights."""
+        raise NotImplementedError
+
+    def forward(self, m: Any, tokens: np.ndarray, start: int, all_logits: bool = False,
+                states: list | None = None) -> np.ndarray:
+        """Rank-local forward of tokens at positions [start, start + T) through
+        m (a netp.runtime.model.RankModel: hp, comm, weights, cache, rotary
+        tables, local heads). Returns this rank's vocab slice of the logits of
+        the last token (all tokens with all_logits), (T', V_local). `states`,
+        when given, receives the residual stream entering each layer and the
+        one leaving the last, (T, n_embd) each."""
+        raise NotImplementedError
+
 
 _REGISTRY: dict[str, Architecture] = {}
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
+
+from netp.models.layers import gelu_new, layer_norm, linear, self_attention
 from netp.models.base import RANK0, REPLICATED, Architecture, HParams, SplitRule, refuse, register, token_id
 
 
@@ -95,3 +98,43 @@ class GPTJ(Architecture):
             bos_token_id=header.bos_token_id, eos_token_id=header.eos_token_id,
             pad_token_id=header.pad_token_id, parallel_residual=True, max_seq_len=header.max_seq_len,
         )
+
+    # -- runtime: the rank-local numpy forward ---------------------------------
+    embedding_name = "transformer.wte.weight"
+    output_name = "lm_head.weight"
+
+    def runtime_tensors(self, layer: int | None) -> dict[str, tuple[str, ...]]:
+        if layer is None:
+            return {"ln_f": ("transformer.ln_f.weight",), "ln_f_bias": ("transformer.ln_f.bias",),
+                    "output": ("lm_head.weight",), "output_bias": ("lm_head.bias",)}
+        p = f"transformer.h.{layer}."
+        return {
+            "ln_1": (p + "ln_1.weight",), "ln_1_bias": (p + "ln_1.bias",),
+            "wqkv": (p + "attn.q_proj.weight", p + "attn.k_proj.weight", p + "attn.v_proj.weight"),
+            "out_proj": (p + "attn.out_proj.weight",),
+            "fc_in": (p + "mlp.fc_in.weight",), "fc_in_bias": (p + "mlp.fc_in.bias",),
+            "fc_out": (p + "mlp.fc_out.weight",),
+            "fc_out_bias": (p + "mlp.fc_out.bias",),  # rank 0 only (None elsewhere)
+        }
+
+    def forward(self, m: Any, tokens: np.ndarray, start: int, all_logits: bool = False,
+                states: list | None = None) -> np.ndarray:
+        hp = m.hp
+        x = m.weights.embed(tokens)  # (T, n_embd), replicated on every rank
+        for i in range(hp.n_layer):
+            if states is not None:
+                states.append(x.copy())
+            w = m.weights.layer(i)
+            h = layer_norm(x, w["ln_1"], w["ln_1_bias"], hp.norm_eps)  # attention and MLP both read h
+            attn = self_attention(m, i, linear(h, w["wqkv"]), start)  # (T, nq hd)
+            part = linear(attn, w["out_proj"])  # column-split: a partial sum
+            part += linear(gelu_new(linear(h, w["fc_in"]) + w["fc_in_bias"]), w["fc_out"])
+            if w["fc_out_bias"] is not None:  # rank 0 adds it, so the sum counts it once
+                part += w["fc_out_bias"]
+            x = x + m.comm.allreduce(part)  # parallel residual: one all-reduce per layer
+        if states is not None:
+            states.append(x.copy())
+        if not all_logits:
+            x = x[-1:]
+        g = m.weights.globals
+        return linear(layer_norm(x, g["ln_f"], g["ln_f_bias"], hp.norm_eps), g["output"]) + g["output_bias"]

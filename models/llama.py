@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from netp.errors import NetpError
+from netp.models.layers import linear, rms_norm, self_attention, silu
 from netp.models.base import (
     REPLICATED, Architecture, HParams, SplitRule, refuse, register, rope_from_hf, token_id,
 )
@@ -177,6 +178,45 @@ class Llama(Architecture):
         if ne_name.endswith("attention.wk.weight"):
             return permute_rotary(data, hp.n_head_kv)
         return data
+
+    # -- runtime: the rank-local numpy forward ---------------------------------
+    embedding_name = "tok_embeddings.weight"
+    output_name = "output.weight"
+
+    def runtime_tensors(self, layer: int | None) -> dict[str, tuple[str, ...]]:
+        if layer is None:
+            return {"norm": ("norm.weight",), "output": ("output.weight",)}
+        p = f"layers.{layer}."
+        return {
+            "attention_norm": (p + "attention_norm.weight",),
+            "wqkv": (p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"),
+            "wo": (p + "attention.wo.weight",),
+            "ffn_norm": (p + "ffn_norm.weight",),
+            "w13": (p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),  # gate | up
+            "w2": (p + "feed_forward.w2.weight",),
+        }
+
+    def forward(self, m: Any, tokens: np.ndarray, start: int, all_logits: bool = False,
+                states: list | None = None) -> np.ndarray:
+        hp, allreduce = m.hp, m.comm.allreduce
+        x = m.weights.embed(tokens)  # (T, n_embd), replicated on every rank
+        for i in range(hp.n_layer):
+            if states is not None:
+                states.append(x.copy())
+            w = m.weights.layer(i)
+            h = rms_norm(x, w["attention_norm"], hp.norm_eps)
+            attn = self_attention(m, i, linear(h, w["wqkv"]), start)  # (T, nq hd): this rank's heads
+            x = x + allreduce(linear(attn, w["wo"]))  # wo is cut by columns: partial sums over ranks
+            h = rms_norm(x, w["ffn_norm"], hp.norm_eps)
+            gate_up = linear(h, w["w13"])  # (T, 2 f): this rank's slice of the MLP width
+            f = gate_up.shape[1] // 2
+            x = x + allreduce(linear(silu(gate_up[:, :f]) * gate_up[:, f:], w["w2"]))
+        if states is not None:
+            states.append(x.copy())
+        if not all_logits:
+            x = x[-1:]
+        g = m.weights.globals
+        return linear(rms_norm(x, g["norm"], hp.norm_eps), g["output"])  # (T', V_local)
 
 
 def _gguf_required(meta: Mapping[str, Any], key: str, path: str) -> Any:

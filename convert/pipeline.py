@@ -1,0 +1,236 @@
+"""HF folder | cached hub id | .gguf  ->  NE f32/f16, one tensor at a time.
+
+The pipeline knows no architecture: models/ answers which architecture a
+config or GGUF is, its hparams and header fields, every NE tensor with its
+shape in file order, the HF/GGUF -> NE name maps, and the rare tensor that
+needs work on the way in (LLaMA's q/k permutation, HF input only).
+
+Everything that can be checked is checked before any output exists
+(config, architecture, every expected tensor present with its shape, no
+unknown tensor, the vocab). Then the tokenizer folder and the NE file are
+written under temporary names; the folder is renamed first, the NE file
+last, so a crash never leaves an NE file without its tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from netp.errors import NetpError
+from netp.formats.atomic import atomic_dir
+from netp.formats.constants import FTYPE_OF_TYPE, GGMLType
+from netp.formats.hf import Checkpoint, open_checkpoint
+from netp.formats.ne import NEHeader, NEWriter
+from netp.formats.tokenizer_dir import check_tokenizer_files, tokenizer_dir_for
+from netp.formats.vocab import Vocab
+from netp.models.base import Architecture, HParams
+
+OUT_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16}
+_F16_CHUNK = 1 << 22  # values converted to f16 per write
+
+
+@dataclass
+class Source:
+    """One input, opened and understood, nothing written yet."""
+
+    path: Path
+    arch: Architecture
+    hp: HParams
+    tensors: Checkpoint  # names(), shape(name), read(name) -> f32
+    ne_name: Callable[[str], str | None | bool]  # source name -> NE name, None to drop, False unknown
+    transform: bool  # HF weights go through arch.transform_hf; GGUF ones are already in NE layout
+    tie_output: bool  # the output head may come from the embedding when the input has none
+    vocab: Callable[[], Vocab]
+    write_tokenizer: Callable[[Path], None]
+
+    def close(self) -> None:
+        self.tensors.close()
+
+
+@dataclass
+class ConvertResult:
+    outfile: Path
+    tokenizer_dir: Path
+    arch: str
+    n_tensors: int
+    nbytes: int
+    seconds: float
+
+
+def open_hf_folder(folder: Path) -> Source:
+    from netp.formats.tokenizer_dir import write_folder_tokenizer
+    from netp.formats.vocab import vocab_for_folder
+    from netp.models import by_hf_config
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f"; it holds {ggufs[0]}: pass that file" if len(ggufs) == 1 else ""
+        raise NetpError(folder, f"no config.json: not a Hugging Face model folder{hint}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise NetpError(config_path, f"not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise NetpError(config_path, "does not hold a JSON object")
+    arch = by_hf_config(config, str(config_path))
+    hp = arch.hparams_from_hf(config, str(config_path))
+    tensors = open_checkpoint(folder)
+    return Source(folder, arch, hp, tensors, arch.ne_name_from_hf, transform=True, tie_output=hp.tie_embeddings,
+                  vocab=lambda: vocab_for_folder(folder, hp.n_vocab),
+                  write_tokenizer=lambda out: write_folder_tokenizer(folder, out))
+
+
+def open_gguf(path: Path) -> Source:
+    from netp.formats.gguf_in import GGUFFile
+    from netp.formats.tokenizer_dir import write_gguf_tokenizer
+    from netp.formats.vocab import vocab_from_gguf
+    from netp.models import by_gguf_architecture
+
+    g = GGUFFile(path)
+    try:
+        arch = by_gguf_architecture(g.architecture, str(path))
+        hp = arch.hparams_from_gguf(g.metadata, str(path))
+    except BaseException:
+        g.close()
+        raise
+    # llama.cpp writes no output.weight for tied embeddings.
+    return Source(path, arch, hp, g, arch.ne_name_from_gguf, transform=False, tie_output=True,
+                  vocab=lambda: vocab_from_gguf(g.metadata, hp.n_vocab, path),
+                  write_tokenizer=lambda out: write_gguf_tokenizer(g.metadata, path, out))
+
+
+def open_source(path: Path) -> Source:
+    if path.is_dir():
+        return open_hf_folder(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return open_gguf(path)
+    raise NetpError(path, "is neither a Hugging Face model folder nor a GGUF file")
+
+
+def plan_tensors(src: Source) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """NE name -> (source tensor name, shape), in NE file order; refuses what does not fit."""
+    expected = src.arch.tensor_shapes(src.hp)
+    found: dict[str, str] = {}
+    for name in src.tensors.names():
+        ne = src.ne_name(name)
+        if ne is None:
+            continue
+        if ne is False or ne not in expected:
+            raise NetpError(src.path, f"tensor {name} is not part of a {src.arch.name} model with this config "
+                                      f"({src.hp.n_layer} layers); netp refuses weights it would not use")
+        found[ne] = name
+    embedding, output = src.arch.embedding_name, src.arch.output_name
+    if output in expected and output not in found and src.tie_output and embedding in found:
+        found[output] = found[embedding]  # tied embeddings: the head is the embedding matrix
+    missing = [ne for ne in expected if ne not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise NetpError(src.path, f"missing tensor {missing[0]}{more} of a {src.arch.name} model "
+                                  f"with {src.hp.n_layer} layers")
+    plan = {}
+    for ne, shape in expected.items():
+        got = src.tensors.shape(found[ne])
+        if tuple(got) != tuple(shape):
+            raise NetpError(src.path, f"tensor {found[ne]} has shape {list(got)}; this config needs {list(shape)}")
+        plan[ne] = (found[ne], tuple(shape))
+    return plan
+
+
+def _write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> None:
+    flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
+    if ggml_type == GGMLType.F32:
+        writer.write(flat)
+        return
+    for start in range(0, flat.size, _F16_CHUNK):
+        writer.write(flat[start:start + _F16_CHUNK].astype(np.float16))
+
+
+def _transform_changes(src: Source, ne: str, shape: tuple[int, ...]) -> bool:
+    """Whether arch.transform_hf reworks this tensor. Asked with a zero-stride
+    stand-in of the tensor's shape, which costs no memory: a transform returns
+    it untouched or returns something else."""
+    if not src.transform:
+        return False
+    probe = np.broadcast_to(np.float32(0), shape)
+    try:
+        return src.arch.transform_hf(ne, probe, src.hp) is not probe
+    except Exception:  # a transform that needs real data: treat it as one that changes it
+        return True
+
+
+def _copy_extent(src: Source, ne: str, name: str, shape: tuple[int, ...], ggml_type: GGMLType
+                 ) -> tuple[int, int, int] | None:
+    """(fd, offset, nbytes) when the source bytes are the NE bytes (f32 to f32, untransformed)."""
+    extent = getattr(src.tensors, "f32_extent", None)
+    if ggml_type != GGMLType.F32 or extent is None or _transform_changes(src, ne, shape):
+        return None
+    return extent(name)
+
+
+def convert(model: str, outfile: str | Path, outtype: str = "f32", *, quiet: bool = True) -> ConvertResult:
+    """Convert MODEL (HF folder, cached hub id or .gguf) to an NE file plus its tokenizer folder."""
+    from netp.cliutil import progress
+    from netp.convert.resolve import resolve_model
+
+    t0 = time.perf_counter()
+    if outtype not in OUT_TYPES:
+        raise NetpError(None, f"--outtype {outtype!r} is not one of {', '.join(OUT_TYPES)}")
+    out_type = OUT_TYPES[outtype]
+    outfile = Path(outfile)
+    if outfile.is_dir():
+        raise NetpError(outfile, "is a folder; --outfile names the NE file to write")
+    parent = outfile.parent if str(outfile.parent) else Path(".")
+    if not parent.is_dir():
+        raise NetpError(outfile, f"folder {parent} does not exist")
+
+    src = open_source(resolve_model(model))
+    try:
+        if outfile.exists() and outfile.resolve() == src.path.resolve():
+            raise NetpError(outfile, "is the input; choose another --outfile")
+        plan = plan_tensors(src)
+        vocab = src.vocab()
+        header = NEHeader(**src.arch.header_fields(src.hp), ftype=FTYPE_OF_TYPE[out_type])
+        tok_target = tokenizer_dir_for(outfile)
+        with atomic_dir(tok_target) as tok_tmp:
+            src.write_tokenizer(tok_tmp)
+            check_tokenizer_files(tok_tmp, tok_target)
+            writer = NEWriter(outfile, header, vocab)
+            try:
+                for ne, (name, shape) in progress(plan.items(), quiet=quiet, total=len(plan), desc="convert",
+                                                  unit="tensor"):
+                    ggml_type = GGMLType.F32 if len(shape) == 1 else out_type  # 1-D tensors stay f32
+                    writer.begin_tensor(ne, ggml_type, shape)
+                    extent = _copy_extent(src, ne, name, shape, ggml_type)
+                    if extent is not None:  # the bytes are already right: copy them in the kernel, like cp
+                        writer.copy_from(*extent)
+                        continue
+                    data = src.tensors.read(name)
+                    if src.transform:
+                        data = src.arch.transform_hf(ne, data, src.hp)
+                    _write_values(writer, data, ggml_type)
+                    del data
+            except BaseException:
+                writer.abort()
+                raise
+        writer.commit()  # the tokenizer folder is in place: the NE file goes last
+    finally:
+        src.close()
+    return ConvertResult(outfile, tok_target, src.arch.name, len(plan), outfile.stat().st_size,
+                         time.perf_counter() - t0)
+
+
+def summary_line(r: ConvertResult) -> str:
+    size = f"{r.nbytes / 1e6:.1f} MB" if r.nbytes < 1e9 else f"{r.nbytes / 1e9:.2f} GB"
+    return (f"wrote {r.outfile} ({r.arch}, {r.n_tensors} tensors, {size}) and {r.tokenizer_dir}/ "
+            f"in {r.seconds:.1f} s")
+
+
+__all__ = ["convert", "open_source", "plan_tensors", "summary_line", "ConvertResult", "Source", "OUT_TYPES"]

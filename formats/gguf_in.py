@@ -1,0 +1,85 @@
+"""GGUF input through gguf-py: the metadata as a dict, tensors dequantized
+to float32 one at a time with gguf.quants.dequantize.
+
+GGUFReader memory-maps the file and hands out views; after a tensor is
+dequantized its pages are dropped from this process (madvise DONTNEED),
+so reading every tensor does not leave the whole file resident.
+"""
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from netp.errors import NetpError
+
+
+class GGUFFile:
+    """A GGUF file: `.metadata` (key -> value), tensor names, numpy shapes, f32 data."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NetpError(self.path, "no such file")
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+            self.metadata: dict[str, Any] = {
+                name: field.contents() for name, field in self._reader.fields.items() if not name.startswith("GGUF.")
+            }
+        except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError... on bad files
+            raise NetpError(self.path, f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self._tensors = {t.name: t for t in self._reader.tensors}
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise NetpError(self.path, "GGUF metadata lacks general.architecture")
+        return arch
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # gguf-py lists ne (fastest-varying first); numpy order is the reverse.
+        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+
+    def read(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self._tensors[name]
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise NetpError(self.path, f"tensor {name} has type {t.tensor_type.name}, which gguf-py cannot "
+                                       "dequantize") from None
+        except Exception as e:
+            raise NetpError(self.path, f"tensor {name}: cannot dequantize ({type(e).__name__}: {e})") from None
+        out = np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape(name))
+        if np.may_share_memory(out, self._reader.data):
+            out = out.copy()  # f32 tensors come back as views of the map: copy before dropping its pages
+        self._drop_pages(int(t.data_offset), int(t.n_bytes))
+        return out
+
+    def _drop_pages(self, offset: int, nbytes: int) -> None:
+        raw = getattr(self._reader.data, "_mmap", None)
+        if raw is None or not hasattr(raw, "madvise"):
+            return
+        start = offset - offset % mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            raw.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+
+    def close(self) -> None:
+        self._tensors.clear()
+        data = getattr(self._reader, "data", None)
+        raw = getattr(data, "_mmap", None)
+        self._reader = None  # type: ignore[assignment]
+        if raw is not None:
+            with contextlib.suppress(BufferError, ValueError):
+                raw.close()

@@ -1,0 +1,248 @@
+"""Hugging Face checkpoint readers: safetensors (single file or sharded
+index) and PyTorch `.bin`, one tensor at a time, as float32.
+
+safetensors: `safe_open` validates each file and lists its tensors; the
+bytes are then read with `os.preadv` at the offsets of the file's header
+into one reused buffer, never through a memory map, so the pages read do
+not stay in the process's resident memory (DESIGN §1: peak memory stays
+near the largest tensor). bf16 is widened to f32 exactly without torch: its
+16 bits become the high half of a uint32 (neural-speed's way).
+
+`.bin` needs torch (`torch.load(weights_only=True, mmap=True)`), the
+optional `torch` extra; without it the error names the extra.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from netp.errors import NetpError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# safetensors dtype -> numpy dtype of the raw little-endian values; BF16 is read as uint16 bits.
+_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
+_CHUNK_BYTES = 16 << 20  # raw bytes widened per step when the source is not f32
+
+
+class Checkpoint(Protocol):
+    """What convert needs from any input: names, shapes, and f32 data one tensor at a time."""
+
+    path: Path
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as C-contiguous float32 in its numpy shape. It may live in a
+        buffer the next read reuses: use it (write it) before reading another."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def bf16_bits_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Widen bf16 values given as uint16 bits to float32, exactly."""
+    wide = np.left_shift(bits.astype(np.uint32), 16, out=None if out is None else out.view(np.uint32))
+    return wide.view(np.float32)
+
+
+class _Buffer:
+    """One growing float32 buffer reused for every tensor read."""
+
+    def __init__(self) -> None:
+        self._data = np.empty(0, dtype=np.float32)
+
+    def get(self, n: int) -> np.ndarray:
+        if self._data.size < n:
+            self._data = np.empty(0, dtype=np.float32)  # drop the old one before allocating
+            self._data = np.empty(n, dtype=np.float32)
+        return self._data[:n]
+
+
+def _preadv_exact(fd: int, out: memoryview, offset: int, path: Path, name: str) -> None:
+    done = 0
+    while done < out.nbytes:
+        got = os.preadv(fd, [out[done:]], offset + done)
+        if got <= 0:
+            raise NetpError(path, f"truncated: file ends inside tensor {name}")
+        done += got
+
+
+class SafetensorsFile:
+    """One .safetensors file: validated by safe_open, data read with preadv."""
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = path
+        try:
+            with safe_open(path, framework="numpy") as f:
+                names = list(f.keys())
+        except SafetensorError as e:
+            raise NetpError(path, f"not a readable safetensors file ({e})") from None
+        except FileNotFoundError:
+            raise NetpError(path, "no such file") from None
+        self._fd = os.open(path, os.O_RDONLY)
+        header = self._header()
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name in names:
+            entry = header[name]
+            dtype = entry["dtype"]
+            begin, end = entry["data_offsets"]
+            self.tensors[name] = (dtype, tuple(int(d) for d in entry["shape"]), self._data_start + begin,
+                                  self._data_start + end)
+
+    def _header(self) -> dict[str, Any]:
+        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+        self._data_start = 8 + n
+        return json.loads(os.pread(self._fd, n, 8))
+
+    def read_into(self, name: str, buffer: _Buffer) -> np.ndarray:
+        dtype_name, shape, begin, end = self.tensors[name]
+        raw_dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if raw_dtype is None:
+            raise NetpError(self.path, f"tensor {name} has dtype {dtype_name}; netp converts F32, F16, BF16 and F64")
+        count = (end - begin) // raw_dtype.itemsize
+        out = buffer.get(count)
+        if raw_dtype == np.float32:
+            _preadv_exact(self._fd, memoryview(out).cast("B"), begin, self.path, name)
+        else:
+            step = _CHUNK_BYTES // raw_dtype.itemsize
+            raw = np.empty(min(step, count), dtype=raw_dtype)
+            for start in range(0, count, step):
+                part = raw[: min(step, count - start)]
+                _preadv_exact(self._fd, memoryview(part).cast("B"), begin + start * raw_dtype.itemsize, self.path, name)
+                if dtype_name == "BF16":
+                    bf16_bits_to_f32(part, out[start:start + part.size])
+                else:
+                    np.copyto(out[start:start + part.size], part, casting="unsafe")
+        return out.reshape(shape)
+
+    def f32_extent(self, name: str) -> tuple[int, int, int] | None:
+        """(fd, offset, nbytes) of a tensor stored as little-endian f32, else None."""
+        dtype_name, _, begin, end = self.tensors[name]
+        return (self._fd, begin, end - begin) if dtype_name == "F32" else None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SafetensorsCheckpoint:
+    """model.safetensors, a sharded model.safetensors.index.json, or every *.safetensors in a folder."""
+
+    def __init__(self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None):
+        self.path = path
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        self._buffer = _Buffer()
+        try:
+            for f in files:
+                sf = self._files[f.name] = SafetensorsFile(f)
+                for name in sf.tensors:
+                    if name in self._where:
+                        raise NetpError(f, f"tensor {name} also appears in {self._where[name].path.name}")
+                    self._where[name] = sf
+            for name, file_name in (weight_map or {}).items():
+                if name not in self._where:
+                    raise NetpError(path, f"index lists tensor {name} in {file_name}, which does not hold it")
+        except BaseException:
+            self.close()
+            raise
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].tensors[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        return self._where[name].read_into(name, self._buffer)
+
+    def f32_extent(self, name: str) -> tuple[int, int, int] | None:
+        """Where a tensor's bytes already are NE f32 data, for an in-kernel copy."""
+        return self._where[name].f32_extent(name)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+class TorchBinCheckpoint:
+    """pytorch_model.bin (or its sharded index) through torch.load(weights_only=True, mmap=True)."""
+
+    def __init__(self, path: Path, files: list[Path]):
+        try:
+            import torch
+        except ImportError:
+            raise NetpError(files[0], "PyTorch .bin checkpoints need torch: install netp's `torch` extra "
+                                      "(pip install 'netp[torch]'), or convert the checkpoint to safetensors") from None
+        self.path = path
+        self._torch = torch
+        self._tensors: dict[str, Any] = {}
+        for f in files:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many kinds on a bad file
+                raise NetpError(f, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+            if not isinstance(state, dict):
+                raise NetpError(f, f"holds a {type(state).__name__}, not a state dict of tensors")
+            for name, t in state.items():
+                if isinstance(t, torch.Tensor):
+                    self._tensors[name] = t
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def read(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        torch = self._torch
+        if t.dtype == torch.bfloat16:
+            return bf16_bits_to_f32(t.contiguous().view(torch.int16).numpy().view(np.uint16))
+        if not t.dtype.is_floating_point:
+            raise NetpError(self.path, f"tensor {name} has dtype {t.dtype}; netp converts floating-point weights")
+        return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+def _index_files(folder: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NetpError(index, f"not a readable checkpoint index ({type(e).__name__}: {e})") from None
+    files = [folder / f for f in dict.fromkeys(weight_map.values())]
+    for f in files:
+        if not f.is_file():
+            raise NetpError(index, f"names shard {f.name}, which is not in {folder}")
+    return files, weight_map
+
+
+def open_checkpoint(folder: Path) -> Checkpoint:
+    """The weights of an HF model folder: safetensors first (like transformers), then .bin."""
+    if (folder / SAFETENSORS_INDEX).is_file():
+        files, weight_map = _index_files(folder, folder / SAFETENSORS_INDEX)
+        return SafetensorsCheckpoint(folder, files, weight_map)
+    singles = sorted(folder.glob("*.safetensors"))
+    if singles:
+        return SafetensorsCheckpoint(folder, singles)
+    if (folder / BIN_INDEX).is_file():
+        files, _ = _index_files(folder, folder / BIN_INDEX)
+        return TorchBinCheckpoint(folder, files)
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        return TorchBinCheckpoint(folder, bins)
+    raise NetpError(folder, "holds no weights (no *.safetensors, model.safetensors.index.json or pytorch_model.bin)")

@@ -1,0 +1,231 @@
+"""The tokenizer folder that travels beside an NE file (DESIGN §2).
+
+`ne-f32.bin` -> `ne-f32.tokenizer/`, always holding `tokenizer.json` and
+`tokenizer_config.json`; quantize copies it to its output's folder, shard to
+`OUTDIR/tokenizer/`, and the runtime encodes prompts with it
+(`tokenizers.Tokenizer.from_file`), so token ids equal transformers'.
+
+Where it comes from:
+- an HF folder with tokenizer.json: the files copied as they are;
+- an HF folder with only a sentencepiece tokenizer.model: converted with
+  transformers' LlamaTokenizer from the pieces, the way transformers builds
+  a sentencepiece tokenizer itself (no protobuf needed);
+- a GGUF: built from its metadata with transformers'
+  `convert_gguf_tokenizer`, the function `from_pretrained(..., gguf_file=)`
+  uses. transformers' own GGUF reader imports torch, so the metadata comes
+  from gguf-py and is grouped here exactly as transformers'
+  `get_gguf_tokenizer` groups it (a test holds the two together).
+Every folder is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from netp.errors import NetpError
+from netp.formats.atomic import atomic_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Copied too when a checkpoint has them (transformers 5 keeps chat templates apart).
+OPTIONAL_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+SHARD_TOKENIZER_DIR = "tokenizer"
+
+
+def tokenizer_dir_for(ne_path: str | os.PathLike) -> Path:
+    """`ne-f32.bin` -> `ne-f32.tokenizer` beside it."""
+    p = Path(ne_path)
+    return p.with_name(p.stem + ".tokenizer")
+
+
+def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def copy_tokenizer_dir(src_ne: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy the tokenizer folder of NE file `src_ne`, atomically.
+
+    dst: an NE file path (-> its `<stem>.tokenizer/` beside it) or an existing
+    folder such as a shard set being written (-> `dst/tokenizer/`).
+    Returns the folder written.
+    """
+    src = tokenizer_dir_for(src_ne)
+    if not all((src / f).is_file() for f in TOKENIZER_FILES):
+        raise NetpError(src_ne, f"no tokenizer folder beside it ({src} with {' and '.join(TOKENIZER_FILES)})")
+    dst = Path(dst)
+    target = dst / SHARD_TOKENIZER_DIR if dst.is_dir() else tokenizer_dir_for(dst)
+    with atomic_dir(target) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, tmp / f.name)
+    return target
+
+
+# -- from an HF folder ------------------------------------------------------------
+# tokenizer_config.json keys handed to a tokenizer class built from a sentencepiece model.
+_CONFIG_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", "chat_template", "model_max_length",
+                "bos_token", "eos_token", "unk_token", "pad_token", "clean_up_tokenization_spaces")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise NetpError(path, f"not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise NetpError(path, "does not hold a JSON object")
+    return value
+
+
+def write_folder_tokenizer(folder: Path, out: Path) -> None:
+    """Write the tokenizer of HF model folder `folder` into the (empty) folder `out`."""
+    if (folder / "tokenizer.json").is_file():
+        _copy_files(folder, out, ("tokenizer.json",) + OPTIONAL_FILES)
+        if (folder / "tokenizer_config.json").is_file():
+            shutil.copyfile(folder / "tokenizer_config.json", out / "tokenizer_config.json")
+        else:  # tokenizer.json alone is a complete tokenizer; say which class reads it
+            (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    elif (folder / "tokenizer.model").is_file():
+        config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        write_sentencepiece_tokenizer(folder / "tokenizer.model", config, out)
+        _copy_files(folder, out, OPTIONAL_FILES)
+    else:
+        raise NetpError(folder, "has no tokenizer (neither tokenizer.json nor tokenizer.model)")
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return value, pos
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a protobuf message: varints as int, length-delimited as bytes."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + n], pos + n
+        elif wire in (1, 5):
+            value, pos = 0, pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        yield field, value
+
+
+def sentencepiece_model_facts(path: Path) -> tuple[int, list[int]]:
+    """(trainer model_type: 1 unigram, 2 BPE, ...; the type of every piece: 1 normal,
+    2 unknown, 3 control, 4 user defined, 5 unused, 6 byte) from the model's protobuf."""
+    model_type, piece_types = 1, []
+    try:
+        for field, value in _proto_fields(path.read_bytes()):
+            if field == 1:  # ModelProto.pieces: SentencePiece {piece = 1, score = 2, type = 3}
+                piece_types.append(next((v for f, v in _proto_fields(value) if f == 3), 1))
+            elif field == 2:  # ModelProto.trainer_spec: TrainerSpec {model_type = 3}
+                model_type = next((v for f, v in _proto_fields(value) if f == 3), 1)
+    except (IndexError, ValueError, TypeError) as e:
+        raise NetpError(path, f"not a readable sentencepiece model ({e})") from None
+    return int(model_type), [int(t) for t in piece_types]
+
+
+def write_sentencepiece_tokenizer(model_path: Path, config: Mapping[str, Any], out: Path) -> None:
+    """A sentencepiece BPE model -> tokenizer.json + tokenizer_config.json via transformers' LlamaTokenizer."""
+    from netp.formats.vocab import load_sentencepiece
+
+    sp = load_sentencepiece(model_path)
+    model_type, piece_types = sentencepiece_model_facts(model_path)
+    if model_type != 2:
+        raise NetpError(model_path, "is a sentencepiece unigram model without tokenizer.json; netp converts "
+                                    "sentencepiece BPE models (LLaMA's) only: add the model's tokenizer.json")
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    # As transformers' SentencePieceExtractor: merges in vocab order; control
+    # pieces are special tokens, user-defined ones plain added tokens.
+    added = [AddedToken(sp.id_to_piece(i), normalized=False, special=t == 3)
+             for i, t in enumerate(piece_types) if t in (3, 4)]
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    kwargs: dict[str, Any] = {"unk_token": piece(sp.unk_id()), "bos_token": piece(sp.bos_id()),
+                              "eos_token": piece(sp.eos_id()), "add_bos_token": True}
+    for key in _CONFIG_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict) and "content" in value:  # older configs spell tokens as AddedToken dicts
+            value = value["content"]
+        if value is not None:
+            kwargs[key] = value
+    try:
+        tok = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), additional_special_tokens=added, **kwargs)
+        tok.save_pretrained(out)
+    except Exception as e:  # transformers raises ValueError/TypeError/... on odd configs
+        raise NetpError(model_path, f"cannot build a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+# -- from a GGUF ---------------------------------------------------------------------
+def gguf_tokenizer_parts(meta: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(architecture, tokenizer_dict, tokenizer_config) as transformers' get_gguf_tokenizer
+    returns them, from metadata read with gguf-py."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING
+
+    grouped = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    tokenizer_type = tokenizer.get("tokenizer_type")
+    if tokenizer_type == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies that do not say otherwise
+        tokenizer_config.setdefault("add_bos_token", True)
+    elif tokenizer_type == "gemma4":
+        tokenizer_config["add_bos_token"] = False
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return meta["general.architecture"], tokenizer, tokenizer_config
+
+
+def write_gguf_tokenizer(meta: Mapping[str, Any], path: Path, out: Path) -> None:
+    """Build tokenizer.json + tokenizer_config.json from a GGUF's metadata into `out`."""
+    if "tokenizer.ggml.tokens" not in meta:
+        raise NetpError(path, "GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
+
+    try:
+        architecture, tokenizer_dict, tokenizer_config = gguf_tokenizer_parts(meta)
+        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        # The same kwargs AutoTokenizer.from_pretrained(..., gguf_file=) hands its tokenizer.
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+        tok.save_pretrained(out)
+    except Exception as e:  # transformers raises ValueError/KeyError/... for tokenizers it cannot build
+        raise NetpError(path, f"cannot build a tokenizer from the GGUF metadata ({type(e).__name__}: {e})") from None
+
+
+def check_tokenizer_files(folder: Path, target: str | os.PathLike) -> None:
+    """Refuse a tokenizer folder that lacks one of TOKENIZER_FILES (before it is renamed into place)."""
+    missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise NetpError(target, f"tokenizer folder would lack {', '.join(missing)}")
+
+
+def build_tokenizer_dir(target: str | os.PathLike, write: Any, *args: Any) -> Path:
+    """Run `write(*args, out)` into a temporary folder that becomes `target` when complete."""
+    target = Path(target)
+    with atomic_dir(target) as tmp:
+        write(*args, tmp)
+        check_tokenizer_files(tmp, target)
+    return target

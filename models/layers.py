@@ -1,0 +1,175 @@
+"""numpy building blocks the per-architecture forwards share.
+
+Everything is float32 and rank-local: a forward sees only its rank's heads
+and slices (see netp.runtime.model.RankModel for what it is handed). Shapes
+in comments: T = tokens in this step, S = positions attended to, nq / nkv =
+this rank's query / KV heads, hd = head dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+
+def linear(x: np.ndarray, w: Any) -> np.ndarray:
+    """x (T, in) times a weight w (out, in): an f32 array, or anything with
+    .apply(x) (the low-memory mode's block matrices)."""
+    if isinstance(w, np.ndarray):
+        return x @ w.T
+    return w.apply(x)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """LLaMA's RMSNorm over the last axis (transformers' order of operations)."""
+    var = (x * x).sum(axis=-1, keepdims=True)  # fewer calls than np.mean: this runs 2x per layer per token
+    var *= np.float32(1.0 / x.shape[-1])
+    var += np.float32(eps)
+    return (x * (1.0 / np.sqrt(var))) * weight
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = np.mean(np.square(xc), axis=-1, keepdims=True)
+    return xc * (1.0 / np.sqrt(var + np.float32(eps))) * weight + bias
+
+
+_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+
+
+def gelu_new(x: np.ndarray) -> np.ndarray:
+    """GPT-2/GPT-J's tanh approximation of GELU."""
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + np.float32(0.044715) * x * x * x)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (+-1 beyond, in f32): Eigen's rational
+# approximation of float erf, within 5e-7 of the true erf over the reals.
+_ERF_P = tuple(np.float32(c) for c in (
+    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02))
+_ERF_Q = tuple(np.float32(c) for c in (
+    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+    -1.42647390514189e-02))
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function, vectorised in float32 (numpy has none)."""
+    x = np.clip(x, np.float32(-4.0), np.float32(4.0))
+    x2 = x * x
+    p = np.full_like(x, _ERF_P[0])
+    for c in _ERF_P[1:]:
+        p = p * x2 + c
+    q = np.full_like(x, _ERF_Q[0])
+    for c in _ERF_Q[1:]:
+        q = q * x2 + c
+    return x * p / q
+
+
+_SQRT_HALF = np.float32(math.sqrt(0.5))
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """The exact (erf) GELU: transformers' "gelu" (GPT-NeoX, BERT)."""
+    return 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
+
+
+def rotary_tables(n_ctx: int, n_rot: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (n_ctx, n_rot/2) for position p and pair i:
+    angle p * theta^(-2i/n_rot), computed as transformers does (f32 inverse
+    frequencies times f32 positions)."""
+    inv_freq = (1.0 / (theta ** (np.arange(0, n_rot, 2, dtype=np.int64).astype(np.float32) / n_rot))).astype(
+        np.float32)
+    angles = np.arange(n_ctx, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rotate_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the first n_rot dims, in place.
+
+    x: (T, heads, hd); cos, sin: (T, n_rot/2). GPT-J does this natively;
+    LLaMA does it on its permuted wq/wk rows, equal to transformers'
+    rotate-half on the unpermuted ones.
+    """
+    half = cos.shape[-1]
+    pairs = x[..., : 2 * half].reshape(*x.shape[:-1], half, 2)
+    a, b = pairs[..., 0].copy(), pairs[..., 1].copy()  # (T, heads, half)
+    c, s = cos[:, None, :], sin[:, None, :]
+    pairs[..., 0] = a * c - b * s
+    pairs[..., 1] = a * s + b * c  # splitting the last axis is a view: x changes in place
+
+
+def rotate_halves(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate halves (x[i], x[i + n_rot/2]) of the first n_rot dims, in place:
+    transformers' rotate_half on HF's own row order (GPT-NeoX).
+
+    x: (T, heads, hd); cos, sin: (T, n_rot/2).
+    """
+    half = cos.shape[-1]
+    a, b = x[..., :half].copy(), x[..., half:2 * half].copy()  # (T, heads, half)
+    c, s = cos[:, None, :], sin[:, None, :]
+    x[..., :half] = a * c - b * s
+    x[..., half:2 * half] = b * c + a * s
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, kv_of_q: np.ndarray,
+                     group: int | None) -> np.ndarray:
+    """Scaled dot-product attention of T new positions over S = start + T cached ones.
+
+    q: (T, nq, hd); k, v: (nkv, S, hd) (the cache up to this step).
+    kv_of_q[j] is the local KV head of local query head j. `group` is set
+    when the query heads fall in whole, equal groups per KV head (the
+    common case), letting one batched matmul serve each group without
+    copying the cache; otherwise the KV heads are gathered per query head.
+    Returns (T, nq * hd).
+    """
+    T, nq, hd = q.shape
+    S = k.shape[1]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    if group is not None:
+        nkv = k.shape[0]
+        qh = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3).reshape(nkv, group * T, hd)
+        scores = (qh @ k.transpose(0, 2, 1)).reshape(nkv, group, T, S)
+    else:
+        kq, vq = k[kv_of_q], v[kv_of_q]
+        scores = (q.transpose(1, 0, 2) @ kq.transpose(0, 2, 1))[:, None]  # (nq, 1, T, S)
+    scores *= scale
+    if T > 1:  # position start+t sees cache positions <= start+t
+        mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]
+        scores[..., mask] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    if group is not None:
+        out = scores.reshape(nkv, group * T, S) @ v  # (nkv, group*T, hd)
+        out = out.reshape(nkv, group, T, hd).transpose(2, 0, 1, 3)
+    else:
+        out = (scores[:, 0] @ vq).transpose(1, 0, 2)  # (T, nq, hd)
+    return out.reshape(T, nq * hd)
+
+
+def self_attention(m: Any, layer: int, qkv: np.ndarray, start: int,
+                   rotate: Callable[[np.ndarray, np.ndarray, np.ndarray], None] = rotate_pairs) -> np.ndarray:
+    """The attention of one layer from the fused q|k|v projection of this rank.
+
+    qkv: (T, (nq + 2 nkv) hd) = this rank's query heads, then its KV heads'
+    keys and values. Rotates q and k (`rotate`: rotate_pairs or
+    rotate_halves), appends k and v to the cache at [start, start + T),
+    attends. Returns (T, nq hd), the input of the column-split output
+    projection.
+    """
+    T = qkv.shape[0]
+    nq, nkv, hd = m.n_q, m.n_kv, m.hp.head_dim
+    heads = qkv.reshape(T, nq + 2 * nkv, hd)
+    cos, sin = m.rope_cos[start:start + T], m.rope_sin[start:start + T]
+    rotate(heads[:, : nq + nkv], cos, sin)
+    k_cache, v_cache = m.cache.k[layer], m.cache.v[layer]
+    k_cache[:, start:start + T] = heads[:, nq:nq + nkv].transpose(1, 0, 2)
+    v_cache[:, start:start + T] = heads[:, nq + nkv:].transpose(1, 0, 2)
+    S = start + T
+    return causal_attention(heads[:, :nq], k_cache[:, :S], v_cache[:, :S], start, m.kv_of_q, m.kv_group)

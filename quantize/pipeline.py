@@ -1,0 +1,237 @@
+"""NE f32/f16 file -> NE file with q4_0 / q4_1 / q8_0 blocks, streamed.
+
+A row chunk (CHUNK_BYTES of input) is read into one of two reused buffers
+(no memory map, so passed pages never count toward RSS; the next chunk is
+read while this one is worked on), quantized by the block codecs on
+`nthread` threads straight into a reused output buffer in the file's
+layout, and appended to the NEWriter, which writes under a temporary name
+and renames at the end. The tokenizer folder
+beside the input is copied beside the output before that rename, so a crash
+never leaves a model file without its tokenizer, and a refused input leaves
+nothing at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+
+from netp.errors import NetpError
+from netp.formats.constants import FTYPE_OF_TYPE, QUANTIZED_TYPES, TYPE_NAMES, GGMLType, block_geometry
+from netp.formats.ne import NEReader, NEWriter, TensorInfo
+from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
+from netp.quantize import rules
+from netp.quantize.codecs import NonFiniteError, default_nthread, quantize_rows
+
+if TYPE_CHECKING:
+    from netp.models.base import Architecture
+
+__all__ = ["QuantizeResult", "quantize_file", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 16 << 20  # input bytes per row chunk
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    src: Path
+    dst: Path
+    arch: str
+    ggml_type: GGMLType
+    n_quantized: int
+    kept: dict[str, int]  # type name -> tensors kept in that type
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    tokenizer: Path | None  # the copied tokenizer folder, if the input had one
+
+    def summary(self) -> str:
+        kept = ", ".join(f"{n} kept {t}" for t, n in self.kept.items()) or "none kept"
+        tok = f"; tokenizer -> {self.tokenizer}" if self.tokenizer else "; no tokenizer folder beside the input"
+        return (f"{self.src} ({self.arch}, {_size(self.bytes_in)}) -> {self.dst} "
+                f"({TYPE_NAMES[self.ggml_type]}, {_size(self.bytes_out)}): "
+                f"{self.n_quantized} tensors quantized, {kept}; "
+                f"{self.bytes_in / max(self.bytes_out, 1):.2f}x smaller in {self.seconds:.1f} s{tok}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+# -- tokenizer folder --------------------------------------------------------------
+
+def copy_tokenizer(src_ne: Path, dst_ne: Path) -> Path | None:
+    """Copy `<src stem>.tokenizer/` to `<dst stem>.tokenizer/` (atomically); None if the input has none."""
+    if not tokenizer_dir_for(src_ne).is_dir():
+        return None
+    return copy_tokenizer_dir(src_ne, dst_ne)
+
+
+# -- checks -------------------------------------------------------------------
+
+def _refuse_quantized(reader: NEReader) -> None:
+    first = next((t for t in reader.tensors.values() if t.is_quantized), None)
+    if first is not None or reader.header.ftype not in (FTYPE_OF_TYPE[GGMLType.F32], FTYPE_OF_TYPE[GGMLType.F16]):
+        what = (f"tensor {first.name} is {TYPE_NAMES[first.ggml_type]}" if first is not None
+                else f"header ftype {reader.header.ftype}")
+        raise NetpError(reader.path, f"already quantized ({what}); quantize the f32/f16 file instead "
+                                     "(quantizing blocks again would only lose precision)")
+
+
+def _check_arch(reader: NEReader, model_name: str | None) -> Architecture:
+    from netp.models import by_ne_tensors, by_ns_model_name
+
+    arch = by_ne_tensors(reader.tensors, str(reader.path))
+    if model_name is not None:
+        try:
+            named = by_ns_model_name(model_name)
+        except ValueError as e:
+            raise NetpError(None, str(e)) from None
+        if named is not arch:
+            raise NetpError(reader.path, f"--model_name {model_name} is a {named.name} model, but this file holds "
+                                         f"a {arch.name} model (recognised from its tensor names); "
+                                         f"use --model_name {arch.ns_model_names[0]}")
+    return arch
+
+
+def _nonfinite_row(reader: NEReader, name: str, row: int) -> NetpError:
+    return NetpError(reader.path, f"tensor {name}: NaN or inf in row {row}; refusing to quantize a broken weight "
+                                  "(re-convert the model)")
+
+
+# -- the pipeline ---------------------------------------------------------------
+
+def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGMLType, *,
+                  nthread: int | None = None, model_name: str | None = None, quiet: bool = True,
+                  on_progress: Callable[[int], None] | None = None) -> QuantizeResult:
+    """Quantize NE file `src` into `dst` with block type `ggml_type` (rules.target_type decides per tensor).
+
+    `model_name` (neural-speed's --model_name) must name the architecture
+    the file's tensor names show. Raises NetpError for every user error,
+    leaving no output behind.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    ggml_type = GGMLType(ggml_type)
+    if ggml_type not in QUANTIZED_TYPES:
+        raise NetpError(None, f"cannot quantize to {ggml_type.name} "
+                              f"(supported: {', '.join(TYPE_NAMES[t] for t in QUANTIZED_TYPES)})")
+    nthread = nthread or default_nthread()
+    if nthread < 1:
+        raise NetpError(None, f"--nthread must be at least 1, got {nthread}")
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise NetpError(dst, "output is the input file; choose another output name")
+    if not (dst.parent if str(dst.parent) else Path(".")).is_dir():
+        raise NetpError(dst, f"output folder {dst.parent} does not exist")
+    if dst.is_dir():
+        raise NetpError(dst, "is a directory; give the output NE file's name")
+
+    with NEReader(src) as reader:
+        _refuse_quantized(reader)
+        arch = _check_arch(reader, model_name)
+        plan = {name: rules.target_type(name, info.shape, info.ggml_type, ggml_type)
+                for name, info in reader.tensors.items()}
+        header = dataclasses.replace(reader.header, ftype=rules.header_ftype(ggml_type))
+        total = sum(info.nbytes for info in reader.tensors.values())
+
+        from netp.cliutil import progress
+
+        bar = progress(total=total, unit="B", unit_scale=True, desc=f"quantize {TYPE_NAMES[ggml_type]}", quiet=quiet)
+        tokenizer = None
+        try:
+            with NEWriter(dst, header, reader.vocab) as writer:
+                for done in _Streamer(reader, writer, nthread).run(_chunks(reader, plan)):
+                    bar.update(done)
+                    if on_progress is not None:
+                        on_progress(done)
+                # Tokenizer folder first, the NE file renamed into place last.
+                tokenizer = copy_tokenizer(src, dst)
+        finally:
+            bar.close()
+
+    kept: dict[str, int] = {}
+    for name, t in plan.items():
+        if t != ggml_type:
+            kept[TYPE_NAMES[t]] = kept.get(TYPE_NAMES[t], 0) + 1
+    return QuantizeResult(
+        src=src, dst=dst, arch=arch.name, ggml_type=ggml_type,
+        n_quantized=sum(t == ggml_type for t in plan.values()), kept=kept,
+        bytes_in=src.stat().st_size, bytes_out=dst.stat().st_size,
+        seconds=time.perf_counter() - t0, tokenizer=tokenizer,
+    )
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows [a, b) of one tensor, written as `out_type`."""
+
+    info: TensorInfo
+    out_type: GGMLType
+    a: int
+    b: int
+
+
+def _chunks(reader: NEReader, plan: dict[str, GGMLType]) -> list[_Chunk]:
+    chunks = []
+    for name, info in reader.tensors.items():
+        step = max(1, CHUNK_BYTES // info.row_nbytes)
+        chunks += [_Chunk(info, plan[name], a, min(a + step, info.n_rows)) for a in range(0, info.n_rows, step)]
+    return chunks
+
+
+class _Streamer:
+    """Reads chunk i+1 on a helper thread (into the other of two reused input
+    buffers) while chunk i is quantized and written, so file reads overlap the
+    codecs' work instead of adding to it."""
+
+    def __init__(self, reader: NEReader, writer: NEWriter, nthread: int):
+        self.reader, self.writer, self.nthread = reader, writer, nthread
+        self.in_bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+        self.out_buf = np.empty(0, dtype=np.uint8)
+
+    def _read(self, c: _Chunk, slot: int) -> np.ndarray:
+        n = (c.b - c.a) * c.info.row_nbytes
+        if self.in_bufs[slot].size < n:
+            self.in_bufs[slot] = np.empty(n, dtype=np.uint8)
+        raw = self.in_bufs[slot][:n]
+        self.reader.read_into(c.info.offset + c.a * c.info.row_nbytes, raw)
+        return raw
+
+    def run(self, chunks: list[_Chunk]) -> Iterator[int]:
+        """Write every chunk in order (tensor records begun on their first chunk); yields bytes read."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="netp-read") as reads:
+            pending = reads.submit(self._read, chunks[0], 0) if chunks else None
+            for i, c in enumerate(chunks):
+                raw = pending.result()
+                if i + 1 < len(chunks):
+                    pending = reads.submit(self._read, chunks[i + 1], (i + 1) % 2)
+                if c.a == 0:
+                    self.writer.begin_tensor(c.info.name, c.out_type, c.info.shape)
+                self._write(c, raw)
+                yield raw.nbytes
+
+    def _write(self, c: _Chunk, raw: np.ndarray) -> None:
+        info, n = c.info, c.b - c.a
+        row_len = info.shape[-1]
+        x = raw.view("<f4" if info.ggml_type == GGMLType.F32 else "<f2").reshape(n, row_len)
+        if c.out_type == info.ggml_type:  # kept as it is: check, then copy the bytes
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():
+                raise _nonfinite_row(self.reader, info.name, c.a + int(np.argmin(finite)))
+            self.writer.write(raw)
+            return
+        values, block_bytes = block_geometry(c.out_type)
+        row_out = row_len // values * block_bytes
+        if self.out_buf.size < n * row_out:
+            self.out_buf = np.empty(n * row_out, dtype=np.uint8)
+        out = self.out_buf[:n * row_out].reshape(n, row_out)
+        try:
+            quantize_rows(x, c.out_type, out=out, nthread=self.nthread)
+        except NonFiniteError as e:
+            raise _nonfinite_row(self.reader, info.name, c.a + e.block // (row_len // values)) from None
+        self.writer.write(out)

@@ -1,0 +1,46 @@
+"""Which tensors a quantized NE file stores in blocks: the one rule, in one place.
+
+A tensor is quantized to the chosen type when it is a 2-D matrix whose row
+length (ne[0], the input dimension the 32-value blocks run along) is a
+multiple of 32. Everything else keeps the type it has in the input:
+- 1-D tensors (norm weights, biases) stay f32: they are tiny, and the
+  runtime adds/multiplies them elementwise, where 4-bit steps would show;
+- a matrix whose rows do not fill whole blocks stays f32/f16 (ggml's block
+  formats cannot express it; no padding, no silent change of shape).
+
+The token embedding and the output head are matrices like the others and
+are quantized with the chosen type. That is what neural-speed and the
+ggjt-era llama.cpp (whose NE/ggjt files netp writes) do for q4_0/q4_1/q8_0,
+and what `llama-quantize --pure` does today; it is what a user expects from
+"a q4_0 file". It also matters most here: in small models these two are the
+largest matrices (SmolLM2-135M: 28M of 135M weights each), the runtime keeps
+the embedding in its file form and dequantizes only the rows it looks up,
+and shards split the head by vocab rows, so the 4-bit saving is real at run
+time. (Newer llama.cpp bumps the output head to Q6_K by default; Q6_K is not
+an NE type, so netp does not.)
+
+The header's ftype is the chosen type (neural-speed's loader reads it as the
+type of the bulk of the weights); every tensor's own type field says what it
+really holds.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from netp.formats.constants import BLOCK_SIZE, FTYPE_OF_TYPE, QUANTIZED_TYPES, GGMLType
+
+__all__ = ["target_type", "header_ftype"]
+
+
+def target_type(name: str, shape: Sequence[int], source: GGMLType, chosen: GGMLType) -> GGMLType:
+    """The type tensor `name` (numpy `shape`, stored as `source`) gets in a `chosen`-type file."""
+    if chosen not in QUANTIZED_TYPES:
+        raise ValueError(f"{GGMLType(chosen).name} is not a block type")
+    if len(shape) == 2 and shape[-1] % BLOCK_SIZE == 0:
+        return chosen
+    return source
+
+
+def header_ftype(chosen: GGMLType) -> int:
+    """The NE header's ftype for a file quantized to `chosen`."""
+    return FTYPE_OF_TYPE[chosen]

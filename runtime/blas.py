@@ -1,0 +1,59 @@
+"""-t: the BLAS threads of each rank.
+
+Set through the environment before numpy is first imported (OpenBLAS and
+OpenMP read it once, at load); when numpy is already loaded (a test calling
+the command in-process), through OpenBLAS's own setter found in the loaded
+library. This module imports nothing heavy.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
+
+_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+            "openblas_set_num_threads")
+
+
+def default_threads(simulated_ranks: int = 1) -> int:
+    """Cores per rank on this machine: the cores over the ranks the launcher started
+    here, or over the ranks simulated as threads of this process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or \
+        os.environ.get("PMI_SIZE") or str(simulated_ranks)
+    return max(1, cores // max(1, int(local)))
+
+
+def manifest_world_size(model: str | os.PathLike) -> int:
+    """A shard set's world size read from its manifest as plain JSON (no numpy yet); 1 otherwise."""
+    import json
+
+    try:
+        with open(os.path.join(model, "manifest.json"), encoding="utf-8") as f:
+            return max(1, int(json.load(f).get("world_size", 1)))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1  # not a shard set, or a broken one: the loader reports it properly
+
+
+def set_blas_threads(n: int) -> None:
+    for var in _ENV:
+        os.environ[var] = str(n)
+    if "numpy" not in sys.modules:
+        return
+    try:
+        with open("/proc/self/maps") as f:
+            libs = set(re.findall(r"\S*openblas\S*\.so\S*", f.read()))
+    except OSError:
+        return
+    for lib in libs:
+        try:
+            handle = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for name in _SETTERS:
+            setter = getattr(handle, name, None)
+            if setter is not None:
+                setter(ctypes.c_int(n))
+                break

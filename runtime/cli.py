@@ -1,0 +1,120 @@
+"""`ne-run` / `netp run` and `netp verify`: click commands, heavy imports inside.
+
+-t must reach OpenBLAS before numpy loads, so the commands set it first and
+import the runtime after.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from netp.cliutil import NetpCommand, common_options, run_reporting
+
+SEED_PROMPT = "Once upon a time, there existed a little girl,"
+
+
+def _prog() -> str:
+    ctx = click.get_current_context()
+    return ctx.command_path or "ne-run"
+
+
+def _threads(threads: int | None, model: Path) -> int:
+    from netp.runtime.blas import default_threads, manifest_world_size, set_blas_threads
+
+    n = threads if threads and threads > 0 else default_threads(manifest_world_size(model))
+    set_blas_threads(n)
+    return n
+
+
+@click.command("run", cls=NetpCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-m", "--model", "model", required=True, type=click.Path(path_type=Path),
+              help="An NE file, or a shard-set folder (manifest.json + one file per rank).")
+@click.option("-p", "--prompt", default=None, help="Prompt text (encoded with the model's tokenizer folder).")
+@click.option("--ids", default=None, help="Prompt as token ids, e.g. '1,450,4996' (no tokenizer needed).")
+@click.option("-n", "--n_predict", "--n-predict", "n_predict", type=int, default=-1, show_default=True,
+              help="Tokens to generate (-1: until EOS or a full context).")
+@click.option("-c", "--ctx_size", "--ctx-size", "ctx_size", type=int, default=512, show_default=True,
+              help="Context size: the KV cache holds this many tokens.")
+@click.option("--seed", type=int, default=-1, show_default=True, help="Sampling seed (-1: random).")
+@click.option("-t", "--threads", type=int, default=None, help="BLAS threads per rank (default: cores / ranks).")
+@click.option("--no_mmap", "--no-mmap", "no_mmap", is_flag=True,
+              help="Read the rank's file instead of memory-mapping it.")
+@click.option("--top_k", "--top-k", "top_k", type=int, default=40, show_default=True, help="1 = greedy.")
+@click.option("--top_p", "--top-p", "top_p", type=float, default=0.95, show_default=True)
+@click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature; 0 = greedy.")
+@click.option("--repeat_penalty", "--repeat-penalty", "repeat_penalty", type=float, default=1.1, show_default=True,
+              help="Penalty for the last 64 tokens (1.0 = off).")
+@click.option("--low-mem", "--low_mem", "low_mem", is_flag=True,
+              help="Keep quantized blocks; dequantize layer by layer each step (slow, small).")
+@click.option("--verify", "verify", is_flag=True,
+              help="Instead of generating, verify against the unsharded source (see `netp verify`).")
+@common_options
+def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int, ctx_size: int, seed: int,
+                threads: int | None, no_mmap: bool, top_k: int, top_p: float, temp: float, repeat_penalty: float,
+                low_mem: bool, verify: bool, quiet: bool, debug: bool) -> None:
+    """Generate text from an NE file or a shard set, on 1 or N tensor-parallel ranks.
+
+    \b
+    Examples:
+      ne-run -m ne-q4_0.bin -p "Once upon a time" -n 32
+      mpiexec -n 2 ne-run -m shards/ --seed 1234 -t 1 -c 68 -n 32 -p "Once upon a time, there existed a little girl," --no_mmap
+      mpiexec -n 2 ne-run -m ne-q4_0.bin -p "Hello"   # each rank slices the unsharded file
+      ne-run -m shards/ --verify                       # simulates the set's ranks in one process
+    """
+    prog = _prog()
+    n_threads = _threads(threads, model)
+    if verify:
+        from netp.runtime.verify import VerifyOptions, verify as run_verify
+
+        opts = VerifyOptions(target=model, prompt=prompt or SEED_PROMPT,
+                             n_tokens=n_predict if n_predict > 0 else 16, threads=n_threads,
+                             use_mmap=not no_mmap)
+        raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))
+    from netp.runtime.run import RunOptions, parse_ids, run
+    from netp.runtime.sampling import SamplingParams
+
+    def go() -> int:
+        opts = RunOptions(
+            model=model, prompt=prompt, ids=None if ids is None else parse_ids(ids), n_predict=n_predict,
+            n_ctx=ctx_size, threads=n_threads, use_mmap=not no_mmap, low_mem=low_mem,
+            sampling=SamplingParams(top_k=top_k, top_p=top_p, temp=temp, repeat_penalty=repeat_penalty, seed=seed))
+        return run(opts, prog, debug)
+
+    raise SystemExit(run_reporting(prog, debug, go))
+
+
+@click.command("verify", cls=NetpCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("shards", type=click.Path(path_type=Path))
+@click.option("--ref", type=click.Path(path_type=Path), default=None,
+              help="Unsharded NE file to compare with (default: the manifest's source, if present).")
+@click.option("--f32", "f32", type=click.Path(path_type=Path), default=None,
+              help="The f32 NE file: compared with --hf, and with a quantized --ref (KL, top-1).")
+@click.option("--hf", type=str, default=None,
+              help="transformers' model: an HF folder or a .gguf file (needs torch).")
+@click.option("-p", "--prompt", default=SEED_PROMPT, show_default=True)
+@click.option("-n", "--n_tokens", "--n-tokens", "n_tokens", type=int, default=16, show_default=True,
+              help="Greedy tokens of the reference to teacher-force after the prompt.")
+@click.option("-t", "--threads", type=int, default=None, help="BLAS threads per rank.")
+@click.option("--no_mmap", "--no-mmap", "no_mmap", is_flag=True)
+@common_options
+def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | None, prompt: str, n_tokens: int,
+                   threads: int | None, no_mmap: bool, quiet: bool, debug: bool) -> None:
+    """Prove a shard set right: logits under N ranks against the unsharded
+    file, the f32 file against transformers, and quantized against f32.
+
+    \b
+    Launched plainly it simulates the set's N ranks in one process; under
+    `mpiexec -n N` it uses the real ranks. Teacher-forced along the
+    reference's greedy tokens. Passes when max |dlogit| <= 1e-3 and the
+    argmax agrees wherever the reference's top-2 margin exceeds 1e-3;
+    on failure names the first layer whose hidden state diverged.
+    Example: netp verify shards/ --ref ne-q4_0.bin --f32 ne-f32.bin --hf model.gguf
+    """
+    prog = _prog()
+    n_threads = _threads(threads, shards)
+    from netp.runtime.verify import VerifyOptions, verify as run_verify
+
+    opts = VerifyOptions(target=shards, ref=ref, f32=f32, hf=hf, prompt=prompt, n_tokens=n_tokens,
+                         threads=n_threads, use_mmap=not no_mmap)
+    raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))

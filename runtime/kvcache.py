@@ -1,0 +1,17 @@
+"""The key/value cache of one rank: its KV heads only, preallocated to the context -c."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    """k[layer], v[layer]: (n_kv_local, n_ctx, head_dim) float32, written at [start, start + T)."""
+
+    def __init__(self, n_layer: int, n_kv: int, n_ctx: int, head_dim: int):
+        self.n_ctx = n_ctx
+        self.k = [np.zeros((n_kv, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
+        self.v = [np.zeros((n_kv, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)

@@ -1,0 +1,68 @@
+"""A rank's model: what the per-architecture forward is handed (`m` in models/)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from netp.errors import NetpError
+from netp.models.layers import rotary_tables
+from netp.runtime.comm import Comm
+from netp.runtime.kvcache import KVCache
+from netp.runtime.sources import RankSource, open_source
+from netp.runtime.weights import RankWeights
+
+
+class RankModel:
+    """One rank: hparams, communicator, weights, KV cache and the head layout.
+
+    n_q / n_kv: this rank's query / KV heads; kv_of_q[j]: the local KV head
+    of local query head j; kv_group: queries per KV head when every local KV
+    head serves a whole group (else None: a group straddles two ranks).
+    """
+
+    def __init__(self, source: RankSource, comm: Comm, weights: RankWeights, n_ctx: int):
+        self.source, self.comm, self.weights = source, comm, weights
+        self.arch, self.hp, self.mapping = source.arch, source.hp, source.mapping
+        hp, mp = self.hp, self.mapping
+        if n_ctx < 1:
+            raise NetpError(None, f"context size -c must be positive, got {n_ctx}")
+        self.n_ctx = n_ctx
+        q0, q1 = mp.q_heads()
+        k0, k1 = mp.kv_heads()
+        group = hp.n_head // hp.n_head_kv
+        self.n_q, self.n_kv = q1 - q0, k1 - k0
+        self.kv_of_q = np.array([h // group - k0 for h in range(q0, q1)], dtype=np.intp)
+        self.kv_group = group if q0 % group == 0 and q1 % group == 0 else None
+        self.rope_cos, self.rope_sin = rotary_tables(n_ctx, hp.n_rot, hp.rope_theta)
+        self.cache = KVCache(hp.n_layer, self.n_kv, n_ctx, hp.head_dim)
+        self.vocab_widths = [b - a for a, b in (mp.vocab(r) for r in range(mp.world_size))]
+
+    def forward(self, tokens: Any, start: int, all_logits: bool = False,
+                states: list | None = None) -> np.ndarray | None:
+        """Logits (T', n_vocab) on rank 0 (None on other ranks) of tokens at
+        positions [start, start + T), the last one only unless all_logits."""
+        tokens = np.asarray(tokens, dtype=np.intp).reshape(-1)
+        if start + tokens.size > self.n_ctx:
+            raise NetpError(None, f"{start + tokens.size} tokens do not fit the context of {self.n_ctx} (-c)")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.hp.n_vocab):
+            raise NetpError(None, f"token id {int(tokens.max() if tokens.max() >= self.hp.n_vocab else tokens.min())} "
+                                  f"outside the vocabulary of {self.hp.n_vocab}")
+        local = self.arch.forward(self, tokens, start, all_logits, states)
+        return self.comm.gather_cols(local, self.vocab_widths)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def load_rank_model(model: Path, comm: Comm, n_ctx: int, low_mem: bool = False, use_mmap: bool = True,
+                    nthread: int = 1, check_sha256: bool = True) -> RankModel:
+    """Open this rank's file and load its weights (the caller wraps this in comm.agreeing())."""
+    source = open_source(Path(model), comm.rank, comm.size, check_sha256)
+    try:
+        weights = RankWeights(source, low_mem=low_mem, use_mmap=use_mmap, nthread=nthread)
+        return RankModel(source, comm, weights, n_ctx)
+    except BaseException:
+        source.close()
+        raise

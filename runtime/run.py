@@ -1,0 +1,135 @@
+"""`ne-run` / `netp run`: load a rank, generate, print the text and one timing line.
+
+Launched under mpiexec, each process is one rank of the MPI world; launched
+plainly, a shard set's N ranks are simulated in one process (an NE file
+runs as 1 rank). Rank 0 encodes the prompt, samples and prints.
+"""
+from __future__ import annotations
+
+import codecs
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from netp.errors import NetpError
+from netp.runtime.comm import Comm, mpi_world, run_world
+from netp.runtime.generate import Generation, generate
+from netp.runtime.model import RankModel, load_rank_model
+from netp.runtime.sampling import Sampler, SamplingParams
+from netp.runtime.sources import source_world_size, tokenizer_dir
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    model: Path
+    prompt: str | None = None
+    ids: Sequence[int] | None = None
+    n_predict: int = -1
+    n_ctx: int = 512
+    threads: int = 1
+    use_mmap: bool = True
+    low_mem: bool = False
+    sampling: SamplingParams = SamplingParams()
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise NetpError(None, f"--ids {text!r:.60}: expected token ids separated by commas or spaces") from None
+
+
+def load_tokenizer(model: Path) -> Any:
+    folder = tokenizer_dir(model)
+    path = None if folder is None else folder / "tokenizer.json"
+    if path is None or not path.is_file():
+        expected = model / "tokenizer" if model.is_dir() else model.with_name(model.stem + ".tokenizer")
+        raise NetpError(model, f"no tokenizer found (expected {expected}/tokenizer.json); "
+                               f"pass token ids with --ids instead of -p")
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise NetpError(path, f"cannot read the tokenizer: {e}") from None
+
+
+def encode_prompt(model: Path, prompt: str | None, ids: Sequence[int] | None) -> list[int]:
+    if ids is not None:
+        return list(ids)
+    if prompt is None:
+        raise NetpError(None, "no prompt: give one with -p TEXT or token ids with --ids")
+    return load_tokenizer(model).encode(prompt).ids
+
+
+class TextStream:
+    """Prints tokens as they come, from the NE vocab's bytes (complete UTF-8 only)."""
+
+    def __init__(self, vocab: Sequence[tuple[bytes, float]], eos: int, out: Any = sys.stdout):
+        self.vocab, self.eos, self.out = vocab, eos, out
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write_ids(self, ids: Sequence[int]) -> None:
+        for t in ids:
+            self(t)
+
+    def __call__(self, token: int) -> None:
+        if token == self.eos:
+            return
+        text = self.decoder.decode(self.vocab[token][0])
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def finish(self) -> None:
+        self.out.write(self.decoder.decode(b"", final=True) + "\n")
+        self.out.flush()
+
+
+def timing_line(gen: Generation, n_ctx: int, load_ms: float, mode: str, resident: Sequence[int], comm: Comm,
+                threads: int) -> str:
+    mbs = ", ".join(f"{b / 1e6:.1f}" for b in resident)
+    return (f"stop: {gen.stop_text(n_ctx)} | load {load_ms:.0f} ms | "
+            f"prompt {len(gen.prompt)} tok {gen.prompt_tok_s:.1f} tok/s | "
+            f"decode {gen.decode_steps} tok {gen.decode_tok_s:.2f} tok/s | weights {mode} | "
+            f"per-rank resident weights MB: {mbs} | {comm.describe()} x {threads} BLAS thread(s)")
+
+
+def _rank_main(comm: Comm, opts: RunOptions) -> int:
+    t0 = time.perf_counter()
+    prompt: list[int] | None = None
+    with comm.agreeing():
+        model: RankModel = load_rank_model(opts.model, comm, opts.n_ctx, low_mem=opts.low_mem,
+                                           use_mmap=opts.use_mmap, nthread=opts.threads)
+        if comm.is_root:
+            prompt = encode_prompt(opts.model, opts.prompt, opts.ids)
+            bad = [t for t in prompt if not 0 <= t < model.hp.n_vocab]
+            if bad:
+                raise NetpError(opts.model, f"token id {bad[0]} outside the vocabulary of {model.hp.n_vocab}")
+    load_ms = (time.perf_counter() - t0) * 1e3
+    prompt = comm.bcast(prompt)
+    stream = None
+    if comm.is_root:
+        stream = TextStream(model.source.reader.vocab, model.hp.eos_token_id)
+        if opts.prompt is not None:
+            sys.stdout.write(opts.prompt)
+        else:
+            stream.write_ids(prompt)
+    sampler = Sampler(opts.sampling) if comm.is_root else None
+    gen = generate(model, prompt, opts.n_predict, sampler, stream)
+    stats = comm.allgather((load_ms, model.weights.resident_bytes))
+    if comm.is_root:
+        assert stream is not None
+        stream.finish()
+        print(timing_line(gen, opts.n_ctx, max(s[0] for s in stats), model.weights.mode, [s[1] for s in stats],
+                          comm, opts.threads), flush=True)
+    model.close()
+    return 0
+
+
+def run(opts: RunOptions, prog: str = "ne-run", debug: bool = False) -> int:
+    comm = mpi_world()
+    size = comm.size if comm is not None else (source_world_size(opts.model) or 1)
+    return run_world(lambda c: _rank_main(c, opts), size, comm, prog, debug)

