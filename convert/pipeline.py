@@ -13,7 +13,6 @@ last, so a crash never leaves an NE file without its tokenizer.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats.atomic import atomic_dir
 from netp.formats.constants import FTYPE_OF_TYPE, GGMLType
-from netp.formats.hf import Checkpoint, open_checkpoint
+from netp.formats.hf import Checkpoint, open_checkpoint, read_json_object
 from netp.formats.ne import NEHeader, NEWriter
 from netp.formats.tokenizer_dir import check_tokenizer_files, tokenizer_dir_for
 from netp.formats.vocab import Vocab
@@ -72,12 +71,7 @@ def open_hf_folder(folder: Path) -> Source:
         ggufs = sorted(p.name for p in folder.glob("*.gguf"))
         hint = f"; it holds {ggufs[0]}: pass that file" if len(ggufs) == 1 else ""
         raise NetpError(folder, f"no config.json: not a Hugging Face model folder{hint}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise NetpError(config_path, f"not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise NetpError(config_path, "does not hold a JSON object")
+    config = read_json_object(config_path)
     arch = by_hf_config(config, str(config_path))
     hp = arch.hparams_from_hf(config, str(config_path))
     tensors = open_checkpoint(folder)

@@ -31,6 +31,17 @@ _SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": n
 _CHUNK_BYTES = 16 << 20  # raw bytes widened per step when the source is not f32
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (config.json, tokenizer_config.json), or a NetpError naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise NetpError(path, f"not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise NetpError(path, "does not hold a JSON object")
+    return value
+
+
 class Checkpoint(Protocol):
     """What convert needs from any input: names, shapes, and f32 data one tensor at a time."""
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 
 from netp.errors import NetpError
 from netp.formats.atomic import atomic_dir
+from netp.formats.hf import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Copied too when a checkpoint has them (transformers 5 keeps chat templates apart).
@@ -71,16 +72,6 @@ _CONFIG_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", 
                 "bos_token", "eos_token", "unk_token", "pad_token", "clean_up_tokenization_spaces")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise NetpError(path, f"not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(value, dict):
-        raise NetpError(path, "does not hold a JSON object")
-    return value
-
-
 def write_folder_tokenizer(folder: Path, out: Path) -> None:
     """Write the tokenizer of HF model folder `folder` into the (empty) folder `out`."""
     if (folder / "tokenizer.json").is_file():
@@ -90,7 +81,7 @@ def write_folder_tokenizer(folder: Path, out: Path) -> None:
         else:  # tokenizer.json alone is a complete tokenizer; say which class reads it
             (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     elif (folder / "tokenizer.model").is_file():
-        config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        config = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         write_sentencepiece_tokenizer(folder / "tokenizer.model", config, out)
         _copy_files(folder, out, OPTIONAL_FILES)
     else:
