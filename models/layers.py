@@ -23,7 +23,10 @@ def linear(x: np.ndarray, w: Any) -> np.ndarray:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """LLaMA's RMSNorm over the last axis (transformers' order of operations)."""
-    var = (x * x).sum(axis=-1, keepdims=True)  # fewer calls than np.mean: this runs 2x per layer per token
+    if x.shape[0] == 1:  # decode (2x per layer per token): one dot product, numpy scalars after it
+        var = np.dot(x[0], x[0]) / np.float32(x.shape[-1])
+        return x * (1.0 / np.sqrt(var + np.float32(eps))) * weight
+    var = (x * x).sum(axis=-1, keepdims=True)
     var *= np.float32(1.0 / x.shape[-1])
     var += np.float32(eps)
     return (x * (1.0 / np.sqrt(var))) * weight
@@ -96,12 +99,13 @@ def rotate_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     LLaMA does it on its permuted wq/wk rows, equal to transformers'
     rotate-half on the unpermuted ones.
     """
+    # A pair is a complex number a + ib; rotating it is one complex product,
+    # (a c - b s) + i (a s + b c): a single vectorised op instead of eight.
     half = cos.shape[-1]
-    pairs = x[..., : 2 * half].reshape(*x.shape[:-1], half, 2)
-    a, b = pairs[..., 0].copy(), pairs[..., 1].copy()  # (T, heads, half)
-    c, s = cos[:, None, :], sin[:, None, :]
-    pairs[..., 0] = a * c - b * s
-    pairs[..., 1] = a * s + b * c  # splitting the last axis is a view: x changes in place
+    rot = np.empty(cos.shape, dtype=np.complex64)
+    rot.real, rot.imag = cos, sin
+    pairs = x[..., : 2 * half].view(np.complex64)  # (T, heads, half), a view: x changes in place
+    pairs *= rot[:, None, :]
 
 
 def rotate_halves(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
@@ -117,40 +121,34 @@ def rotate_halves(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     x[..., half:2 * half] = b * c + a * s
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, kv_of_q: np.ndarray,
-                     group: int | None) -> np.ndarray:
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, group: int) -> np.ndarray:
     """Scaled dot-product attention of T new positions over S = start + T cached ones.
 
-    q: (T, nq, hd); k, v: (nkv, S, hd) (the cache up to this step).
-    kv_of_q[j] is the local KV head of local query head j. `group` is set
-    when the query heads fall in whole, equal groups per KV head (the
-    common case), letting one batched matmul serve each group without
-    copying the cache; otherwise the KV heads are gathered per query head.
+    q: (T, nq, hd); k, v: (n_cache, S, hd), the cache up to this step, where
+    each cached head serves `group` consecutive query heads (nq = n_cache x
+    group), so one batched matmul per cached head reads the cache in place.
     Returns (T, nq * hd).
     """
     T, nq, hd = q.shape
-    S = k.shape[1]
+    S, n_cache = k.shape[1], k.shape[0]
     scale = np.float32(1.0 / math.sqrt(hd))
-    if group is not None:
-        nkv = k.shape[0]
-        qh = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3).reshape(nkv, group * T, hd)
-        scores = (qh @ k.transpose(0, 2, 1)).reshape(nkv, group, T, S)
-    else:
-        kq, vq = k[kv_of_q], v[kv_of_q]
-        scores = (q.transpose(1, 0, 2) @ kq.transpose(0, 2, 1))[:, None]  # (nq, 1, T, S)
+    if T == 1:  # decode: no mask, no transposes (this runs once per layer per token)
+        scores = q.reshape(n_cache, group, hd) @ k.transpose(0, 2, 1)  # (n_cache, group, S)
+        scores *= scale
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return (scores @ v).reshape(1, nq * hd)  # cache-head-major, group-minor = query-head order
+    qh = q.reshape(T, n_cache, group, hd).transpose(1, 2, 0, 3).reshape(n_cache, group * T, hd)
+    scores = (qh @ k.transpose(0, 2, 1)).reshape(n_cache, group, T, S)
     scores *= scale
-    if T > 1:  # position start+t sees cache positions <= start+t
-        mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]
-        scores[..., mask] = -np.inf
+    mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # position start+t sees <= start+t
+    scores[..., mask] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    if group is not None:
-        out = scores.reshape(nkv, group * T, S) @ v  # (nkv, group*T, hd)
-        out = out.reshape(nkv, group, T, hd).transpose(2, 0, 1, 3)
-    else:
-        out = (scores[:, 0] @ vq).transpose(1, 0, 2)  # (T, nq, hd)
-    return out.reshape(T, nq * hd)
+    out = scores.reshape(n_cache, group * T, S) @ v  # (n_cache, group*T, hd)
+    return out.reshape(n_cache, group, T, hd).transpose(2, 0, 1, 3).reshape(T, nq * hd)
 
 
 def self_attention(m: Any, layer: int, qkv: np.ndarray, start: int,
@@ -168,8 +166,11 @@ def self_attention(m: Any, layer: int, qkv: np.ndarray, start: int,
     heads = qkv.reshape(T, nq + 2 * nkv, hd)
     cos, sin = m.rope_cos[start:start + T], m.rope_sin[start:start + T]
     rotate(heads[:, : nq + nkv], cos, sin)
+    k_new, v_new = heads[:, nq:nq + nkv], heads[:, nq + nkv:]
+    if m.cache_of_kv is not None:  # a KV group straddles ranks: the cache holds one head per query head
+        k_new, v_new = k_new[:, m.cache_of_kv], v_new[:, m.cache_of_kv]
     k_cache, v_cache = m.cache.k[layer], m.cache.v[layer]
-    k_cache[:, start:start + T] = heads[:, nq:nq + nkv].transpose(1, 0, 2)
-    v_cache[:, start:start + T] = heads[:, nq + nkv:].transpose(1, 0, 2)
+    k_cache[:, start:start + T] = k_new.transpose(1, 0, 2)
+    v_cache[:, start:start + T] = v_new.transpose(1, 0, 2)
     S = start + T
-    return causal_attention(heads[:, :nq], k_cache[:, :S], v_cache[:, :S], start, m.kv_of_q, m.kv_group)
+    return causal_attention(heads[:, :nq], k_cache[:, :S], v_cache[:, :S], start, m.cache_group)

@@ -191,8 +191,9 @@ def _q4_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
     # The value with the largest |x|, sign kept. Where |min| == |max| (which
     # includes all-zero blocks, where the sign of the zero reaches d's bytes)
     # the oracle takes the first such value: resolve those with its argmax.
-    mx = np.where(-lo > hi, lo, hi)
-    tie = np.flatnonzero(-lo == hi)
+    neg_lo = -lo
+    mx = np.where(neg_lo > hi, lo, hi)
+    tie = np.flatnonzero(neg_lo == hi)
     if tie.size:
         sub = x[tie]
         mx[tie] = np.take_along_axis(sub, np.abs(sub).argmax(axis=1)[:, None], axis=1)[:, 0]

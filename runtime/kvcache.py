@@ -5,12 +5,13 @@ import numpy as np
 
 
 class KVCache:
-    """k[layer], v[layer]: (n_kv_local, n_ctx, head_dim) float32, written at [start, start + T)."""
+    """k[layer], v[layer]: (n_heads, n_ctx, head_dim) float32, written at [start, start + T).
+    n_heads: the rank's KV heads (RankModel says how many copies it keeps)."""
 
-    def __init__(self, n_layer: int, n_kv: int, n_ctx: int, head_dim: int):
+    def __init__(self, n_layer: int, n_heads: int, n_ctx: int, head_dim: int):
         self.n_ctx = n_ctx
-        self.k = [np.zeros((n_kv, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
-        self.v = [np.zeros((n_kv, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
+        self.k = [np.zeros((n_heads, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
+        self.v = [np.zeros((n_heads, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
 
     @property
     def nbytes(self) -> int:

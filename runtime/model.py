@@ -17,9 +17,12 @@ from netp.runtime.weights import RankWeights
 class RankModel:
     """One rank: hparams, communicator, weights, KV cache and the head layout.
 
-    n_q / n_kv: this rank's query / KV heads; kv_of_q[j]: the local KV head
-    of local query head j; kv_group: queries per KV head when every local KV
-    head serves a whole group (else None: a group straddles two ranks).
+    n_q / n_kv: this rank's query / KV heads. The KV cache holds one head per
+    local KV head, each serving cache_group consecutive query heads; when a
+    KV group straddles two ranks (9 heads / 3 KV heads over 2 ranks) the
+    groups here are unequal, so the cache holds one head per query head
+    instead (cache_of_kv picks the KV head each copies) and cache_group is 1:
+    attention then reads the cache in place, never gathering it per step.
     """
 
     def __init__(self, source: RankSource, comm: Comm, weights: RankWeights, n_ctx: int):
@@ -33,10 +36,13 @@ class RankModel:
         k0, k1 = mp.kv_heads()
         group = hp.n_head // hp.n_head_kv
         self.n_q, self.n_kv = q1 - q0, k1 - k0
-        self.kv_of_q = np.array([h // group - k0 for h in range(q0, q1)], dtype=np.intp)
-        self.kv_group = group if q0 % group == 0 and q1 % group == 0 else None
+        if q0 % group == 0 and q1 % group == 0:  # whole groups
+            self.cache_of_kv, self.cache_group, n_cache = None, group, self.n_kv
+        else:
+            self.cache_of_kv = np.array([h // group - k0 for h in range(q0, q1)], dtype=np.intp)
+            self.cache_group, n_cache = 1, self.n_q
         self.rope_cos, self.rope_sin = rotary_tables(n_ctx, hp.n_rot, hp.rope_theta)
-        self.cache = KVCache(hp.n_layer, self.n_kv, n_ctx, hp.head_dim)
+        self.cache = KVCache(hp.n_layer, n_cache, n_ctx, hp.head_dim)
         self.vocab_widths = [b - a for a, b in (mp.vocab(r) for r in range(mp.world_size))]
 
     def forward(self, tokens: Any, start: int, all_logits: bool = False,

@@ -28,6 +28,25 @@ class SamplingParams:
         return self.top_k == 1 or self.temp <= 0
 
 
+def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, most likely first.
+
+    argpartition over a whole 50k vocabulary costs ~0.4 ms a token; the k-th
+    largest of every 16th logit is a lower bound of the k-th largest of all
+    (a subset's order statistic cannot exceed the set's), so partitioning
+    only the logits at or above it gives the same ids for a fraction.
+    """
+    if k >= logits.size:
+        candidates = np.arange(logits.size)
+    else:
+        sample = logits[::16]
+        floor = np.partition(sample, -k)[-k] if sample.size >= k else logits.min()
+        candidates = np.flatnonzero(logits >= floor)
+        if candidates.size > k:
+            candidates = candidates[np.argpartition(logits[candidates], -k)[-k:]]
+    return candidates[np.argsort(-logits[candidates], kind="stable")]
+
+
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
@@ -50,10 +69,7 @@ class Sampler:
         logits = self.penalize(np.asarray(logits, dtype=np.float32), history)
         if p.greedy:
             return int(np.argmax(logits))
-        ids = np.arange(logits.size)
-        if 0 < p.top_k < logits.size:
-            ids = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
-        ids = ids[np.argsort(-logits[ids], kind="stable")]  # most likely first
+        ids = top_k_ids(logits, p.top_k if p.top_k > 0 else logits.size)  # most likely first
         top = logits[ids].astype(np.float64)
         if p.top_p < 1.0:
             probs = np.exp(top - top[0])

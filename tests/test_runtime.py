@@ -52,13 +52,13 @@ def tiny_ne(tiny_hf_model, tmp_path_factory):
     def make(kind: str, qtype: str = "f32") -> Path:
         if (kind, qtype) not in cache:
             folder = tmp_path_factory.mktemp(f"rt-{kind}-{qtype}")
-            if qtype == "f32":
-                convert(str(tiny_hf_model(kind)), folder / "ne-f32.bin", "f32")
-                cache[kind, qtype] = folder / "ne-f32.bin"
+            out = folder / f"ne-{qtype}.bin"
+            if qtype in ("f32", "f16"):
+                convert(str(tiny_hf_model(kind)), out, qtype)
             else:
-                out = folder / f"ne-{qtype}.bin"
-                quantize_file(make(kind, "f32"), out, {"q4_0": GGMLType.Q4_0, "q8_0": GGMLType.Q8_0}[qtype])
-                cache[kind, qtype] = out
+                quantize_file(make(kind, "f32"), out, {"q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1,
+                                                       "q8_0": GGMLType.Q8_0}[qtype])
+            cache[kind, qtype] = out
         return cache[kind, qtype]
 
     return make
@@ -160,6 +160,14 @@ def test_q4_0_ranks_match_unsharded(kind, ranks, source, tiny_ne, tiny_shards):
     one = run_ranks(tiny_ne(kind, "q4_0"), 1)
     model = tiny_shards(kind, "q4_0", ranks) if source == "shards" else tiny_ne(kind, "q4_0")
     assert_logits_close(one, run_ranks(model, ranks))
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q4_1", "q8_0"])
+def test_other_types_run_on_ranks(qtype, tiny_ne, hf_logits):
+    one = run_ranks(tiny_ne("gptj", qtype), 1)
+    assert_logits_close(one, run_ranks(tiny_ne("gptj", qtype), 2))
+    ref = hf_logits("gptj")  # the weights' precision shows: f16 < 8-bit < 4-bit blocks
+    assert np.abs(one - ref).max() < {"f16": 0.005, "q8_0": 0.05, "q4_1": 0.5}[qtype] * np.abs(ref).max()
 
 
 def test_quantized_differs_from_f32_but_stays_close(tiny_ne):
@@ -264,6 +272,20 @@ def test_sampler_rules():
     assert len(set(a)) == 1
     s = Sampler(SamplingParams(top_k=0, top_p=1.0, seed=7))
     assert len({s(flat) for _ in range(10)}) > 1
+
+
+def test_top_k_ids_equal_a_full_sort():
+    from netp.runtime.sampling import top_k_ids
+
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        logits = rng.standard_normal(int(rng.integers(5, 60000))).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits)  # many ties
+        k = int(rng.integers(1, 80))
+        got = top_k_ids(logits, k)
+        expect = np.sort(logits)[::-1][:k]
+        assert np.array_equal(logits[got], expect) and len(set(got.tolist())) == len(got)
 
 
 def test_generation_is_the_same_on_every_rank_count_and_stops(tiny_ne, tiny_shards):
@@ -487,6 +509,17 @@ def test_verify_names_the_first_diverging_layer(tiny_ne, tiny_shards, tmp_path):
     assert verify(VerifyOptions(tiny_shards("llama_gqa", "f32", 2), ref=ref, n_tokens=3)) == 0
     with pytest.raises(NetpError, match="first diverging hidden state: layer 1 "):
         verify(VerifyOptions(shards, ref=ref, n_tokens=3))
+
+
+def test_ne_run_verify_finds_the_manifest_source(tiny_ne, tiny_shards, tmp_path):
+    shutil.copyfile(tiny_ne("llama_mqa", "q4_0"), tmp_path / "ne-q4_0.bin")
+    shutil.copytree(tiny_shards("llama_mqa", "q4_0", 2), tmp_path / "shards")
+    p = cli(["-m", str(tmp_path / "shards"), "--verify", "-n", "2", "-p", "Once upon a time"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "vs ne-q4_0.bin on 1 rank" in p.stdout and p.stdout.rstrip().endswith("verify: PASS")
+    (tmp_path / "ne-q4_0.bin").unlink()  # without it (and no --ref) there is nothing to compare with
+    p = cli(["verify", str(tmp_path / "shards")], prog="netp")
+    assert p.returncode == 1 and "nothing to verify against: pass --ref" in p.stderr
 
 
 def test_verify_cli_simulates_the_manifest_ranks(tiny_ne, tiny_shards, tiny_hf_model):
