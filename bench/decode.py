@@ -2,8 +2,10 @@
 
 In one run, one BLAS thread per rank:
 - peer: a bare numpy f32 matrix-vector chain over matrices of the model's
-  shapes (every layer's wq wk wv wo w1 w2 w3, then the output head), the
-  memory-bandwidth ceiling of a numpy forward on one core;
+  shapes (every layer's wq wk wv wo w1 w2 w3, then the output head), stored
+  as the runtime stores them ((in, out) rows: OpenBLAS's faster gemv kernel,
+  see models/layers.py linear), the memory-bandwidth ceiling of a numpy
+  forward on one core;
 - `mpiexec -n 1 ne-run -m ne-q4_0.bin` (1 rank, weights dequantized at load);
 - `mpiexec -n 2 ne-run -m shards/` (the 2-rank shard set);
 each measured a few times, best kept (the machine is shared), with the
@@ -75,13 +77,13 @@ def matrix_shapes(model: Path) -> list[tuple[int, ...]]:
 
 def ceiling_tok_s(shapes: list[tuple[int, ...]], reps: int) -> float:
     rng = np.random.default_rng(0)
-    mats = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    mats = [rng.standard_normal(s[::-1], dtype=np.float32) for s in shapes]  # (in, out), as the runtime holds them
     xs = {n: rng.standard_normal((1, n), dtype=np.float32) for n in {s[1] for s in shapes}}
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         for w in mats:
-            xs[w.shape[1]] @ w.T
+            xs[w.shape[0]] @ w
         best = min(best, time.perf_counter() - t0)
     return 1.0 / best
 
@@ -97,14 +99,14 @@ def chain_worker(shards: Path, reps: int) -> None:
     shapes = [t.local_shape(comm.rank) for t in manifest.tensors.values()
               if len(t.shape) == 2 and t.held_by(comm.rank) and t.split != "replicated"]
     rng = np.random.default_rng(comm.rank)
-    mats = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    mats = [rng.standard_normal(s[::-1], dtype=np.float32) for s in shapes]  # (in, out), as the runtime holds them
     xs = {n: rng.standard_normal((1, n), dtype=np.float32) for n in {s[1] for s in shapes}}
     best = float("inf")
     for _ in range(reps):
         comm.Barrier()
         t0 = time.perf_counter()
         for w in mats:
-            xs[w.shape[1]] @ w.T
+            xs[w.shape[0]] @ w
         best = min(best, comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
     if comm.rank == 0:
         print(f"{1.0 / best:.4f}")
@@ -134,7 +136,7 @@ def run_decode(ranks: int, model: Path, tokens: int) -> tuple[float, list[float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3, help="measurements of each figure (best kept)")
+    ap.add_argument("--rounds", type=int, default=5, help="measurements of each figure (best kept)")
     ap.add_argument("--tokens", type=int, default=96, help="tokens generated per run")
     ap.add_argument("--chain-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -14,10 +14,16 @@ import numpy as np
 
 
 def linear(x: np.ndarray, w: Any) -> np.ndarray:
-    """x (T, in) times a weight w (out, in): an f32 array, or anything with
-    .apply(x) (the low-memory mode's block matrices)."""
+    """x (T, in) times a weight of out rows: a dense f32 array stored
+    transposed, (in, out) C-contiguous, or anything with .apply(x) (the
+    low-memory mode's block matrices). Returns (T, out).
+
+    Why transposed: for one token, numpy's x @ W on an (in, out) array runs
+    OpenBLAS's gemv "N" kernel, which streams the weights at ~1.5x the
+    bandwidth of x @ W.T on (out, in) rows (measured: 21 vs 15 GB/s on one
+    core) - and decode is bandwidth-bound."""
     if isinstance(w, np.ndarray):
-        return x @ w.T
+        return x @ w
     return w.apply(x)
 
 

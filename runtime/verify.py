@@ -181,9 +181,14 @@ def transformers_pass(hf: str, tokens: list[int], threads: int) -> Pass:
         raise NetpError(hf, f"--hf needs torch and transformers ({e}); install netp[torch]") from None
     torch.set_num_threads(max(1, threads))
     if not sys.stderr.isatty():  # netp's rule: progress bars on a terminal only
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as hf_gguf
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if getattr(hf_gguf, "tqdm", None) is not None:  # its GGUF reader calls tqdm directly
+            hf_gguf.tqdm = functools.partial(hf_gguf.tqdm, disable=True)
     p = Path(hf)
     try:
         if p.suffix == ".gguf" and p.is_file():

@@ -2,8 +2,8 @@
 
 - Default: every matrix slice the rank owns is dequantized once, at load,
   to f32, and the NE tensors one product reads are stacked into one matrix
-  (q|k|v, gate|up): 4 bytes per weight / N ranks, and decode runs at numpy's
-  matrix-vector speed.
+  (q|k|v, gate|up), stored transposed (see models.layers.linear): 4 bytes
+  per weight / N ranks, and decode runs at numpy's matrix-vector speed.
 - `low_mem`: matrices stay in file form (blocks) and are dequantized a
   chunk of rows at a time inside every product (slow; 0.5625 bytes per
   q4_0 weight / N).
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from netp.errors import NetpError
-from netp.formats.constants import GGMLType
+from netp.formats.constants import GGMLType, block_geometry
 
 _CHUNK_VALUES = 1 << 20  # low-mem: values dequantized per piece (4 MB of f32, cache-friendly)
 _scratch = threading.local()
@@ -136,25 +136,35 @@ class RankWeights:
                 out[key] = value
                 continue
             self.matrix_types.update(t.name.lower() for _, t in parts)
-            n_in = parts[0][0].shape[1] if parts[0][1] in (GGMLType.F32, GGMLType.F16) else None
-            if n_in is None:
-                n_in = _values_per_row(parts[0][0], parts[0][1])
+            n_in = _values_per_row(*parts[0])
             if self.low_mem:
                 value = BlockMatrix(parts, n_in)
                 self.resident_bytes += value.nbytes
             else:
-                value = np.empty((sum(raw.shape[0] for raw, _ in parts), n_in), dtype=np.float32)
-                at = 0
-                for raw, t in parts:
-                    dequantize(raw, t, out=value[at:at + raw.shape[0]], nthread=self.nthread)
-                    at += raw.shape[0]
+                value = _dense_transposed(parts, n_in, self.nthread)
                 self.resident_bytes += value.nbytes
             out[key] = value
         return out
 
 
-def _values_per_row(raw: np.ndarray, t: GGMLType) -> int:
-    from netp.formats.constants import block_geometry
+def _dense_transposed(parts: list[tuple[np.ndarray, GGMLType]], n_in: int, nthread: int) -> np.ndarray:
+    """The parts' rows stacked and dequantized to f32, stored transposed: (n_in, rows).
+    Dequantized a chunk of rows at a time, so no second full-size copy exists."""
+    value = np.empty((n_in, sum(raw.shape[0] for raw, _ in parts)), dtype=np.float32)
+    step = max(1, _CHUNK_VALUES // n_in)
+    at = 0
+    for raw, t in parts:
+        for a in range(0, raw.shape[0], step):
+            b = min(raw.shape[0], a + step)
+            scratch = None if t == GGMLType.F32 else _scratch_rows(b - a, n_in)  # f32 needs no scratch
+            value[:, at + a:at + b] = dequantize(raw[a:b], t, out=scratch, nthread=nthread).T
+        at += raw.shape[0]
+    return value
 
+
+def _values_per_row(raw: np.ndarray, t: GGMLType) -> int:
+    """Row length in values of a file-form matrix (f32/f16 arrive typed, blocks as bytes)."""
+    if t in (GGMLType.F32, GGMLType.F16):
+        return raw.shape[-1]
     block, block_bytes = block_geometry(t)
     return raw.shape[-1] // block_bytes * block
