@@ -18,22 +18,43 @@ import numpy as np
 from netp.errors import NetpError
 
 
+def open_gguf_reader(path: Path) -> Any:
+    """gguf-py's GGUFReader on `path`, its failures turned into one NetpError.
+
+    GGUFReader memory-maps the file and walks it with numpy views, so a
+    header that claims more than the file holds is never allocated: the walk
+    runs off the end and raises (IndexError, ValueError, struct.error...),
+    which here becomes "truncated or corrupt"."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:
+        size = path.stat().st_size
+        raise NetpError(path, f"not a readable GGUF file: truncated or corrupt ({size} bytes; gguf-py: "
+                              f"{type(e).__name__}: {e})") from None
+
+
+def field_value(reader: Any, name: str, path: Path) -> Any:
+    """One metadata value, decoded by gguf-py; a value it parsed but cannot decode
+    (invalid UTF-8 in a string...) is a corrupt file."""
+    try:
+        return reader.fields[name].contents()
+    except Exception as e:
+        raise NetpError(path, f"not a readable GGUF file: corrupt metadata value {name!r} "
+                              f"({type(e).__name__}: {e})") from None
+
+
 class GGUFFile:
     """A GGUF file: `.metadata` (key -> value), tensor names, numpy shapes, f32 data."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise NetpError(self.path, "no such file")
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-            self.metadata: dict[str, Any] = {
-                name: field.contents() for name, field in self._reader.fields.items() if not name.startswith("GGUF.")
-            }
-        except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError... on bad files
-            raise NetpError(self.path, f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self._reader = open_gguf_reader(self.path)
+        self.metadata: dict[str, Any] = {name: field_value(self._reader, name, self.path)
+                                         for name in self._reader.fields if not name.startswith("GGUF.")}
         self._tensors = {t.name: t for t in self._reader.tensors}
 
     @property

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import struct
 from pathlib import Path
 from typing import Any, Protocol
@@ -203,6 +205,12 @@ class TorchBinCheckpoint:
         for f in files:
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as e:  # weights_only met something other than tensors
+                found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+                what = f" (it references {found.group(1)})" if found else ""
+                raise NetpError(f, f"refused: the pickle holds objects other than tensors{what}; netp loads .bin "
+                                   "checkpoints with torch.load(weights_only=True) and never runs code from a "
+                                   "checkpoint") from None
             except Exception as e:  # torch raises many kinds on a bad file
                 raise NetpError(f, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
             if not isinstance(state, dict):

@@ -136,8 +136,19 @@ class Architecture:
         raise NotImplementedError
 
     # -- tensors on the way in -------------------------------------------------
+    def ns_loader_caveats(self, hp: HParams) -> list[str]:
+        """Ways neural-speed's own loader would misread the NE file of this model
+        where netp's runtime reads it right; convert warns with each, and still writes it."""
+        return []
+
+    def transforms_hf(self, ne_name: str) -> bool:
+        """Whether transform_hf reworks this tensor; when not, convert may copy its
+        f32 bytes straight from the checkpoint. Override together with transform_hf."""
+        return False
+
     def transform_hf(self, ne_name: str, data: np.ndarray, hp: HParams) -> np.ndarray:
-        """Rework a tensor read from an HF checkpoint (default: as it is)."""
+        """Rework a tensor read from an HF checkpoint, one that transforms_hf names
+        (default: none)."""
         return data
 
     # -- runtime (the rank-local numpy forward) ---------------------------------
@@ -209,6 +220,41 @@ def by_ne_tensors(ne_names: Iterable[str], path: str) -> Architecture:
         if arch.recognises(names):
             return arch
     raise NetpError(path, f"tensor names match no supported architecture ({supported_names()})")
+
+
+def ne_model(header: Any, shapes: TMapping[str, tuple[int, ...]], path: str) -> tuple[Architecture, HParams]:
+    """The architecture and hparams of an NE file (or a manifest), its header and
+    tensors checked against each other: whole heads, a rotary width that fits a
+    head, and exactly the tensors the header implies with the shapes it implies
+    (the output head may be absent: tied to the embedding). The layer count is
+    bounded by the tensor count before the expected tensors are listed, so a
+    corrupt header cannot make that list huge."""
+    arch = by_ne_tensors(shapes, path)
+    try:
+        hp = arch.hparams_from_ne(header, shapes)
+    except KeyError as e:
+        raise NetpError(path, f"missing tensor {e.args[0]} that the {arch.name} header needs") from None
+    if min(hp.n_vocab, hp.n_embd, hp.n_head, hp.n_head_kv, hp.n_layer, hp.n_ff) < 1:
+        raise NetpError(path, f"header has a zero or negative size (n_vocab {hp.n_vocab}, n_embd {hp.n_embd}, "
+                              f"n_head {hp.n_head}, n_head_kv {hp.n_head_kv}, n_layer {hp.n_layer}, n_ff {hp.n_ff})")
+    if hp.n_embd % hp.n_head or hp.n_head % hp.n_head_kv:
+        raise NetpError(path, f"header has {hp.n_head} heads / {hp.n_head_kv} KV heads over n_embd {hp.n_embd}: "
+                              "not a whole number of heads per KV group")
+    if not 0 <= hp.n_rot <= hp.head_dim or hp.n_rot % 2:
+        raise NetpError(path, f"header's rotary width n_rot {hp.n_rot} does not fit head_dim {hp.head_dim}")
+    if hp.n_layer > len(shapes):
+        raise NetpError(path, f"header says {hp.n_layer} layers, more than its {len(shapes)} tensors can hold")
+    expected = arch.tensor_shapes(hp)
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise NetpError(path, f"tensor {name} is not part of a {arch.name} model with {hp.n_layer} layers")
+        if tuple(expected[name]) != tuple(shape):
+            raise NetpError(path, f"tensor {name} has shape {list(shape)}, the header implies {list(expected[name])}")
+    missing = [n for n in expected if n not in shapes and n != arch.output_name]
+    if missing:
+        raise NetpError(path, f"missing tensor {missing[0]} of a {arch.name} model with {hp.n_layer} layers "
+                              "(truncated or wrong header?)")
+    return arch, hp
 
 
 def by_ns_model_name(model_name: str) -> Architecture:

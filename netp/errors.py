@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterator, NoReturn
@@ -42,6 +43,7 @@ def error_line(prog: str, exc: BaseException) -> str:
         what = "out of memory"
     else:
         what = f"internal error: {type(exc).__name__}: {exc}"
+    what = re.sub(r"\s*\n\s*", " ", what.strip())  # one line, whatever a library put in its message
     return f"{rank_prefix()}{prog}: error: {what}"
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from netp.cliutil import NetpCommand, common_options, run_reporting
+from netp.errors import NetpError, fail
 
 
 def _human(n: float) -> str:
@@ -52,13 +53,12 @@ def _totals(tensors: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def describe_ne(path: Path) -> dict[str, Any]:
     from netp.formats.constants import TYPE_NAMES
     from netp.formats.ne import NEReader
-    from netp.models import by_ne_tensors
+    from netp.models import ne_model
 
     with NEReader(path) as r:
         tensors = [{"name": t.name, "type": TYPE_NAMES[t.ggml_type], "shape": list(t.shape),
                     "nbytes": t.nbytes, "offset": t.offset} for t in r.tensors.values()]
-        arch = by_ne_tensors(r.tensors, str(path))
-        hp = arch.hparams_from_ne(r.header, {t.name: t.shape for t in r.tensors.values()})
+        arch, hp = ne_model(r.header, {t.name: t.shape for t in r.tensors.values()}, str(path))
         return {"kind": "ne", "path": str(path), "file_size": r.file_size, "architecture": arch.name,
                 "header": dataclasses.asdict(r.header), "hparams": dataclasses.asdict(hp),
                 "vocab_size": len(r.vocab), "tensors": tensors, "totals": _totals(tensors)}
@@ -67,12 +67,9 @@ def describe_ne(path: Path) -> dict[str, Any]:
 def describe_gguf(path: Path) -> dict[str, Any]:
     import gguf
 
-    from netp.errors import NetpError
+    from netp.formats.gguf_in import field_value, open_gguf_reader
 
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError/struct.error/... on bad files
-        raise NetpError(path, f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+    r = open_gguf_reader(path)
     meta: dict[str, Any] = {}
     for name, field in r.fields.items():
         if name.startswith("GGUF."):
@@ -80,7 +77,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
             meta[name] = f"[{len(field.data)} items]"
         else:
-            value = field.contents()
+            value = field_value(r, name, path)
             if isinstance(value, str):
                 value = value.replace("\n", "\\n")
                 value = value if len(value) < 120 else value[:117] + "..."
@@ -98,8 +95,6 @@ def describe_shards(path: Path) -> dict[str, Any]:
 
 
 def describe(path: Path) -> dict[str, Any]:
-    from netp.errors import NetpError
-
     if path.is_dir():
         if not (path / "manifest.json").exists():
             raise NetpError(path, "is a directory without manifest.json (not a shard set)")
@@ -149,5 +144,5 @@ def inspect_command(path: Path, as_json: bool, quiet: bool, debug: bool) -> None
         sys.stdout.write("\n")
     else:
         click.echo(render(info))
-    if info.get("checksums_ok") is False:
-        raise SystemExit(1)
+    if info.get("check_error") is not None:  # the report above shows every file; one error line ends it
+        fail("netp inspect", NetpError(None, info["check_error"]))

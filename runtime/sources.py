@@ -22,7 +22,7 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry, type_from_name
 from netp.formats.ne import NEReader
-from netp.models import by_name, by_ne_tensors
+from netp.models import ne_model
 from netp.models.base import Architecture, HParams
 from netp.models.mapping import Mapping, SplitError
 
@@ -95,10 +95,12 @@ class ShardSource(RankSource):
             raise NetpError(self.path, "sha256 differs from the manifest (corrupt, or from another shard set)")
         self.reader = NEReader(self.path)
         try:
-            self.arch = by_name(manifest.architecture)
             self.global_shapes = {t.name: t.shape for t in manifest.tensors.values()}
             self.types = {t.name: type_from_name(t.type) for t in manifest.tensors.values()}
-            self.hp = self.arch.hparams_from_ne(manifest.ne_header(), self.global_shapes)
+            self.arch, self.hp = ne_model(manifest.ne_header(), self.global_shapes, str(manifest_path))
+            if self.arch.name != manifest.architecture:
+                raise NetpError(manifest_path, f"says architecture {manifest.architecture}, but its tensors are "
+                                               f"a {self.arch.name} model's")
             self.mapping = make_mapping(world_size, rank, self.hp, self.arch, manifest_path)
             self._check(manifest_path)
         except BaseException:
@@ -140,10 +142,9 @@ class SliceSource(RankSource):
         self.reader = NEReader(self.path)
         try:
             tensors = self.reader.tensors
-            self.arch = by_ne_tensors(tensors, str(self.path))
             self.global_shapes = {n: t.shape for n, t in tensors.items()}
             self.types = {n: t.ggml_type for n, t in tensors.items()}
-            self.hp = self.arch.hparams_from_ne(self.reader.header, self.global_shapes)
+            self.arch, self.hp = ne_model(self.reader.header, self.global_shapes, str(self.path))
             self.mapping = make_mapping(world_size, rank, self.hp, self.arch, self.path)
         except BaseException:
             self.reader.close()

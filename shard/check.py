@@ -83,6 +83,14 @@ class CheckReport:
     def ok(self) -> bool:
         return all(f.ok for f in self.files)
 
+    def error(self) -> NetpError | None:
+        """The first mismatch, as the one error line a check ends with (None when all match)."""
+        bad = [f for f in self.files if not f.ok]
+        if not bad:
+            return None
+        more = f" (and {len(bad) - 1} more mismatched files)" if len(bad) > 1 else ""
+        return NetpError(self.folder / bad[0].name, f"{bad[0].problem}{more}")
+
     def lines(self) -> list[str]:
         out = [f"  {f.name}: {'ok' if f.ok else 'MISMATCH: ' + f.problem}" for f in self.files]
         bad = sum(not f.ok for f in self.files)
@@ -101,7 +109,8 @@ def _check_rank(folder: Path, manifest: Manifest, rank: int) -> FileCheck:
         return FileCheck(entry.file, False, f"{size} bytes, the manifest says {entry.size}")
     digest = sha256_file(path)
     if digest != entry.sha256:
-        return FileCheck(entry.file, False, f"sha256 {digest[:16]}..., the manifest says {entry.sha256[:16]}...")
+        return FileCheck(entry.file, False, f"sha256 mismatch: {digest[:16]}..., the manifest says "
+                                            f"{entry.sha256[:16]}... (corrupt, or from another shard set)")
     try:
         open_rank_file(folder, manifest, rank).close()
     except NetpError as e:
@@ -142,4 +151,5 @@ def describe_shard_set(folder: str | os.PathLike) -> dict[str, Any]:
     summary += report.lines()[1:]
     return {"kind": "shards", "path": str(report.folder), "file_size": sum(r.size for r in m.ranks),
             "manifest": m.to_json() | {"tensors": len(m.tensors)}, "summary_lines": summary,
-            "tensors": tensors, "totals": _totals(tensors), "checksums_ok": report.ok}
+            "tensors": tensors, "totals": _totals(tensors), "checksums_ok": report.ok,
+            "check_error": None if report.ok else str(report.error())}

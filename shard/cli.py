@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from netp.cliutil import NetpCommand, common_options, run_reporting
+from netp.errors import fail
 
 _CORRECT = "shard --ranks N IN OUTDIR   (or: shard --check OUTDIR)"
 
@@ -81,5 +82,5 @@ def _check(prog: str, folder: Path, debug: bool) -> None:
     report = run_reporting(prog, debug, work)
     for line in report.lines():
         click.echo(line)
-    if not report.ok:
-        raise SystemExit(1)
+    if (error := report.error()) is not None:
+        fail(prog, error)

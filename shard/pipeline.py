@@ -30,7 +30,7 @@ from netp.formats.constants import TYPE_NAMES, block_geometry
 from netp.formats.manifest import TOKENIZER_DIR, Manifest, RankFile, SourceInfo, TensorEntry, rank_file_name
 from netp.formats.ne import NEReader, NEWriter, TensorInfo
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
-from netp.models import by_ne_tensors
+from netp.models import ne_model
 from netp.models.base import Architecture, HParams
 from netp.models.mapping import Mapping, SplitError
 from netp.shard.hashing import HashWorker, QueuedSha256
@@ -51,21 +51,7 @@ class ShardResult:
 def plan_tensors(reader: NEReader, world_size: int) -> tuple[Architecture, HParams, list[TensorEntry]]:
     """Architecture, hparams and every tensor's per-rank ranges; refuses what cannot be cut."""
     path = reader.path
-    shapes = {t.name: t.shape for t in reader.tensors.values()}
-    arch = by_ne_tensors(shapes, str(path))
-    try:
-        hp = arch.hparams_from_ne(reader.header, shapes)
-    except KeyError as e:
-        raise NetpError(path, f"missing tensor {e.args[0]} that the {arch.name} header needs") from None
-    if hp.n_embd % hp.n_head or hp.n_head_kv <= 0 or hp.n_head % hp.n_head_kv:
-        raise NetpError(path, f"header has {hp.n_head} heads / {hp.n_head_kv} KV heads over n_embd {hp.n_embd}: "
-                              "not a whole number of heads per KV group")
-    expected = arch.tensor_shapes(hp)
-    for name, shape in shapes.items():
-        if name not in expected:
-            raise NetpError(path, f"tensor {name} is not part of a {arch.name} model")
-        if tuple(expected[name]) != tuple(shape):
-            raise NetpError(path, f"tensor {name} has shape {list(shape)}, the header implies {list(expected[name])}")
+    arch, hp = ne_model(reader.header, {t.name: t.shape for t in reader.tensors.values()}, str(path))
     try:
         maps = [Mapping(world_size, r, hp, arch) for r in range(world_size)]
     except SplitError as e:

@@ -8,7 +8,8 @@ command in-process, and classifies the outcome:
 - "error": non-zero exit with exactly one stderr line `<prog>: error: ...`
   that is not an "internal error", and nothing left under the output name.
 Anything else — a traceback, a multi-line or internal error, a half-written
-output, a case that runs past its time limit — is a failure.
+output, a case that runs past its time limit or allocates far more memory
+than its input needs — is a failure.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import io
 import os
 import random
 import re
+import resource
 import signal
 import sys
 from dataclasses import dataclass
@@ -40,8 +42,26 @@ def _alarm(signum, frame):  # pragma: no cover - only on a hang
     raise CaseTimeout()
 
 
+MAX_CASE_GROWTH = 512 << 20  # bytes of peak-RSS growth one case may cause (the inputs are ~100 KB)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def run_command(command, args: list[str], prog: str, timeout: int = 20) -> tuple[int, str, str]:
-    """Run a click command's main in-process; return (exit code, stdout, stderr)."""
+    """Run a click command's main in-process; return (exit code, stdout, stderr).
+    A case that raises the process's peak RSS by more than MAX_CASE_GROWTH is a
+    failure: a corrupt header must be refused before any large allocation."""
+    peak = _peak_rss()
+    code, out, err = _run(command, args, prog, timeout)
+    grown = _peak_rss() - peak
+    if grown > MAX_CASE_GROWTH:
+        return -997, out, f"peak RSS grew by {grown >> 20} MB; stderr: {err}"
+    return code, out, err
+
+
+def _run(command, args: list[str], prog: str, timeout: int) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout)

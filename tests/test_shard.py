@@ -285,6 +285,8 @@ def test_check_detects_a_flipped_byte_and_a_missing_file(sources, tmp_path, caps
     assert code != 0
     assert f"{rank_file_name(0, 2)}: ok" in out
     assert f"{rank_file_name(1, 2)}: MISMATCH: sha256" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"shard: error: {victim}: sha256 mismatch: "), err
 
     victim.unlink()
     code, out, _ = run_shard(["--check", str(outdir)], capsys, prog="netp")
