@@ -88,6 +88,8 @@ def convert_command(model: str, outtype: str, outfile: str | None, quiet: bool, 
         from netp.convert.pipeline import convert, summary_line
 
         result = convert(model, outfile or f"ne-{outtype}.bin", outtype, quiet=quiet)
+        for warning in result.warnings:  # shown even with --quiet: it is not progress
+            click.echo(f"{prog}: warning: {model}: {warning}", err=True)
         if not quiet:
             click.echo(summary_line(result), err=True)
         return result

@@ -47,6 +47,10 @@ class Source:
     vocab: Callable[[], Vocab]
     write_tokenizer: Callable[[Path], None]
 
+    def transforms(self, ne: str) -> bool:
+        """Whether this tensor's values change on the way in (else its bytes may be copied)."""
+        return self.transform and self.arch.transforms_hf(ne)
+
     def close(self) -> None:
         self.tensors.close()
 
@@ -59,6 +63,7 @@ class ConvertResult:
     n_tensors: int
     nbytes: int
     seconds: float
+    warnings: tuple[str, ...] = ()  # where neural-speed's own loader would not take the file
 
 
 def open_hf_folder(folder: Path) -> Source:
@@ -147,24 +152,10 @@ def _write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> No
         writer.write(flat[start:start + _F16_CHUNK].astype(np.float16))
 
 
-def _transform_changes(src: Source, ne: str, shape: tuple[int, ...]) -> bool:
-    """Whether arch.transform_hf reworks this tensor. Asked with a zero-stride
-    stand-in of the tensor's shape, which costs no memory: a transform returns
-    it untouched or returns something else."""
-    if not src.transform:
-        return False
-    probe = np.broadcast_to(np.float32(0), shape)
-    try:
-        return src.arch.transform_hf(ne, probe, src.hp) is not probe
-    except Exception:  # a transform that needs real data: treat it as one that changes it
-        return True
-
-
-def _copy_extent(src: Source, ne: str, name: str, shape: tuple[int, ...], ggml_type: GGMLType
-                 ) -> tuple[int, int, int] | None:
+def _copy_extent(src: Source, ne: str, name: str, ggml_type: GGMLType) -> tuple[int, int, int] | None:
     """(fd, offset, nbytes) when the source bytes are the NE bytes (f32 to f32, untransformed)."""
     extent = getattr(src.tensors, "f32_extent", None)
-    if ggml_type != GGMLType.F32 or extent is None or _transform_changes(src, ne, shape):
+    if ggml_type != GGMLType.F32 or extent is None or src.transforms(ne):
         return None
     return extent(name)
 
@@ -202,12 +193,12 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *, quiet: boo
                                                   unit="tensor"):
                     ggml_type = GGMLType.F32 if len(shape) == 1 else out_type  # 1-D tensors stay f32
                     writer.begin_tensor(ne, ggml_type, shape)
-                    extent = _copy_extent(src, ne, name, shape, ggml_type)
+                    extent = _copy_extent(src, ne, name, ggml_type)
                     if extent is not None:  # the bytes are already right: copy them in the kernel, like cp
                         writer.copy_from(*extent)
                         continue
                     data = src.tensors.read(name)
-                    if src.transform:
+                    if src.transforms(ne):
                         data = src.arch.transform_hf(ne, data, src.hp)
                     _write_values(writer, data, ggml_type)
                     del data
@@ -218,7 +209,7 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *, quiet: boo
     finally:
         src.close()
     return ConvertResult(outfile, tok_target, src.arch.name, len(plan), outfile.stat().st_size,
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, tuple(src.arch.ns_loader_caveats(src.hp)))
 
 
 def summary_line(r: ConvertResult) -> str:

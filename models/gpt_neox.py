@@ -116,6 +116,13 @@ class GPTNeoX(Architecture):
             eos_token_id=hp.eos_token_id, pad_token_id=hp.pad_token_id,
         )
 
+    def ns_loader_caveats(self, hp: HParams) -> list[str]:
+        if hp.n_ff == 4 * hp.n_embd:
+            return []
+        # The NE header has no MLP width for GPT-NeoX: netp's runtime takes it from the tensor shapes.
+        return [f"intermediate_size {hp.n_ff} is not 4 x hidden_size ({4 * hp.n_embd}); neural-speed's own "
+                "loader assumes 4 x hidden_size, so only netp's runtime will run this file"]
+
     def hparams_from_ne(self, header: Any, shapes: Mapping[str, tuple[int, ...]]) -> HParams:
         return HParams(
             arch=self.name, n_vocab=header.n_vocab, n_embd=header.n_embd, n_head=header.n_head,

@@ -172,6 +172,10 @@ class Llama(Architecture):
             eos_token_id=header.eos_token_id, pad_token_id=header.pad_token_id, max_seq_len=header.max_seq_len,
         )
 
+    def transforms_hf(self, ne_name: str) -> bool:
+        # llama.cpp's rotary row permutation of wq/wk (GGUF input already has it)
+        return ne_name.endswith(("attention.wq.weight", "attention.wk.weight"))
+
     def transform_hf(self, ne_name: str, data: np.ndarray, hp: HParams) -> np.ndarray:
         if ne_name.endswith("attention.wq.weight"):
             return permute_rotary(data, hp.n_head)

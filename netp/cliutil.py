@@ -34,7 +34,10 @@ class OneLineErrors:
             command = e.ctx.command if e.ctx is not None else self
             hint = getattr(command, "usage_hint", None)
             text = hint(e) if hint else e.format_message()
-            print(f"{rank_prefix()}{prog}: error: {text} (see {prog} --help)", file=sys.stderr)
+            # The command that refused the arguments: `netp convert`, not `netp`,
+            # so its --help is the one that lists the flag that was wrong.
+            where = e.ctx.command_path if e.ctx is not None else prog
+            print(f"{rank_prefix()}{where}: error: {text} (see {where} --help)", file=sys.stderr)
             raise SystemExit(2) from None
         if isinstance(rv, int) and rv:
             raise SystemExit(rv)

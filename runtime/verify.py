@@ -18,6 +18,7 @@ other ranks wait idle; the target runs on every rank.
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,9 +191,12 @@ def transformers_pass(hf: str, tokens: list[int], threads: int) -> Pass:
         if getattr(hf_gguf, "tqdm", None) is not None:  # its GGUF reader calls tqdm directly
             hf_gguf.tqdm = functools.partial(hf_gguf.tqdm, disable=True)
     p = Path(hf)
+    is_gguf = p.suffix == ".gguf" and p.is_file()
+    if is_gguf and importlib.util.find_spec("accelerate") is None:  # from_pretrained(gguf_file=) needs it
+        raise NetpError(hf, "--hf with a .gguf needs accelerate; install netp[torch]")
     try:
-        if p.suffix == ".gguf" and p.is_file():
-            model = _from_gguf(p)
+        if is_gguf:  # transformers' GGUF reader dequantizes and undoes the q/k permutation
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
         elif p.is_dir():
             model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
         else:
@@ -204,39 +208,6 @@ def transformers_pass(hf: str, tokens: list[int], threads: int) -> Pass:
         out = model(torch.tensor([tokens]), output_hidden_states=True)
     states = [h[0].float().numpy() for h in out.hidden_states]
     return Pass(f"transformers ({p.name})", out.logits[0].float().numpy(), states)
-
-
-def _from_gguf(path: Path) -> Any:
-    """transformers' model of a GGUF file, in float32.
-
-    from_pretrained(gguf_file=) insists on `accelerate` being installed;
-    without it, the same pieces by hand: transformers' GGUF config, its model
-    class, and its own GGUF tensor reader (names, q/k permutation and all)."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if importlib.util.find_spec("accelerate") is not None:
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers 5 releases
-        from transformers.modeling_utils import no_init_weights
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32)
-                                                 for k, v in tensors.items()}, strict=False)
-    model.tie_weights()
-    untied = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if untied or unexpected:
-        raise ValueError(f"GGUF tensors do not fit {type(model).__name__}: missing {untied[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    return model
 
 
 # -- comparing ----------------------------------------------------------------------

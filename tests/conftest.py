@@ -22,6 +22,17 @@ import pytest
 
 SEED_PROMPT = "Once upon a time, there existed a little girl,"
 
+
+def write_stub_tokenizer(ne_path: Path) -> Path:
+    """The `<stem>.tokenizer/` folder beside an NE file that a test wrote by hand:
+    the two files every stage copies along. A stub (no vocabulary), so only for
+    stages that carry the folder without encoding text (quantize, shard)."""
+    tok = ne_path.with_name(ne_path.stem + ".tokenizer")
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    (tok / "tokenizer_config.json").write_text('{"bos_token": "<s>"}')
+    return tok
+
 # kind -> (transformers config class name, config kwargs). All 2 layers,
 # vocab 49152 (SmolLM2's tokenizer), head_dim 32 (q4_0 blocks split on
 # head boundaries) and MLP width 384 = 32 * 12 (cuts on 32-value

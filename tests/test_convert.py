@@ -310,6 +310,38 @@ def test_hf_defaults_match_transformers(arch_name, config_class):
         assert actual == value, f"{config_class}.{key}: transformers {actual!r}, netp {value!r}"
 
 
+TINY_CONFIGS = {  # small vocab: every tensor of each architecture goes through transform_hf below
+    "LlamaConfig": dict(vocab_size=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=384, num_hidden_layers=2),
+    "GPTJConfig": dict(vocab_size=64, n_embd=128, n_head=4, rotary_dim=16, n_inner=384, n_layer=2),
+    "GPTNeoXConfig": dict(vocab_size=64, hidden_size=128, num_attention_heads=4, intermediate_size=512,
+                          num_hidden_layers=2, rotary_pct=0.5),
+}
+
+
+def test_transforms_hf_names_exactly_the_tensors_transform_hf_changes():
+    """convert copies the bytes of a tensor transforms_hf does not name, so the
+    predicate must agree with what transform_hf does to real data."""
+    import transformers
+
+    from netp.models import all_architectures, by_hf_config
+
+    seen = set()
+    rng = np.random.default_rng(0)
+    for config_class, kwargs in TINY_CONFIGS.items():
+        cfg = getattr(transformers, config_class)(**kwargs).to_dict()
+        arch = by_hf_config(cfg, "config.json")
+        hp = arch.hparams_from_hf(cfg, "config.json")
+        seen.add(arch.name)
+        changed = {ne for ne, shape in arch.tensor_shapes(hp).items()
+                   if not np.array_equal(arch.transform_hf(ne, data := rng.standard_normal(shape, np.float32), hp),
+                                         data)}
+        assert changed == {ne for ne in arch.tensor_shapes(hp) if arch.transforms_hf(ne)}, arch.name
+        if arch.name == "llama":  # the rotary permutation of wq/wk, every layer
+            assert changed == {f"layers.{i}.attention.{w}.weight" for i in range(2) for w in ("wq", "wk")}
+    assert seen == {a.name for a in all_architectures()}, "an architecture without a tiny config here"
+
+
 # -- hub cache --------------------------------------------------------------------------------
 def test_hub_id_resolves_from_local_cache_only(tiny_hf_model, tmp_path, monkeypatch):
     folder = tiny_hf_model("llama_mqa")
@@ -462,6 +494,24 @@ def test_netp_convert_error_in_a_process(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, prog", [
+    (["netp", "convert"], "netp convert"),
+    (["netp"], "netp"),
+    ([sys.executable, str(ROOT / "scripts/convert.py")], "convert.py"),
+    ([sys.executable, str(ROOT / "scripts/quantize.py")], "quantize.py"),
+    (["shard"], "shard"),
+    (["ne-run"], "ne-run"),
+])
+def test_usage_error_points_at_the_commands_own_help(argv, prog, tmp_path):
+    """A bad flag names the command that refused it and the --help that lists its flags."""
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / argv[0]) if argv[0] in ("netp", "shard", "ne-run") else argv[0], *argv[1:]]
+    r = subprocess.run([*cmd, "--bogus"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"{prog}: error: ") and "--bogus" in r.stderr, r.stderr
+    assert r.stderr.rstrip().endswith(f"(see {prog} --help)"), r.stderr
+
+
 def test_truncated_gguf_one_error_line(smollm2_gguf, tmp_path, capsys):
     bad = tmp_path / "cut.gguf"
     with open(smollm2_gguf, "rb") as f:
@@ -470,7 +520,7 @@ def test_truncated_gguf_one_error_line(smollm2_gguf, tmp_path, capsys):
     out.mkdir()
     code, err = run_cli(["--outfile", str(out / "x.bin"), str(bad)], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert f"{bad}: not a readable GGUF file" in err
+    assert f"{bad}: not a readable GGUF file: truncated or corrupt" in err
     assert_no_output(out)
 
 

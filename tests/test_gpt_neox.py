@@ -6,7 +6,7 @@ reference's top-2 margin exceeds 1e-3), and once under a real mpiexec.
 
 The tiny models are random transformers GPTNeoXConfig models made here
 (hidden 128, 4 heads of 32, MLP 512 = 4 x hidden as neural-speed's loader
-assumes, 2 layers, SmolLM2's vocab of 49152), weights scaled x5 so that
+assumes, or 384 = 3 x hidden for the one that warns, 2 layers, SmolLM2's vocab of 49152), weights scaled x5 so that
 attention and rotary shape the logits (at the default init of std 0.02 a
 wrong rotary would move them by less than the bound).
 """
@@ -38,6 +38,7 @@ KINDS = {
     "sequential_rot100": dict(use_parallel_residual=False, rotary_pct=1.0, rotary_emb_base=500.0),
 }
 TIED = {"tied_rot50": dict(use_parallel_residual=True, rotary_pct=0.5, tie_word_embeddings=True)}
+NARROW = {"mlp_3x": dict(use_parallel_residual=True, rotary_pct=0.25, intermediate_size=384)}
 TINY = dict(vocab_size=49152, hidden_size=128, num_attention_heads=4, intermediate_size=512, num_hidden_layers=2,
             max_position_embeddings=256, layer_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
@@ -82,7 +83,7 @@ def tiny(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     def make(kind: str) -> Tiny:
         if kind not in made:
             folder = tmp_path_factory.mktemp(kind) / "hf"
-            config = transformers.GPTNeoXConfig(**TINY, **{**KINDS, **TIED}[kind])
+            config = transformers.GPTNeoXConfig(**{**TINY, **{**KINDS, **TIED, **NARROW}[kind]})
             torch.manual_seed(sum(map(ord, kind)))
             model = transformers.GPTNeoXForCausalLM(config).eval()
             with torch.no_grad():
@@ -272,6 +273,27 @@ def test_f32_matches_transformers(tiny, kind):
         with safe_open(str(t.folder / "model.safetensors"), "np") as f:
             assert "embed_out.weight" not in f.keys() and "gpt_neox.embed_in.weight" in f.keys()
     assert_logits_agree(t.hf_logits, unsharded_logits(t, "f32"), f"{kind} NE f32 vs transformers")
+
+
+@pytest.mark.parametrize("kind, n_ff", [("parallel_rot25", 512), ("mlp_3x", 384)])
+def test_convert_warns_when_neural_speed_would_misread_the_mlp(tiny, kind, n_ff):
+    """neural-speed's loader assumes an MLP of 4 x hidden: `netp convert` of any other
+    width warns in one line, still writes the file, and netp's runtime runs it right."""
+    t = tiny(kind)
+    out = t.folder.parent / "cli-f32.bin"
+    p = subprocess.run([str(BIN / "netp"), "convert", "--quiet", "--outfile", str(out), str(t.folder)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    warnings = [line for line in p.stderr.splitlines() if ": warning: " in line]
+    if n_ff == 4 * TINY["hidden_size"]:
+        assert warnings == [], p.stderr
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith(f"netp convert: warning: {t.folder}: "), p.stderr
+        assert "intermediate_size 384 is not 4 x hidden_size (512)" in warnings[0]
+        assert "neural-speed" in warnings[0]
+    with NEReader(out) as r:
+        assert r.tensors["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].shape == (n_ff, TINY["hidden_size"])
+    assert_logits_agree(t.hf_logits, run_logits(out, t), f"{kind} NE f32 vs transformers")
 
 
 def test_wrong_rotary_would_be_caught(tiny, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from gguf import quants as oracle
 
+from conftest import write_stub_tokenizer
 from netp.formats.constants import FTYPE_OF_TYPE, GGMLType
 from netp.formats.ne import NEHeader, NEReader, NEWriter
 from netp.models import by_name
@@ -201,10 +202,7 @@ def write_tiny_ne(path: Path, arch_name: str = "llama", dtype=np.float32, tokeni
             w.add_tensor(name, t, shape, arr)
             tensors[name] = arr
     if tokenizer:
-        tok = path.with_name(path.stem + ".tokenizer")
-        tok.mkdir()
-        (tok / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
-        (tok / "tokenizer_config.json").write_text('{"bos_token": "<s>"}')
+        write_stub_tokenizer(path)
     return tensors
 
 

@@ -549,6 +549,19 @@ def test_smollm2_f32_matches_transformers(smollm2_f32, smollm2_gguf):
     assert_logits_close(theirs.logits, ours.logits)
 
 
+def test_hf_gguf_without_accelerate_names_the_missing_package(smollm2_gguf, monkeypatch):
+    import importlib.util
+
+    from netp.runtime.verify import transformers_pass
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
+    with pytest.raises(NetpError, match=r"needs accelerate; install netp\[torch\]") as e:
+        transformers_pass(str(smollm2_gguf), [1, 2], threads=1)
+    assert e.value.path == str(smollm2_gguf)
+
+
 @pytest.mark.mpi
 def test_smollm2_q4_0_two_ranks_under_mpiexec(smollm2_q4_0, smollm2_shards):
     p = cli(["verify", str(smollm2_shards), "--ref", str(smollm2_q4_0), "-n", "4", "-t", "1"], mpi=2,

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 import pytest
 
+from conftest import write_stub_tokenizer
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry
 from netp.formats.manifest import load_manifest, rank_file_name
@@ -55,10 +56,7 @@ def write_ne(path: Path, hp: HParams, qtype: str, seed: int = 0, tokenizer: bool
             else:
                 w.add_tensor(name, ggml_type, shape, gguf.quants.quantize(x, ggml_type))
     if tokenizer:
-        tok = path.with_name(path.stem + ".tokenizer")
-        tok.mkdir()
-        (tok / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
-        (tok / "tokenizer_config.json").write_text("{}")
+        write_stub_tokenizer(path)
     return path
 
 
