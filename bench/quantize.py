@@ -44,7 +44,7 @@ def make_tensors(mb: float, seed: int = 0) -> dict[str, np.ndarray]:
     budget = int(mb * 1e6)
     out = {}
     for name, (rows, cols) in LAYER.items():
-        rows = min(rows, budget // (cols * 4))
+        rows = min(rows, budget // (cols * 4)) // 32 * 32  # whole blocks: the MLP width is a row length too
         if rows <= 0:
             break
         x = rng.standard_normal((rows, cols), dtype=np.float32)
@@ -109,15 +109,24 @@ def rss_worker(mode: str, mb: float) -> None:
 
 
 def write_ne(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A complete one-layer LLaMA NE f32 file holding `tensors` (the stages refuse partial
+    models); the tensors it lacks, or holds trimmed, are filled with random values."""
     from netp.formats.ne import NEHeader, NEWriter
+    from netp.models import by_name
+    from netp.models.base import HParams
 
-    n_vocab = 32
-    header = NEHeader(n_vocab=n_vocab, n_embd=4096, n_mult=256, n_head=32, n_head_kv=32, n_layer=1, n_rot=128,
-                      ftype=0, ffn_hidden_size=11008)
-    with NEWriter(path, header, [(f"t{i}".encode(), 0.0) for i in range(n_vocab)]) as w:
-        w.add_tensor("tok_embeddings.weight", GGMLType.F32, (n_vocab, 4096), np.zeros((n_vocab, 4096), np.float32))
-        for name, x in tensors.items():
-            w.add_tensor(f"layers.0.{name}.weight", GGMLType.F32, x.shape, x)
+    arch = by_name("llama")
+    n_ff = tensors["feed_forward.w1"].shape[0] if "feed_forward.w1" in tensors else 11008
+    hp = HParams(arch="llama", n_vocab=32, n_embd=4096, n_head=32, n_head_kv=32, n_layer=1, n_ff=n_ff, n_rot=128,
+                 norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    rng = np.random.default_rng(1)
+    with NEWriter(path, NEHeader(**arch.header_fields(hp), ftype=0),
+                  [(f"t{i}".encode(), 0.0) for i in range(hp.n_vocab)]) as w:
+        for name, shape in arch.tensor_shapes(hp).items():
+            x = tensors.get(name.removeprefix("layers.0.").removesuffix(".weight"))
+            if x is None or x.shape != shape:
+                x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            w.add_tensor(name, GGMLType.F32, shape, x)
 
 
 def main() -> int:

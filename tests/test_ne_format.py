@@ -98,3 +98,48 @@ def test_wrong_magic_and_impossible_sizes(tmp_path):
     bad.write_bytes(big)
     with pytest.raises(NetpError, match="vocab"):
         NEReader(bad)
+
+
+# -- the header against the tensors (models.ne_model, used by every stage that reads NE) --
+def _tiny_llama(path, **header_changes):
+    """A complete 2-layer LLaMA NE file, then header fields changed in place."""
+    import dataclasses
+
+    from netp.models import by_name
+    from netp.models.base import HParams
+
+    arch = by_name("llama")
+    hp = HParams(arch="llama", n_vocab=8, n_embd=64, n_head=4, n_head_kv=2, n_layer=2, n_ff=96, n_rot=16,
+                 norm_eps=1e-5, rope_theta=1e4, bos_token_id=1, eos_token_id=2)
+    header = dataclasses.replace(NEHeader(**arch.header_fields(hp), ftype=0), **header_changes)
+    rng = np.random.default_rng(0)
+    with NEWriter(path, header, [(bytes([97 + i]), 0.0) for i in range(hp.n_vocab)]) as w:
+        for name, shape in arch.tensor_shapes(hp).items():
+            w.add_tensor(name, GGMLType.F32, shape, rng.standard_normal(shape, dtype=np.float32))
+    return path
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({}, None),
+    ({"n_layer": 3}, "missing tensor layers.2.attention.wq.weight of a llama model with 3 layers"),
+    ({"n_layer": 1}, "tensor layers.1.attention.wq.weight is not part of a llama model with 1 layers"),
+    ({"n_layer": 2_097_153}, "header says 2097153 layers, more than its 21 tensors can hold"),
+    ({"n_head": 3}, "not a whole number of heads"),
+    ({"n_head_kv": 3}, "not a whole number of heads per KV group"),
+    ({"n_head_kv": 4}, "tensor layers.0.attention.wk.weight has shape [32, 64], the header implies [64, 64]"),
+    ({"n_rot": 17}, "rotary width n_rot 17 does not fit head_dim 16"),
+    ({"ffn_hidden_size": 128}, "layers.0.feed_forward.w1.weight has shape [96, 64], the header implies [128, 64]"),
+])
+def test_header_must_match_the_tensors(tmp_path, changes, needle):
+    from netp.models import ne_model
+
+    path = _tiny_llama(tmp_path / "m.bin", **changes)
+    with NEReader(path) as r:
+        shapes = {t.name: t.shape for t in r.tensors.values()}
+        if needle is None:
+            arch, hp = ne_model(r.header, shapes, str(path))
+            assert (arch.name, hp.n_layer, hp.n_head_kv, hp.n_ff) == ("llama", 2, 2, 96)
+            return
+        with pytest.raises(NetpError, match="^" + str(path).replace(".", r"\.") + ": ") as e:
+            ne_model(r.header, shapes, str(path))
+        assert needle in str(e.value)

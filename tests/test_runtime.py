@@ -457,6 +457,13 @@ def test_mpi_broken_shard_sets_stop_every_rank(tiny_shards, tmp_path):
     assert "rank file of rank 1 is missing" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = cli(["-m", str(bad["corrupt"]), "--ids", "1,2"], mpi=2)
     assert p.returncode != 0 and "[rank 1] ne-run: error: " in p.stderr and "sha256 differs" in p.stderr
+    foreign = tmp_path / "foreign"  # rank 1's file taken from the f32 shard set of the same model
+    shutil.copytree(shards, foreign)
+    shutil.copyfile(tiny_shards("gptj", "f32", 2) / "rank-00001-of-00002.bin", foreign / "rank-00001-of-00002.bin")
+    p = cli(["-m", str(foreign), "--ids", "1,2"], mpi=2)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"[rank 1] ne-run: error: {foreign}/rank-00001-of-00002.bin: is "), p.stderr
+    assert "the manifest says" in p.stderr
 
 
 FAIL_ON_RANK_1 = """
