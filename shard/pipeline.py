@@ -7,8 +7,8 @@ size), and every rank's part of the chunk goes straight to that rank's
 NEWriter: row cuts and whole tensors as contiguous byte ranges, column cuts
 gathered into a second buffer. Bytes are copied, never decoded, so a
 quantized shard set is bit-identical to its source. sha256 of the source
-and of every rank file run on a background thread while the next chunk is
-read and written. Everything lands in a temporary folder beside OUTDIR that
+and of every rank file run on two background threads (the source on one,
+the rank files on the other) while the next chunk is read and written. Everything lands in a temporary folder beside OUTDIR that
 is renamed at the end (atomic_dir), so a failure leaves no shard set.
 
 Which slice a rank holds comes only from models.mapping.Mapping.
@@ -33,7 +33,7 @@ from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
 from netp.models import ne_model
 from netp.models.base import Architecture, HParams
 from netp.models.mapping import Mapping, SplitError
-from netp.shard.hashing import HashWorker, QueuedSha256
+from netp.shard.hashing import HashPool, QueuedSha256
 
 CHUNK_BYTES = 8 << 20  # per read buffer; 3 slots x (read + gather) = 48 MiB
 RING = 3  # buffers in flight: one being filled, up to two being hashed
@@ -126,13 +126,13 @@ class _Slot:
     def __init__(self, nbytes: int):
         self.read = np.empty(nbytes, dtype=np.uint8)
         self.gather = np.empty(nbytes, dtype=np.uint8)
-        self.fence = 0
+        self.fence: tuple[int, ...] | None = None  # HashPool fence of the last bytes handed out from it
 
 
 class _Copier:
     """Reads the source in file order into a ring of buffers and feeds the writers."""
 
-    def __init__(self, reader: NEReader, worker: HashWorker, source_hash: QueuedSha256, buf_bytes: int,
+    def __init__(self, reader: NEReader, worker: HashPool, source_hash: QueuedSha256, buf_bytes: int,
                  on_bytes: Callable[[int], None]):
         self.reader, self.worker, self.source_hash = reader, worker, source_hash
         self.slots = [_Slot(buf_bytes) for _ in range(RING)]
@@ -143,7 +143,8 @@ class _Copier:
     def _slot(self) -> _Slot:
         slot = self.slots[self.next_slot]
         self.next_slot = (self.next_slot + 1) % RING
-        self.worker.wait(slot.fence)  # its last bytes are hashed: safe to refill
+        if slot.fence is not None:
+            self.worker.wait(slot.fence)  # its last bytes are hashed: safe to refill
         return slot
 
     def _read(self, slot: _Slot, offset: int, n: int) -> np.ndarray:
@@ -223,10 +224,10 @@ def shard_file(src: str | Path, outdir: str | Path, world_size: int, *, force: b
         names = [rank_file_name(r, world_size) for r in range(world_size)]
         # atomic_dir removes the temporary folder on any error and renames it into place on success.
         with atomic.atomic_dir(outdir) as tmp:
-            with HashWorker() as worker, progress(total=sum(i.nbytes for i in infos), unit="B", unit_scale=True,
+            with HashPool() as worker, progress(total=sum(i.nbytes for i in infos), unit="B", unit_scale=True,
                                                   desc=f"shard x{world_size}", quiet=quiet) as bar:
-                source_hash = QueuedSha256(worker)
-                hashes = [QueuedSha256(worker) for _ in names]
+                source_hash = QueuedSha256(worker.workers[0])  # the source on one core, the rank files on the other
+                hashes = [QueuedSha256(worker.workers[1]) for _ in names]
                 with contextlib.ExitStack() as stack:  # commits every writer on success, drops all on error
                     writers = [stack.enter_context(NEWriter(tmp / n, reader.header, reader.vocab, hasher=h))
                                for n, h in zip(names, hashes)]
