@@ -100,8 +100,9 @@ def main() -> None:
     out = run("run", ["mpiexec", "-n", "2", "ne-run", "-m", "shards/", "--seed", "1234", "-t", "1", "-c", "68",
                       "-n", "32", "-p", PROMPT, "--no_mmap"], timings, capture=True).stdout
     speed = next((line.strip() for line in out.splitlines() if re.search(r"tok/s", line)), "")
-    verify = run("verify", ["netp", "verify", "shards/", "--ref", q4.name, "--f32", f32.name, "--hf", str(gguf)],
-                 timings, check=False)
+    # Under the same real MPI world as the run: the shard set's 2 ranks vs the unsharded file.
+    verify = run("verify", ["mpiexec", "-n", "2", "netp", "verify", "shards/", "--ref", q4.name, "--f32", f32.name,
+                            "--hf", str(gguf)], timings, check=False)
     sizes = {"SmolLM2 GGUF (q4_1)": size_of(gguf), "ne-f32.bin": size_of(f32), "ne-q4_0.bin": size_of(q4),
              "shards/": size_of(shards)}
     summary(timings, sizes, speed, ok=verify.returncode == 0)
