@@ -231,6 +231,11 @@ class NEReader:
         if not self.tensors:
             raise self._bad("has no tensors (truncated after the vocab?)")
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> numpy shape, in file order (what models.ne_model checks against the header)."""
+        return {name: t.shape for name, t in self.tensors.items()}
+
     # -- data ----------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
         try:

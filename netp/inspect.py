@@ -58,7 +58,7 @@ def describe_ne(path: Path) -> dict[str, Any]:
     with NEReader(path) as r:
         tensors = [{"name": t.name, "type": TYPE_NAMES[t.ggml_type], "shape": list(t.shape),
                     "nbytes": t.nbytes, "offset": t.offset} for t in r.tensors.values()]
-        arch, hp = ne_model(r.header, {t.name: t.shape for t in r.tensors.values()}, str(path))
+        arch, hp = ne_model(r.header, r.shapes, str(path))
         return {"kind": "ne", "path": str(path), "file_size": r.file_size, "architecture": arch.name,
                 "header": dataclasses.asdict(r.header), "hparams": dataclasses.asdict(hp),
                 "vocab_size": len(r.vocab), "tensors": tensors, "totals": _totals(tensors)}

@@ -86,7 +86,7 @@ def _refuse_quantized(reader: NEReader) -> None:
 def _check_arch(reader: NEReader, model_name: str | None) -> Architecture:
     from netp.models import by_ns_model_name, ne_model
 
-    arch, _ = ne_model(reader.header, {t.name: t.shape for t in reader.tensors.values()}, str(reader.path))
+    arch, _ = ne_model(reader.header, reader.shapes, str(reader.path))
     if model_name is not None:
         try:
             named = by_ns_model_name(model_name)

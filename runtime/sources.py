@@ -142,7 +142,7 @@ class SliceSource(RankSource):
         self.reader = NEReader(self.path)
         try:
             tensors = self.reader.tensors
-            self.global_shapes = {n: t.shape for n, t in tensors.items()}
+            self.global_shapes = self.reader.shapes
             self.types = {n: t.ggml_type for n, t in tensors.items()}
             self.arch, self.hp = ne_model(self.reader.header, self.global_shapes, str(self.path))
             self.mapping = make_mapping(world_size, rank, self.hp, self.arch, self.path)

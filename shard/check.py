@@ -152,4 +152,4 @@ def describe_shard_set(folder: str | os.PathLike) -> dict[str, Any]:
     return {"kind": "shards", "path": str(report.folder), "file_size": sum(r.size for r in m.ranks),
             "manifest": m.to_json() | {"tensors": len(m.tensors)}, "summary_lines": summary,
             "tensors": tensors, "totals": _totals(tensors), "checksums_ok": report.ok,
-            "check_error": None if report.ok else str(report.error())}
+            "check_error": None if (error := report.error()) is None else str(error)}

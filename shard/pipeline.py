@@ -51,7 +51,7 @@ class ShardResult:
 def plan_tensors(reader: NEReader, world_size: int) -> tuple[Architecture, HParams, list[TensorEntry]]:
     """Architecture, hparams and every tensor's per-rank ranges; refuses what cannot be cut."""
     path = reader.path
-    arch, hp = ne_model(reader.header, {t.name: t.shape for t in reader.tensors.values()}, str(path))
+    arch, hp = ne_model(reader.header, reader.shapes, str(path))
     try:
         maps = [Mapping(world_size, r, hp, arch) for r in range(world_size)]
     except SplitError as e:
