@@ -30,7 +30,8 @@ import numpy as np
 
 from gguf import quants as gguf_quants
 from netp.formats.constants import GGMLType
-from netp.quantize.codecs import default_nthread, dequantize_rows, quantize_rows
+from netp.hostenv import cpu_count
+from netp.quantize.codecs import dequantize_rows, quantize_rows
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 # One LLaMA-7B layer (numpy shapes: rows = output features, columns = ne[0] = input).
@@ -104,7 +105,7 @@ def rss_worker(mode: str, mb: float) -> None:
         if mode == "gguf":
             gguf_quants.quantize(x, GGMLType.Q4_0)
         elif mode == "netp":
-            quantize_rows(x, GGMLType.Q4_0, nthread=default_nthread())
+            quantize_rows(x, GGMLType.Q4_0, nthread=cpu_count())
         del x
 
 
@@ -138,7 +139,7 @@ def main() -> int:
         rss_worker(args.rss_worker, args.mb)
         return 0
 
-    nthread = default_nthread()
+    nthread = cpu_count()
     busy0, own0, wall0 = cpu_seconds_busy(), own_cpu_seconds(), time.perf_counter()
     tensors = make_tensors(args.mb)
     total = sum(x.nbytes for x in tensors.values())

@@ -1,5 +1,8 @@
 """Shared click plumbing: one-line errors, --debug/--quiet, progress bars.
 
+The CLI layer: it prints netp.errors' one-line rendering and exits; stages
+raise NetpError and report progress through callbacks.
+
 Stage commands live in <stage>/cli.py, import only click and this module at
 the top (heavy imports go inside the command), and run their work inside
 `run_reporting`, so every entry point answers a bad input with one line
@@ -7,14 +10,36 @@ the top (heavy imports go inside the command), and run their work inside
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NoReturn, TypeVar
 
 import click
 
-from netp.errors import fail, rank_prefix, report_errors
+from netp.errors import error_line, rank_prefix
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(prog: str, exc: BaseException, debug: bool = False) -> NoReturn:
+    """Print exc as the one error line (after its traceback with --debug) and exit 1."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    print(error_line(prog, exc), file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def report_errors(prog: str, debug: bool = False) -> Iterator[None]:
+    """Turn any exception escaping the block into the one-line error and exit 1."""
+    try:
+        yield
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure ends in one line
+        fail(prog, exc, debug)
 
 
 class OneLineErrors:
@@ -72,4 +97,4 @@ def progress(iterable: Iterable[Any] | None = None, *, quiet: bool = False, **kw
     return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
 
 
-__all__ = ["OneLineErrors", "NetpCommand", "common_options", "run_reporting", "progress", "fail"]
+__all__ = ["OneLineErrors", "NetpCommand", "common_options", "run_reporting", "progress", "fail", "report_errors"]

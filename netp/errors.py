@@ -1,18 +1,16 @@
-"""One error convention for every entry point.
+"""The error type every layer raises, and its one-line rendering.
 
-A user error is a NetpError naming the file and the problem. Entry points
-wrap their work in `report_errors`, which prints exactly one line
-`<prog>: error: <file>: <what>` (prefixed `[rank r]` under MPI), exits
-non-zero, and shows a traceback only with --debug.
+A user error is a NetpError naming the file and the problem; `error_line`
+renders any exception as the one line `<prog>: error: <file>: <what>`
+(prefixed `[rank r]` under MPI). Printing it and exiting belong to the CLI
+layer (netp.cliutil.report_errors), so this module sits at the floor.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sys
-from pathlib import Path
-from typing import Iterator, NoReturn
+
+from netp.hostenv import env_rank, env_world_size
 
 
 class NetpError(Exception):
@@ -26,11 +24,8 @@ class NetpError(Exception):
 
 def rank_prefix() -> str:
     """'[rank r] ' when running as one rank of several under MPI, else ''."""
-    # The launchers export these; reading them avoids importing mpi4py just to
-    # print an error.
-    for size_var, rank_var in (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")):
-        if int(os.environ.get(size_var, "1") or 1) > 1:
-            return f"[rank {os.environ.get(rank_var, '?')}] "
+    if env_world_size() > 1:
+        return f"[rank {env_rank() or '?'}] "
     return ""
 
 
@@ -45,27 +40,3 @@ def error_line(prog: str, exc: BaseException) -> str:
         what = f"internal error: {type(exc).__name__}: {exc}"
     what = re.sub(r"\s*\n\s*", " ", what.strip())  # one line, whatever a library put in its message
     return f"{rank_prefix()}{prog}: error: {what}"
-
-
-def fail(prog: str, exc: BaseException, debug: bool = False) -> NoReturn:
-    if debug:
-        import traceback
-
-        traceback.print_exception(exc, file=sys.stderr)
-    print(error_line(prog, exc), file=sys.stderr, flush=True)
-    raise SystemExit(1)
-
-
-@contextlib.contextmanager
-def report_errors(prog: str, debug: bool = False) -> Iterator[None]:
-    """Turn any exception escaping the block into the one-line error and exit 1."""
-    try:
-        yield
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - every failure ends in one line
-        fail(prog, exc, debug)
-
-
-def prog_name(argv0: str | None = None) -> str:
-    return Path(argv0 or sys.argv[0]).name

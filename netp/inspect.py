@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from netp.cliutil import NetpCommand, common_options, run_reporting
-from netp.errors import NetpError, fail
+from netp.cliutil import NetpCommand, common_options, fail, run_reporting
+from netp.errors import NetpError
 
 
 def _human(n: float) -> str:

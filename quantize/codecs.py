@@ -30,7 +30,6 @@ inside its loops).
 from __future__ import annotations
 
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -349,10 +348,6 @@ def _executor(nthread: int) -> ThreadPoolExecutor:
         if _pool is None or _pool._max_workers < nthread:  # noqa: SLF001
             _pool = ThreadPoolExecutor(max_workers=nthread, thread_name_prefix="netp-codec")
         return _pool
-
-
-def default_nthread() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _run_chunks(work: Callable[[int, int], None], n_blocks: int, nthread: int) -> None:

@@ -26,8 +26,9 @@ from netp.errors import NetpError
 from netp.formats.constants import FTYPE_OF_TYPE, QUANTIZED_TYPES, TYPE_NAMES, GGMLType, block_geometry
 from netp.formats.ne import NEReader, NEWriter, TensorInfo
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
+from netp.hostenv import cpu_count
 from netp.quantize import rules
-from netp.quantize.codecs import NonFiniteError, default_nthread, quantize_rows
+from netp.quantize.codecs import NonFiniteError, quantize_rows
 
 if TYPE_CHECKING:
     from netp.models.base import Architecture
@@ -121,7 +122,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGM
     if ggml_type not in QUANTIZED_TYPES:
         raise NetpError(None, f"cannot quantize to {ggml_type.name} "
                               f"(supported: {', '.join(TYPE_NAMES[t] for t in QUANTIZED_TYPES)})")
-    nthread = nthread or default_nthread()
+    nthread = nthread or cpu_count()
     if nthread < 1:
         raise NetpError(None, f"--nthread must be at least 1, got {nthread}")
     if dst.exists() and src.exists() and os.path.samefile(src, dst):

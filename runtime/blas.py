@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+from netp.hostenv import cpu_count, ranks_on_this_host
+
 _ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
             "openblas_set_num_threads")
@@ -20,10 +22,7 @@ _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads
 def default_threads(simulated_ranks: int = 1) -> int:
     """Cores per rank on this machine: the cores over the ranks the launcher started
     here, or over the ranks simulated as threads of this process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or \
-        os.environ.get("PMI_SIZE") or str(simulated_ranks)
-    return max(1, cores // max(1, int(local)))
+    return max(1, cpu_count() // max(1, ranks_on_this_host(simulated_ranks)))
 
 
 def manifest_world_size(model: str | os.PathLike) -> int:

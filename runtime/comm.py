@@ -22,15 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from netp.errors import NetpError, error_line
-
-# Launchers export these to every rank (MPICH/hydra: PMI_*, Open MPI: OMPI_*, PMIx: PMIX_*).
-_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
-
-
-def launched_under_mpi() -> bool:
-    """Whether this process is one rank of an mpiexec/mpirun launch (without importing mpi4py)."""
-    return any(v in os.environ for v in _MPI_ENV)
-
+from netp.hostenv import launched_under_mpi
 
 class PeerFailed(SystemExit):
     """Another rank failed and said so; this one exits non-zero without a second message."""

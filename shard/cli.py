@@ -9,8 +9,7 @@ from pathlib import Path
 
 import click
 
-from netp.cliutil import NetpCommand, common_options, run_reporting
-from netp.errors import fail
+from netp.cliutil import NetpCommand, common_options, fail, run_reporting
 
 _CORRECT = "shard --ranks N IN OUTDIR   (or: shard --check OUTDIR)"
 
