@@ -35,6 +35,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from netp.formats.names import MANIFEST_NAME  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PROMPT = "Once upon a time, there existed a little girl,"
@@ -42,7 +44,7 @@ PROMPT = "Once upon a time, there existed a little girl,"
 
 def inputs(work: Path) -> tuple[Path, Path]:
     demo_q4, demo_shards = ROOT / "demo" / "ne-q4_0.bin", ROOT / "demo" / "shards"
-    if demo_q4.is_file() and (demo_shards / "manifest.json").is_file():
+    if demo_q4.is_file() and (demo_shards / MANIFEST_NAME).is_file():
         from netp.formats.manifest import load_manifest
 
         m = load_manifest(demo_shards)

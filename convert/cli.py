@@ -5,16 +5,12 @@ safetensors, gguf, ...) loads inside the command.
 """
 from __future__ import annotations
 
-import re
 import shlex
 from typing import Any
 
 import click
 
 from netp.cliutil import NetpCommand, common_options, run_reporting
-
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
 
 class ConvertCommand(NetpCommand):
     """Remembers the raw arguments so a usage error can show the corrected line."""
@@ -54,7 +50,9 @@ def missing_model_hint(prog: str, argv: list[str]) -> str:
     if outfile is not None:
         index, raw = outfile
         value = raw.split("=", 1)[1] if raw.startswith("-") else raw
-        if _HUB_ID.match(value) and not value.endswith((".bin", ".ne")):
+        from netp.convert.resolve import looks_like_hub_id
+
+        if "/" in value and looks_like_hub_id(value):
             # --outfile got the model: it goes last, and the NE file gets a name.
             argv[index] = f"--outfile=ne-{kind}.bin" if raw.startswith("-") else f"ne-{kind}.bin"
             line = shlex.join([*prog.split(), *argv, value])

@@ -28,6 +28,7 @@ from netp.formats.ne import NEHeader, NEWriter
 from netp.formats.tokenizer_dir import check_tokenizer_files, tokenizer_dir_for
 from netp.formats.vocab import Vocab
 from netp.models.base import Architecture, HParams
+from netp.sizes import human_size
 
 OUT_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16}
 _F16_CHUNK = 1 << 22  # values converted to f16 per write
@@ -213,8 +214,7 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *, quiet: boo
 
 
 def summary_line(r: ConvertResult) -> str:
-    size = f"{r.nbytes / 1e6:.1f} MB" if r.nbytes < 1e9 else f"{r.nbytes / 1e9:.2f} GB"
-    return (f"wrote {r.outfile} ({r.arch}, {r.n_tensors} tensors, {size}) and {r.tokenizer_dir}/ "
+    return (f"wrote {r.outfile} ({r.arch}, {r.n_tensors} tensors, {human_size(r.nbytes)}) and {r.tokenizer_dir}/ "
             f"in {r.seconds:.1f} s")
 
 

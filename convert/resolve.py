@@ -12,7 +12,7 @@ from pathlib import Path
 
 from netp.errors import NetpError
 
-_PATH_SUFFIXES = (".gguf", ".bin", ".safetensors", ".json")
+_PATH_SUFFIXES = (".gguf", ".bin", ".ne", ".safetensors", ".json")
 
 
 def hub_cache_dir() -> Path:
@@ -27,7 +27,8 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _looks_like_hub_id(model: str) -> bool:
+def looks_like_hub_id(model: str) -> bool:
+    """A hub id (`gpt2`, `EleutherAI/gpt-j-6b`) rather than a path: huggingface_hub's own rule."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if model.startswith((".", "/", "~")) or model.endswith(_PATH_SUFFIXES) or model.count("/") > 1:
@@ -67,7 +68,7 @@ def resolve_model(model: str) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
-    if not _looks_like_hub_id(model):
+    if not looks_like_hub_id(model):
         raise NetpError(model, "no such file or directory")
     from huggingface_hub import try_to_load_from_cache
 

@@ -15,6 +15,7 @@ __all__ = [
     "GGMLType", "SUPPORTED_TYPES", "QUANTIZED_TYPES", "BLOCK_SIZE", "block_geometry",
     "row_nbytes", "NE_MAGIC", "NE_FILE_VERSION", "NE_ALIGNMENT", "FTYPE_OF_TYPE",
     "TYPE_OF_FTYPE", "NE_HEADER_FIELDS", "NE_HEADER_STRUCT", "TYPE_NAMES", "type_from_name",
+    "SPLIT_KINDS", "SPLIT_UNITS", "SPLIT_AXIS",
 ]
 
 # The tensor types netp reads and writes.
@@ -22,6 +23,13 @@ SUPPORTED_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGM
 QUANTIZED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 BLOCK_SIZE = 32  # values per block for every quantized type netp writes
 TYPE_NAMES = {t: t.name.lower() for t in SUPPORTED_TYPES}  # "q4_0", "f32", ...
+
+
+# How a tensor is cut across tensor-parallel ranks: the manifest records these and
+# models' split plans use them (docs/design.md §4).
+SPLIT_KINDS = ("rows", "cols", "rank0", "replicated")
+SPLIT_UNITS = ("q_heads", "kv_heads", "qkv_heads", "ffn", "vocab")  # what a rows/cols cut counts
+SPLIT_AXIS = {"rows": 0, "cols": 1}  # numpy axis a cut kind cuts; rank0/replicated tensors are stored whole
 
 
 def type_from_name(name: str) -> GGMLType:

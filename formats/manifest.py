@@ -59,25 +59,22 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from netp.errors import NetpError
 from netp.formats import atomic
-from netp.formats.constants import BLOCK_SIZE, NE_HEADER_FIELDS, QUANTIZED_TYPES, TYPE_NAMES, type_from_name
-from netp.formats.tokenizer_dir import SHARD_TOKENIZER_DIR
+from netp.formats.constants import (
+    BLOCK_SIZE, NE_HEADER_FIELDS, QUANTIZED_TYPES, SPLIT_AXIS, SPLIT_KINDS, SPLIT_UNITS, TYPE_NAMES, type_from_name,
+)
+from netp.formats.names import MANIFEST_NAME
 
 __all__ = [
-    "MANIFEST_NAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "TOKENIZER_DIR", "SPLIT_KINDS", "SPLIT_UNITS",
+    "MANIFEST_NAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "SPLIT_KINDS", "SPLIT_UNITS",
     "SourceInfo", "RankFile", "TensorEntry", "Manifest", "rank_file_name", "load_manifest", "local_nbytes",
 ]
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "netp-shards"
 MANIFEST_VERSION = 1
-TOKENIZER_DIR = SHARD_TOKENIZER_DIR  # "tokenizer": the tokenizer folder's name inside a shard set
-SPLIT_KINDS = ("rows", "cols", "rank0", "replicated")
-SPLIT_UNITS = ("q_heads", "kv_heads", "qkv_heads", "ffn", "vocab")
-_AXIS_OF_KIND = {"rows": 0, "cols": 1}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_WORLD = 99999  # 5 digits in the rank file names
 
@@ -192,31 +189,36 @@ class Manifest:
         return path
 
 
-def load_manifest(folder: str | os.PathLike) -> Manifest:
-    """Read and validate `folder/manifest.json` (or a path to the manifest itself)."""
+def load_manifest(folder: str | os.PathLike, architectures: Collection[str] | None = None) -> Manifest:
+    """Read and validate `folder/manifest.json` (or a path to the manifest itself).
+
+    architectures: the architecture names the caller can run (netp.models
+    knows them; formats does not import it); None leaves the name unchecked.
+    """
     path = Path(folder)
     if path.is_dir() or not path.name.endswith(".json"):
         path = path / MANIFEST_NAME
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NetpError(path, "no such file (not a shard set?)") from None
-    except IsADirectoryError:
-        raise NetpError(path, "is a directory, not a manifest") from None
+    except FileNotFoundError as e:
+        raise NetpError(path, "no such file (not a shard set?)") from e
+    except IsADirectoryError as e:
+        raise NetpError(path, "is a directory, not a manifest") from e
     try:
         data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise NetpError(path, "is not UTF-8 text (corrupt manifest)") from None
+    except UnicodeDecodeError as e:
+        raise NetpError(path, "is not UTF-8 text (corrupt manifest)") from e
     except json.JSONDecodeError as e:
-        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
-    return _Validator(path).manifest(data)
+        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from e
+    return _Validator(path, architectures).manifest(data)
 
 
 class _Validator:
     """Schema checks with one-line errors naming the manifest and the field."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, architectures: Collection[str] | None = None):
         self.path = path
+        self.architectures = architectures
 
     def bad(self, what: str) -> NetpError:
         return NetpError(self.path, f"invalid manifest: {what}")
@@ -258,12 +260,8 @@ class _Validator:
         if world > _MAX_WORLD:
             raise self.bad(f"world_size {world} is more than {_MAX_WORLD}")
         arch = self._get(data, "architecture", str, "")
-        from netp.models import by_name  # lazy: models import formats
-
-        try:
-            by_name(arch)
-        except ValueError as e:
-            raise self.bad(str(e)) from None
+        if self.architectures is not None and arch not in self.architectures:
+            raise self.bad(f"unknown architecture {arch!r} (supported: {', '.join(sorted(self.architectures))})")
         hparams = self.hparams(self._get(data, "hparams", dict, ""))
         tokenizer = data.get("tokenizer")
         if tokenizer is not None and (not isinstance(tokenizer, str) or not _plain_name(tokenizer)):
@@ -321,33 +319,47 @@ class _Validator:
         shape = self._get(item, "shape", list, where)
         if not 1 <= len(shape) <= 4 or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape):
             raise self.bad(f"{where}shape {shape!r:.60} is not 1 to 4 positive integers")
+        type_name = self._tensor_type(item, shape, where)
+        split, unit, axis = self._split(item, shape, where)
+        ranges = self._ranges(item, where, world, shape, type_name, split, axis)
+        self._check_holders(where, split, ranges, shape[0] if axis is None else shape[axis])
+        return TensorEntry(name, tuple(shape), type_name, split, unit, axis, tuple(ranges))
+
+    def _tensor_type(self, item: dict[str, Any], shape: list[int], where: str) -> str:
         type_name = self._get(item, "type", str, where)
         try:
             ggml_type = type_from_name(type_name)
         except ValueError as e:
-            raise self.bad(f"{where}{e}") from None
+            raise self.bad(f"{where}{e}") from e
         if type_name != TYPE_NAMES[ggml_type]:
             raise self.bad(f"{where}type {type_name!r} is not spelled {TYPE_NAMES[ggml_type]!r}")
-        quantized = ggml_type in QUANTIZED_TYPES
-        if quantized and shape[-1] % BLOCK_SIZE:
+        if ggml_type in QUANTIZED_TYPES and shape[-1] % BLOCK_SIZE:
             raise self.bad(f"{where}row length {shape[-1]} is not whole {BLOCK_SIZE}-value blocks of {type_name}")
+        return type_name
+
+    def _split(self, item: dict[str, Any], shape: list[int], where: str) -> tuple[str, str | None, int | None]:
         split = self._get(item, "split", str, where)
         if split not in SPLIT_KINDS:
             raise self.bad(f"{where}split {split!r:.40} is not one of {', '.join(SPLIT_KINDS)}")
         unit, axis = item.get("unit"), item.get("axis")
-        if split in _AXIS_OF_KIND:
+        if split in SPLIT_AXIS:
             if unit not in SPLIT_UNITS:
                 raise self.bad(f"{where}unit {unit!r:.40} is not one of {', '.join(SPLIT_UNITS)}")
-            expected_axis = min(_AXIS_OF_KIND[split], len(shape) - 1)  # a 1-D tensor is cut along its only axis
+            expected_axis = min(SPLIT_AXIS[split], len(shape) - 1)  # a 1-D tensor is cut along its only axis
             if axis != expected_axis or isinstance(axis, bool):
                 raise self.bad(f"{where}axis is {axis!r:.20}, a {split} split of shape {shape} cuts axis {expected_axis}")
-        else:
-            if unit is not None or axis is not None:
-                raise self.bad(f"{where}a {split} tensor has no unit or axis")
+        elif unit is not None or axis is not None:
+            raise self.bad(f"{where}a {split} tensor has no unit or axis")
+        return split, unit, axis
+
+    def _ranges(self, item: dict[str, Any], where: str, world: int, shape: list[int], type_name: str, split: str,
+                axis: int | None) -> list[tuple[int, int] | None]:
+        """Per rank [start, stop) inside the cut axis, or None; whole tensors [0, shape[0]]."""
         ranges = self._get(item, "ranges", list, where)
         if len(ranges) != world:
             raise self.bad(f"{where}ranges lists {len(ranges)} ranks for world_size {world}")
         extent = shape[0] if axis is None else shape[axis]
+        cuts_blocks = type_from_name(type_name) in QUANTIZED_TYPES and axis == len(shape) - 1
         parsed: list[tuple[int, int] | None] = []
         for r, rng in enumerate(ranges):
             if rng is None:
@@ -361,11 +373,10 @@ class _Validator:
                 raise self.bad(f"{where}range of rank {r} [{a}, {b}) is empty or outside 0..{extent}")
             if axis is None and (a, b) != (0, extent):
                 raise self.bad(f"{where}a {split} tensor is stored whole: range must be [0, {extent}]")
-            if quantized and axis == len(shape) - 1 and (a % BLOCK_SIZE or b % BLOCK_SIZE):
+            if cuts_blocks and (a % BLOCK_SIZE or b % BLOCK_SIZE):
                 raise self.bad(f"{where}range of rank {r} [{a}, {b}) cuts {type_name} blocks of {BLOCK_SIZE}")
             parsed.append((a, b))
-        self._check_holders(where, split, parsed, extent)
-        return TensorEntry(name, tuple(shape), type_name, split, unit, axis, tuple(parsed))
+        return parsed
 
     def _check_holders(self, where: str, split: str, ranges: list[tuple[int, int] | None], extent: int) -> None:
         if split == "rank0":

@@ -1,4 +1,4 @@
-"""The tokenizer folder that travels beside an NE file (DESIGN §2).
+"""The tokenizer folder that travels beside an NE file (docs/design.md §2).
 
 `ne-f32.bin` -> `ne-f32.tokenizer/`, always holding `tokenizer.json` and
 `tokenizer_config.json`; quantize copies it to its output's folder, shard to
@@ -28,17 +28,17 @@ from typing import Any, Iterator, Mapping
 from netp.errors import NetpError
 from netp.formats.atomic import atomic_dir
 from netp.formats.hf import read_json_object
+from netp.formats.names import SHARD_TOKENIZER_DIR, TOKENIZER_SUFFIX
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Copied too when a checkpoint has them (transformers 5 keeps chat templates apart).
 OPTIONAL_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
-SHARD_TOKENIZER_DIR = "tokenizer"
 
 
 def tokenizer_dir_for(ne_path: str | os.PathLike) -> Path:
     """`ne-f32.bin` -> `ne-f32.tokenizer` beside it."""
     p = Path(ne_path)
-    return p.with_name(p.stem + ".tokenizer")
+    return p.with_name(p.stem + TOKENIZER_SUFFIX)
 
 
 def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
@@ -128,7 +128,7 @@ def sentencepiece_model_facts(path: Path) -> tuple[int, list[int]]:
             elif field == 2:  # ModelProto.trainer_spec: TrainerSpec {model_type = 3}
                 model_type = next((v for f, v in _proto_fields(value) if f == 3), 1)
     except (IndexError, ValueError, TypeError) as e:
-        raise NetpError(path, f"not a readable sentencepiece model ({e})") from None
+        raise NetpError(path, f"not a readable sentencepiece model ({e})") from e
     return int(model_type), [int(t) for t in piece_types]
 
 
@@ -164,7 +164,7 @@ def write_sentencepiece_tokenizer(model_path: Path, config: Mapping[str, Any], o
         tok = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), additional_special_tokens=added, **kwargs)
         tok.save_pretrained(out)
     except Exception as e:  # transformers raises ValueError/TypeError/... on odd configs
-        raise NetpError(model_path, f"cannot build a tokenizer from it ({type(e).__name__}: {e})") from None
+        raise NetpError(model_path, f"cannot build a tokenizer from it ({type(e).__name__}: {e})") from e
 
 
 # -- from a GGUF ---------------------------------------------------------------------
@@ -203,7 +203,7 @@ def write_gguf_tokenizer(meta: Mapping[str, Any], path: Path, out: Path) -> None
         tok = PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
         tok.save_pretrained(out)
     except Exception as e:  # transformers raises ValueError/KeyError/... for tokenizers it cannot build
-        raise NetpError(path, f"cannot build a tokenizer from the GGUF metadata ({type(e).__name__}: {e})") from None
+        raise NetpError(path, f"cannot build a tokenizer from the GGUF metadata ({type(e).__name__}: {e})") from e
 
 
 def check_tokenizer_files(folder: Path, target: str | os.PathLike) -> None:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterable, Mapping as TMapping
 import numpy as np
 
 from netp.errors import NetpError
+from netp.formats.constants import SPLIT_AXIS, SPLIT_KINDS, SPLIT_UNITS
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,14 @@ class SplitRule:
     kind: str
     unit: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.kind not in SPLIT_KINDS or (self.unit in SPLIT_UNITS) != (self.kind in SPLIT_AXIS):
+            raise ValueError(f"split rule {self.kind}/{self.unit} is not one of {SPLIT_KINDS} with a unit "
+                             f"of {SPLIT_UNITS} exactly when cut")
+
     @property
     def axis(self) -> int | None:
-        return {"rows": 0, "cols": 1}.get(self.kind)
+        return SPLIT_AXIS.get(self.kind)
 
 
 REPLICATED = SplitRule("replicated")
@@ -184,15 +190,20 @@ def all_architectures() -> list[Architecture]:
     return list(_REGISTRY.values())
 
 
+def architecture_names() -> tuple[str, ...]:
+    """netp's name of every registered architecture (what a manifest may say)."""
+    return tuple(sorted(_REGISTRY))
+
+
 def supported_names() -> str:
-    return ", ".join(sorted(_REGISTRY))
+    return ", ".join(architecture_names())
 
 
 def by_name(name: str) -> Architecture:
     try:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture {name!r} (supported: {supported_names()})") from None
+    except KeyError as e:
+        raise ValueError(f"unknown architecture {name!r} (supported: {supported_names()})") from e
 
 
 def by_hf_config(config: TMapping[str, Any], path: str) -> Architecture:
@@ -233,7 +244,7 @@ def ne_model(header: Any, shapes: TMapping[str, tuple[int, ...]], path: str) -> 
     try:
         hp = arch.hparams_from_ne(header, shapes)
     except KeyError as e:
-        raise NetpError(path, f"missing tensor {e.args[0]} that the {arch.name} header needs") from None
+        raise NetpError(path, f"missing tensor {e.args[0]} that the {arch.name} header needs") from e
     if min(hp.n_vocab, hp.n_embd, hp.n_head, hp.n_head_kv, hp.n_layer, hp.n_ff) < 1:
         raise NetpError(path, f"header has a zero or negative size (n_vocab {hp.n_vocab}, n_embd {hp.n_embd}, "
                               f"n_head {hp.n_head}, n_head_kv {hp.n_head_kv}, n_layer {hp.n_layer}, n_ff {hp.n_ff})")

@@ -19,14 +19,8 @@ import click
 
 from netp.cliutil import NetpCommand, common_options, fail, run_reporting
 from netp.errors import NetpError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from netp.formats.names import MANIFEST_NAME
+from netp.sizes import human_size
 
 
 def _tensor_rows(tensors: list[dict[str, Any]]) -> list[str]:
@@ -88,16 +82,35 @@ def describe_gguf(path: Path) -> dict[str, Any]:
             "tensors": tensors, "totals": _totals(tensors)}
 
 
-def describe_shards(path: Path) -> dict[str, Any]:
-    from netp.shard.check import describe_shard_set
+def describe_shards(folder: Path) -> dict[str, Any]:
+    """The manifest's facts and a fresh check of every rank file and checksum."""
+    from netp.formats.manifest import local_nbytes
+    from netp.shard.check import check_shard_set
 
-    return describe_shard_set(path)
+    report = check_shard_set(folder)
+    m = report.manifest
+    tensors = []
+    for t in m.tensors.values():
+        stored = sum(local_nbytes(t, r) for r in range(m.world_size))
+        if t.axis is None:
+            where = t.split
+        else:
+            where = f"{t.split}@{t.axis} " + " ".join("-" if r is None else f"{r[0]}:{r[1]}" for r in t.ranges)
+        tensors.append({"name": t.name, "type": t.type, "shape": list(t.shape), "nbytes": stored, "offset": where})
+    summary = [f"world size: {m.world_size}   architecture: {m.architecture}   tokenizer: {m.tokenizer or 'none'}",
+               f"source: {m.source.name} ({m.source.size} bytes, sha256 {m.source.sha256})",
+               "rank files (the tensor table's last column is split@axis and per-rank [start:stop)):"]
+    summary += report.lines()[1:]
+    return {"kind": "shards", "path": str(report.folder), "file_size": sum(r.size for r in m.ranks),
+            "manifest": m.to_json() | {"tensors": len(m.tensors)}, "summary_lines": summary,
+            "tensors": tensors, "totals": _totals(tensors), "checksums_ok": report.ok,
+            "check_error": None if (error := report.error()) is None else str(error)}
 
 
 def describe(path: Path) -> dict[str, Any]:
     if path.is_dir():
-        if not (path / "manifest.json").exists():
-            raise NetpError(path, "is a directory without manifest.json (not a shard set)")
+        if not (path / MANIFEST_NAME).exists():
+            raise NetpError(path, f"is a directory without {MANIFEST_NAME} (not a shard set)")
         return describe_shards(path)
     if not path.exists():
         raise NetpError(path, "no such file")
@@ -109,7 +122,7 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def render(info: dict[str, Any]) -> str:
-    lines = [f"{info['path']}: {info['kind'].upper()} file, {_human(info['file_size'])}"]
+    lines = [f"{info['path']}: {info['kind'].upper()} file, {human_size(info['file_size'])}"]
     if info["kind"] == "ne":
         lines.append(f"architecture: {info['architecture']}   vocab: {info['vocab_size']}")
         lines.append("header: " + "  ".join(f"{k}={v}" for k, v in info["header"].items()))
@@ -121,7 +134,7 @@ def render(info: dict[str, Any]) -> str:
     lines += _tensor_rows(info["tensors"])
     lines.append("totals by type:")
     for t, v in info["totals"].items():
-        lines.append(f"  {t:<5} {v['tensors']:>5} tensors  {v['elements']:>12} values  {_human(v['bytes']):>10}")
+        lines.append(f"  {t:<5} {v['tensors']:>5} tensors  {v['elements']:>12} values  {human_size(v['bytes']):>10}")
     return "\n".join(lines)
 
 

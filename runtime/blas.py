@@ -12,6 +12,7 @@ import os
 import re
 import sys
 
+from netp.formats.names import MANIFEST_NAME
 from netp.hostenv import cpu_count, ranks_on_this_host
 
 _ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -30,7 +31,7 @@ def manifest_world_size(model: str | os.PathLike) -> int:
     import json
 
     try:
-        with open(os.path.join(model, "manifest.json"), encoding="utf-8") as f:
+        with open(os.path.join(model, MANIFEST_NAME), encoding="utf-8") as f:
             return max(1, int(json.load(f).get("world_size", 1)))
     except (OSError, ValueError, TypeError, AttributeError):
         return 1  # not a shard set, or a broken one: the loader reports it properly

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from netp.errors import NetpError
+from netp.formats.names import SHARD_TOKENIZER_DIR
+from netp.formats.tokenizer_dir import tokenizer_dir_for
 from netp.runtime.comm import Comm, mpi_world, run_world
 from netp.runtime.generate import Generation, generate
 from netp.runtime.model import RankModel, load_rank_model
@@ -37,15 +39,15 @@ class RunOptions:
 def parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise NetpError(None, f"--ids {text!r:.60}: expected token ids separated by commas or spaces") from None
+    except ValueError as e:
+        raise NetpError(None, f"--ids {text!r:.60}: expected token ids separated by commas or spaces") from e
 
 
 def load_tokenizer(model: Path) -> Any:
     folder = tokenizer_dir(model)
     path = None if folder is None else folder / "tokenizer.json"
     if path is None or not path.is_file():
-        expected = model / "tokenizer" if model.is_dir() else model.with_name(model.stem + ".tokenizer")
+        expected = model / SHARD_TOKENIZER_DIR if model.is_dir() else tokenizer_dir_for(model)
         raise NetpError(model, f"no tokenizer found (expected {expected}/tokenizer.json); "
                                f"pass token ids with --ids instead of -p")
     from tokenizers import Tokenizer
@@ -53,7 +55,7 @@ def load_tokenizer(model: Path) -> Any:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises its own Exception type
-        raise NetpError(path, f"cannot read the tokenizer: {e}") from None
+        raise NetpError(path, f"cannot read the tokenizer: {e}") from e
 
 
 def encode_prompt(model: Path, prompt: str | None, ids: Sequence[int] | None) -> list[int]:

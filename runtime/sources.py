@@ -5,15 +5,15 @@ Either way the rank opens exactly one model file and hands out its part of
 each tensor in file form (f32/f16 typed arrays, quantized types as uint8
 rows of blocks), memory-mapped or read into fresh buffers:
 - `ShardSource`: rank r of a shard set opens only `rank-0000r-of-0000N.bin`,
-  after checking it against the manifest (size, sha256, tensors, split
-  ranges equal to this netp's Mapping);
+  after checking it against the manifest (netp.shard.check.open_rank_file,
+  then its sha256) and the manifest's split ranges against this netp's
+  Mapping;
 - `SliceSource`: neural-speed's way, `mpiexec -n N ne-run -m ne-q4_0.bin`:
   each rank takes its Mapping slices of the unsharded file, reading only
   those byte ranges.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +21,28 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry, type_from_name
+from netp.formats.manifest import MANIFEST_NAME, Manifest
 from netp.formats.ne import NEReader
+from netp.formats.tokenizer_dir import tokenizer_dir_for
 from netp.models import ne_model
 from netp.models.base import Architecture, HParams
 from netp.models.mapping import Mapping, SplitError
+from netp.shard.check import load_shard_manifest, open_rank_file
+from netp.shard.hashing import sha256_file
 
-_HASH_CHUNK = 8 << 20
 
-
-def sha256_of(path: Path) -> str:
-    """sha256 of a file, read in chunks into one reused buffer (no memory map: its pages would count as ours)."""
-    h = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
+def check_world_size(folder: Path, manifest: Manifest, world_size: int) -> None:
+    """Refuse to run a shard set on another number of ranks than it was cut for."""
+    if world_size != manifest.world_size:
+        raise NetpError(folder / MANIFEST_NAME, f"shard set is cut for {manifest.world_size} ranks but {world_size} "
+                                                f"are running (start it with mpiexec -n {manifest.world_size})")
 
 
 def make_mapping(world_size: int, rank: int, hp: HParams, arch: Architecture, path: Path) -> Mapping:
     try:
         return Mapping(world_size, rank, hp, arch)
     except SplitError as e:
-        raise NetpError(path, f"cannot run on {world_size} ranks: {e}") from None
+        raise NetpError(path, f"cannot run on {world_size} ranks: {e}") from e
 
 
 class RankSource:
@@ -78,23 +73,15 @@ class RankSource:
 class ShardSource(RankSource):
     """Rank `rank` of a shard set: its own rank file, checked against the manifest."""
 
-    def __init__(self, folder: Path, manifest: Any, rank: int, world_size: int, check_sha256: bool = True):
+    def __init__(self, folder: Path, manifest: Manifest, rank: int, world_size: int, check_sha256: bool = True):
         self.folder, self.manifest, self.rank = folder, manifest, rank
-        manifest_path = folder / "manifest.json"
-        if world_size != manifest.world_size:
-            raise NetpError(manifest_path, f"shard set is cut for {manifest.world_size} ranks but {world_size} "
-                                           f"are running (start it with mpiexec -n {manifest.world_size})")
-        entry = manifest.rank_file(rank)
-        self.path = folder / entry.file
-        if not self.path.is_file():
-            raise NetpError(self.path, f"rank file of rank {rank} is missing")
-        size = self.path.stat().st_size
-        if size != entry.size:
-            raise NetpError(self.path, f"is {size} bytes, the manifest says {entry.size} (truncated or replaced?)")
-        if check_sha256 and sha256_of(self.path) != entry.sha256:
-            raise NetpError(self.path, "sha256 differs from the manifest (corrupt, or from another shard set)")
-        self.reader = NEReader(self.path)
+        manifest_path = folder / MANIFEST_NAME
+        check_world_size(folder, manifest, world_size)
+        self.reader = open_rank_file(folder, manifest, rank)
+        self.path = self.reader.path
         try:
+            if check_sha256 and sha256_file(self.path) != manifest.ranks[rank].sha256:
+                raise NetpError(self.path, "sha256 differs from the manifest (corrupt, or from another shard set)")
             self.global_shapes = {t.name: t.shape for t in manifest.tensors.values()}
             self.types = {t.name: type_from_name(t.type) for t in manifest.tensors.values()}
             self.arch, self.hp = ne_model(manifest.ne_header(), self.global_shapes, str(manifest_path))
@@ -102,25 +89,14 @@ class ShardSource(RankSource):
                 raise NetpError(manifest_path, f"says architecture {manifest.architecture}, but its tensors are "
                                                f"a {self.arch.name} model's")
             self.mapping = make_mapping(world_size, rank, self.hp, self.arch, manifest_path)
-            self._check(manifest_path)
+            self._check_split_plan(manifest_path)
         except BaseException:
             self.reader.close()
             raise
 
-    def _check(self, manifest_path: Path) -> None:
-        """The rank file holds what the manifest says, cut where this netp's Mapping cuts."""
-        held = [t for t in self.manifest.tensors.values() if t.held_by(self.rank)]
-        if [t.name for t in held] != list(self.reader.tensors):
-            missing = sorted({t.name for t in held} - set(self.reader.tensors))
-            extra = sorted(set(self.reader.tensors) - {t.name for t in held})
-            what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the manifest does not list for it" \
-                if extra else "lists its tensors in another order than the manifest"
-            raise NetpError(self.path, f"does not match the manifest: {what}")
-        for t in held:
-            info = self.reader.tensors[t.name]
-            if info.shape != t.local_shape(self.rank) or info.ggml_type != self.types[t.name]:
-                raise NetpError(self.path, f"tensor {t.name} is {info.ggml_type.name} {list(info.shape)}, the "
-                                           f"manifest says {t.type} {list(t.local_shape(self.rank))}")
+    def _check_split_plan(self, manifest_path: Path) -> None:
+        """The manifest cuts every tensor where this netp's Mapping cuts it (the rank
+        file's contents against the manifest are open_rank_file's check)."""
         for t in self.manifest.tensors.values():
             mine = self.mapping.slice_of(t.name, t.shape)
             expect = None if not mine.held else (mine.start, mine.stop)
@@ -155,7 +131,7 @@ class SliceSource(RankSource):
         try:
             sl = self.mapping.slice_of(name, info.shape)
         except (SplitError, KeyError) as e:
-            raise NetpError(self.path, str(e)) from None
+            raise NetpError(self.path, str(e)) from e
         if not sl.held:
             return None
         if sl.axis is None:
@@ -191,9 +167,7 @@ def open_source(model: Path, rank: int, world_size: int, check_sha256: bool = Tr
     """This rank's source for an NE file or a shard-set folder."""
     model = Path(model)
     if model.is_dir():
-        from netp.formats.manifest import load_manifest
-
-        return ShardSource(model, load_manifest(model), rank, world_size, check_sha256)
+        return ShardSource(model, load_shard_manifest(model), rank, world_size, check_sha256)
     if not model.exists():
         raise NetpError(model, "no such file or shard set")
     return SliceSource(model, rank, world_size)
@@ -203,9 +177,7 @@ def source_world_size(model: Path) -> int | None:
     """The world size a shard set was cut for (None for an NE file)."""
     model = Path(model)
     if model.is_dir():
-        from netp.formats.manifest import load_manifest
-
-        return load_manifest(model).world_size
+        return load_shard_manifest(model).world_size
     return None
 
 
@@ -214,9 +186,7 @@ def tokenizer_dir(model: Path) -> Path | None:
     NE file, the manifest's folder inside a shard set."""
     model = Path(model)
     if model.is_dir():
-        from netp.formats.manifest import load_manifest
-
-        name = load_manifest(model).tokenizer
+        name = load_shard_manifest(model).tokenizer
         return model / name if name else None
-    candidate = model.with_name(model.stem + ".tokenizer")
+    candidate = tokenizer_dir_for(model)
     return candidate if candidate.is_dir() else None

@@ -1,4 +1,4 @@
-"""`netp verify SHARDS` and `ne-run --verify` (DESIGN §5).
+"""`netp verify SHARDS` and `ne-run --verify` (docs/design.md §5).
 
 One prompt, teacher-forced along the reference's greedy tokens (so one
 near-tie cannot cascade), the prompt as one batch and then token by token,
@@ -31,7 +31,8 @@ from netp.formats.ne import NEReader
 from netp.runtime.comm import Comm, PeerFailed, SoloComm, mpi_world, run_world
 from netp.runtime.model import RankModel, load_rank_model
 from netp.runtime.run import load_tokenizer
-from netp.runtime.sources import tokenizer_dir
+from netp.runtime.sources import check_world_size, tokenizer_dir
+from netp.shard.check import load_shard_manifest
 
 BOUND = 1e-3
 
@@ -95,13 +96,10 @@ def resolve(opts: VerifyOptions, comm_size: int | None) -> Plan:
     notes: list[str] = []
     ref = opts.ref
     if target.is_dir():
-        from netp.formats.manifest import load_manifest
-
-        manifest = load_manifest(target)
+        manifest = load_shard_manifest(target)
         world = manifest.world_size
-        if comm_size is not None and comm_size != world:
-            raise NetpError(target / "manifest.json", f"shard set is cut for {world} ranks but {comm_size} are "
-                                                      f"running (start it with mpiexec -n {world})")
+        if comm_size is not None:
+            check_world_size(target, manifest, comm_size)
         if ref is None:
             ref = _find_source(target, manifest.source.name, manifest.source.size)
             if ref is None:
@@ -179,7 +177,7 @@ def transformers_pass(hf: str, tokens: list[int], threads: int) -> Pass:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError as e:
-        raise NetpError(hf, f"--hf needs torch and transformers ({e}); install netp[torch]") from None
+        raise NetpError(hf, f"--hf needs torch and transformers ({e}); install netp[torch]") from e
     torch.set_num_threads(max(1, threads))
     if not sys.stderr.isatty():  # netp's rule: progress bars on a terminal only
         import functools
@@ -202,7 +200,7 @@ def transformers_pass(hf: str, tokens: list[int], threads: int) -> Pass:
         else:
             model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise NetpError(hf, f"transformers cannot load it: {type(e).__name__}: {e}") from None
+        raise NetpError(hf, f"transformers cannot load it: {type(e).__name__}: {e}") from e
     model.eval()
     with torch.no_grad():
         out = model(torch.tensor([tokens]), output_hidden_states=True)
@@ -292,12 +290,12 @@ def print_comparison(c: Comparison) -> None:
 
 # -- the program ----------------------------------------------------------------------
 
-def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> str | None:
-    """Every rank runs this; returns (on rank 0) the failure text or None."""
-    root = comm.is_root
+def _reference(comm: Comm, opts: VerifyOptions, plan: Plan) -> tuple[Any, list[int], int, Pass | None]:
+    """Rank 0 encodes the prompt and runs the reference; every rank learns the tokens.
+    Returns (tokenizer, tokens, prompt length, reference pass); the tokenizer and the pass on rank 0 only."""
     tokenizer = prompt = tokens = ref = None
     with comm.agreeing(idle=True):
-        if root:
+        if comm.is_root:
             tokenizer = load_tokenizer(_tokenizer_for(plan))
             prompt = tokenizer.encode(opts.prompt).ids
             if not prompt:
@@ -311,51 +309,75 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> str | None:
             tokens, ref = reference_pass(token_ref, prompt, opts.n_tokens, opts)
     tokens = comm.bcast(tokens)
     n_prompt = comm.bcast(None if prompt is None else len(prompt))
+    return tokenizer, tokens, n_prompt, ref
+
+
+def _compare_target(comm: Comm, opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int],
+                    n_prompt: int, ref: Pass | None) -> str | None:
+    """The target on every rank, teacher-forced, against the reference; the failure text on rank 0."""
+    root = comm.is_root
+    with comm.agreeing():
+        model = load_rank_model(plan.target, comm, len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads)
+    try:
+        logits = teacher_forced(model, tokens, n_prompt)
+        comparison = None
+        if root:
+            assert ref is not None and logits is not None
+            title = f"{plan.target} on {comm.describe()} vs {ref.name} on 1 rank"
+            comparison = compare_logits(title, ref, Pass(str(plan.target), logits), tokens, opts.bound, tokenizer)
+        need_states = comm.bcast(None if comparison is None else not comparison.ok)
+        if need_states:  # find the first diverging layer: every rank takes part
+            states = batch_states(model, tokens)
+            if root:
+                assert comparison is not None and ref is not None
+                comparison = compare_logits(comparison.title, ref, Pass(str(plan.target), logits, states),
+                                            tokens, opts.bound, tokenizer)
+        if root:
+            assert comparison is not None
+            print_comparison(comparison)
+            return None if comparison.ok else comparison.failure
+        return None
+    finally:
+        model.close()
+
+
+def _compare_f32(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int], n_prompt: int,
+                 ref: Pass) -> str | None:
+    """Rank 0: the f32 file against transformers, and the KL table of the quantized reference against it."""
+    failure = None
+    f32 = None
+    if plan.f32 is not None:
+        f32 = ref if plan.ref in (None, plan.f32) else solo_pass(plan.f32, tokens, n_prompt, opts)
+    if plan.hf is not None and f32 is not None:
+        hf = transformers_pass(plan.hf, tokens, opts.threads)
+        # transformers' last hidden state is after the final norm: compare the ones before it
+        c = compare_logits(f"{plan.f32.name} (1 rank) vs transformers {plan.hf}", hf, f32, tokens,
+                           opts.bound, tokenizer, n_states=len(hf.states or []) - 1)
+        print_comparison(c)
+        if not c.ok:
+            failure = c.failure
+    if f32 is not None and plan.ref is not None and f32 is not ref:
+        print_comparison(kl_table(f"{plan.ref.name} (quantized) vs {plan.f32.name}: KL divergence",
+                                  f32, ref, tokens, tokenizer))
+    return failure
+
+
+def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> str | None:
+    """Every rank runs this; returns (on rank 0) the failure text or None."""
+    tokenizer, tokens, n_prompt, ref = _reference(comm, opts, plan)
     failures: list[str] = []
     if plan.ref is not None and (plan.target != plan.ref or plan.world > 1):
-        with comm.agreeing():
-            model = load_rank_model(plan.target, comm, len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads)
-        try:
-            logits = teacher_forced(model, tokens, n_prompt)
-            comparison = None
-            if root:
-                assert ref is not None and logits is not None
-                title = f"{plan.target} on {comm.describe()} vs {ref.name} on 1 rank"
-                comparison = compare_logits(title, ref, Pass(str(plan.target), logits), tokens, opts.bound,
-                                            tokenizer)
-            need_states = comm.bcast(None if comparison is None else not comparison.ok)
-            if need_states:  # find the first diverging layer: every rank takes part
-                states = batch_states(model, tokens)
-                if root:
-                    assert comparison is not None and ref is not None
-                    comparison = compare_logits(comparison.title, ref, Pass(str(plan.target), logits, states),
-                                                tokens, opts.bound, tokenizer)
-            if root:
-                assert comparison is not None
-                print_comparison(comparison)
-                if not comparison.ok:
-                    failures.append(comparison.failure)
-        finally:
-            model.close()
+        failure = _compare_target(comm, opts, plan, tokenizer, tokens, n_prompt, ref)
+        if failure:
+            failures.append(failure)
     with comm.agreeing(idle=True):
-        if root:
+        if comm.is_root:
             assert ref is not None and tokens is not None and n_prompt is not None
-            f32 = None
-            if plan.f32 is not None:
-                f32 = ref if plan.ref in (None, plan.f32) else solo_pass(plan.f32, tokens, n_prompt, opts)
-            if plan.hf is not None and f32 is not None:
-                hf = transformers_pass(plan.hf, tokens, opts.threads)
-                # transformers' last hidden state is after the final norm: compare the ones before it
-                c = compare_logits(f"{plan.f32.name} (1 rank) vs transformers {plan.hf}", hf, f32, tokens,
-                                   opts.bound, tokenizer, n_states=len(hf.states or []) - 1)
-                print_comparison(c)
-                if not c.ok:
-                    failures.append(c.failure)
-            if f32 is not None and plan.ref is not None and f32 is not ref:
-                print_comparison(kl_table(f"{plan.ref.name} (quantized) vs {plan.f32.name}: KL divergence",
-                                          f32, ref, tokens, tokenizer))
+            failure = _compare_f32(opts, plan, tokenizer, tokens, n_prompt, ref)
+            if failure:
+                failures.append(failure)
     status = comm.bcast(failures[0] if failures else None)
-    if root:
+    if comm.is_root:
         print(f"\nverify: {'FAIL' if status else 'PASS'}", flush=True)
     return status
 

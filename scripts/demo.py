@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from netp.formats.names import MANIFEST_NAME
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "demo"
 BIN = Path(sys.executable).parent
@@ -92,7 +94,7 @@ def main() -> None:
     else:
         run("quantize", [py, str(ROOT / "scripts/quantize.py"), "--model_name", "llama", "--model_file", f32.name,
                          "--out_file", q4.name, "--weight_dtype", "int4"], timings)
-    if up_to_date(shards / "manifest.json", q4):
+    if up_to_date(shards / MANIFEST_NAME, q4):
         timings["shard"] = "up to date"
     else:
         run("shard", ["shard", "--ranks", "2", "--force", q4.name, "shards/"], timings)

@@ -1,4 +1,4 @@
-"""NE file -> shard set (DESIGN §4), streaming.
+"""NE file -> shard set (docs/design.md §4), streaming.
 
 One pass over the source in file order: each tensor is read in chunks of
 whole rows into a small ring of reused buffers (`NEReader.read_into`, no
@@ -27,13 +27,15 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats import atomic
 from netp.formats.constants import TYPE_NAMES, block_geometry
-from netp.formats.manifest import TOKENIZER_DIR, Manifest, RankFile, SourceInfo, TensorEntry, rank_file_name
+from netp.formats.manifest import Manifest, RankFile, SourceInfo, TensorEntry, rank_file_name
 from netp.formats.ne import NEReader, NEWriter, TensorInfo
+from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
 from netp.models import ne_model
 from netp.models.base import Architecture, HParams
 from netp.models.mapping import Mapping, SplitError
 from netp.shard.hashing import HashPool, QueuedSha256
+from netp.sizes import human_size
 
 CHUNK_BYTES = 8 << 20  # per read buffer; 3 slots x (read + gather) = 48 MiB
 RING = 3  # buffers in flight: one being filled, up to two being hashed
@@ -55,13 +57,13 @@ def plan_tensors(reader: NEReader, world_size: int) -> tuple[Architecture, HPara
     try:
         maps = [Mapping(world_size, r, hp, arch) for r in range(world_size)]
     except SplitError as e:
-        raise NetpError(path, f"cannot shard over {world_size} ranks: {e}") from None
+        raise NetpError(path, f"cannot shard over {world_size} ranks: {e}") from e
     entries = []
     for info in reader.tensors.values():
         try:
             slices = [m.slice_of(info.name, info.shape) for m in maps]
         except (SplitError, KeyError) as e:
-            raise NetpError(path, f"cannot shard tensor {info.name}: {e.args[0]}") from None
+            raise NetpError(path, f"cannot shard tensor {info.name}: {e.args[0]}") from e
         rule = slices[0].rule
         ranges = tuple(None if not s.held else (s.start, s.stop) if s.axis is not None else (0, info.shape[0])
                        for s in slices)
@@ -239,7 +241,7 @@ def shard_file(src: str | Path, outdir: str | Path, world_size: int, *, force: b
                 source = SourceInfo(src.name, reader.file_size, source_hash.hexdigest())
             manifest = Manifest(
                 source=source, world_size=world_size, architecture=arch.name,
-                hparams=dataclasses.asdict(reader.header), tokenizer=TOKENIZER_DIR if has_tokenizer else None,
+                hparams=dataclasses.asdict(reader.header), tokenizer=SHARD_TOKENIZER_DIR if has_tokenizer else None,
                 tensors={e.name: e for e in entries}, ranks=ranks)
             _finish(src, tmp, manifest)
     return ShardResult(outdir, manifest, time.perf_counter() - t0, sum(r.size for r in ranks))
@@ -252,7 +254,7 @@ def _finish(src: Path, tmp: Path, manifest: Manifest) -> None:
     for r in range(manifest.world_size):
         open_rank_file(tmp, manifest, r).close()
     if manifest.tokenizer is not None:
-        copy_tokenizer_dir(src, tmp)  # -> tmp/tokenizer (TOKENIZER_DIR)
+        copy_tokenizer_dir(src, tmp)  # -> tmp/tokenizer (SHARD_TOKENIZER_DIR)
     manifest.save(tmp)
 
 
@@ -262,10 +264,9 @@ def summary_line(result: ShardResult) -> str:
     for t in m.tensors.values():
         kinds[t.split] = kinds.get(t.split, 0) + 1
     split = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-    mib = result.bytes_written / (1 << 20)
-    rate = result.bytes_written / max(result.seconds, 1e-9) / (1 << 20)
+    rate = human_size(result.bytes_written / max(result.seconds, 1e-9))
     return (f"sharded {m.source.name} ({m.architecture}, {len(m.tensors)} tensors: {split}) over {m.world_size} "
-            f"ranks -> {result.outdir}/ ({mib:.1f} MiB in {result.seconds:.2f} s, {rate:.0f} MiB/s)"
+            f"ranks -> {result.outdir}/ ({human_size(result.bytes_written)} in {result.seconds:.2f} s, {rate}/s)"
             + ("" if m.tokenizer else "; no tokenizer folder beside the source, none copied"))
 
 

@@ -1,4 +1,4 @@
-"""The shard stage (issue 14, DESIGN §4): rank files, manifest, checksums, refusals.
+"""The shard stage (issue 14, docs/design.md §4): rank files, manifest, checksums, refusals.
 
 Inputs are tiny random NE files written here with NEWriter from the
 architectures' tensor_shapes; q4_0 data comes from gguf.quants (the oracle).
@@ -24,6 +24,7 @@ from conftest import write_stub_tokenizer
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry
 from netp.formats.manifest import load_manifest, rank_file_name
+from netp.models import architecture_names
 from netp.formats.ne import NEHeader, NEReader, NEWriter
 from netp.models import by_name
 from netp.models.base import HParams
@@ -203,7 +204,7 @@ def _ranges(m: dict, name: str) -> list:
 
 
 @pytest.mark.parametrize("n_head,n_kv,world,q_heads,kv_heads", [
-    # DESIGN §4: query heads cut as evenly as possible, the first ranks one more; each rank
+    # docs/design.md §4: query heads cut as evenly as possible, the first ranks one more; each rank
     # holds every KV head its query heads use (group = n_head / n_kv).
     (9, 3, 2, [(0, 5), (5, 9)], [(0, 2), (1, 3)]),
     (9, 3, 3, [(0, 3), (3, 6), (6, 9)], [(0, 1), (1, 2), (2, 3)]),
@@ -423,7 +424,7 @@ def _tensor(m: dict, name: str) -> dict:
 def test_load_manifest_refuses_bad_manifests(good_set, tmp_path, edit, needle):
     bad = _corrupt(good_set, tmp_path, edit)
     with pytest.raises(NetpError) as e:
-        load_manifest(bad)
+        load_manifest(bad, architecture_names())
     assert e.value.path == str(bad / "manifest.json")
     assert needle in e.value.message
 
@@ -489,7 +490,7 @@ def test_smollm2_q4_0_over_3_ranks(smollm2_q4_0, tmp_path, capsys):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_smollm2_f32_and_q4_0_cut_alike(smollm2_f32, smollm2_q4_0, world):
-    """DESIGN §4: cuts are multiples of 32 for every type, so both files' shard sets cut at the same places."""
+    """docs/design.md §4: cuts are multiples of 32 for every type, so both files' shard sets cut at the same places."""
     from netp.shard.pipeline import plan_tensors
 
     plans = []
