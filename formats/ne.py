@@ -74,10 +74,6 @@ class TensorInfo:
     nbytes: int
 
     @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def n_rows(self) -> int:
         return math.prod(self.shape[:-1])
 
@@ -108,10 +104,10 @@ class NEReader:
         self._mmap: mmap.mmap | None = None
         try:
             self._file: BinaryIO = open(self.path, "rb")
-        except IsADirectoryError:
-            raise NetpError(self.path, "is a directory, not an NE file") from None
-        except FileNotFoundError:
-            raise NetpError(self.path, "no such file") from None
+        except IsADirectoryError as e:
+            raise NetpError(self.path, "is a directory, not an NE file") from e
+        except FileNotFoundError as e:
+            raise NetpError(self.path, "no such file") from e
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
             self._parse()
@@ -208,8 +204,8 @@ class NEReader:
             raw_name = self._read_exact(name_len, "a tensor name")
             try:
                 name = raw_name.decode("utf-8")
-            except UnicodeDecodeError:
-                raise self._bad(f"tensor record at offset {pos} has a name that is not UTF-8") from None
+            except UnicodeDecodeError as e:
+                raise self._bad(f"tensor record at offset {pos} has a name that is not UTF-8") from e
             if any(d <= 0 for d in ne):
                 raise self._bad(f"tensor {name} has a non-positive dimension {list(ne)}")
             block, _ = block_geometry(ggml_type)
@@ -240,8 +236,8 @@ class NEReader:
     def info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
-        except KeyError:
-            raise NetpError(self.path, f"missing tensor {name}") from None
+        except KeyError as e:
+            raise NetpError(self.path, f"missing tensor {name}") from e
 
     def _map(self) -> mmap.mmap:
         if self._mmap is None:

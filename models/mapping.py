@@ -1,7 +1,7 @@
 """Which slice of every tensor a tensor-parallel rank holds: one object, used
 by shard, the runtime and the tests alike (TensorRT-LLM's Mapping shape).
 
-Rules (DESIGN §4), one for every world size N:
+Rules (docs/design.md §4), one for every world size N:
 - query heads are cut into N contiguous ranges, as even as possible (the
   first n_head % N ranks get one more); N > n_head is refused;
 - each rank holds every KV head its query heads use, so a KV head whose
@@ -64,9 +64,6 @@ class Mapping:
         self._q = even_ranges(hp.n_head, world_size)
         self._ffn = block_ranges(hp.n_ff, world_size, "MLP width")
         self._vocab = block_ranges(hp.n_vocab, world_size, "vocab")
-
-    def for_rank(self, rank: int) -> "Mapping":
-        return Mapping(self.world_size, rank, self.hp, self.arch)
 
     # -- heads -----------------------------------------------------------------
     def q_heads(self, rank: int | None = None) -> tuple[int, int]:

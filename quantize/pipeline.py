@@ -27,6 +27,7 @@ from netp.formats.constants import FTYPE_OF_TYPE, QUANTIZED_TYPES, TYPE_NAMES, G
 from netp.formats.ne import NEReader, NEWriter, TensorInfo
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
 from netp.hostenv import cpu_count
+from netp.sizes import human_size
 from netp.quantize import rules
 from netp.quantize.codecs import NonFiniteError, quantize_rows
 
@@ -54,14 +55,10 @@ class QuantizeResult:
     def summary(self) -> str:
         kept = ", ".join(f"{n} kept {t}" for t, n in self.kept.items()) or "none kept"
         tok = f"; tokenizer -> {self.tokenizer}" if self.tokenizer else "; no tokenizer folder beside the input"
-        return (f"{self.src} ({self.arch}, {_size(self.bytes_in)}) -> {self.dst} "
-                f"({TYPE_NAMES[self.ggml_type]}, {_size(self.bytes_out)}): "
+        return (f"{self.src} ({self.arch}, {human_size(self.bytes_in)}) -> {self.dst} "
+                f"({TYPE_NAMES[self.ggml_type]}, {human_size(self.bytes_out)}): "
                 f"{self.n_quantized} tensors quantized, {kept}; "
                 f"{self.bytes_in / max(self.bytes_out, 1):.2f}x smaller in {self.seconds:.1f} s{tok}")
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 # -- tokenizer folder --------------------------------------------------------------
@@ -92,7 +89,7 @@ def _check_arch(reader: NEReader, model_name: str | None) -> Architecture:
         try:
             named = by_ns_model_name(model_name)
         except ValueError as e:
-            raise NetpError(None, str(e)) from None
+            raise NetpError(None, str(e)) from e
         if named is not arch:
             raise NetpError(reader.path, f"--model_name {model_name} is a {named.name} model, but this file holds "
                                          f"a {arch.name} model (recognised from its tensor names); "
@@ -135,7 +132,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGM
     with NEReader(src) as reader:
         _refuse_quantized(reader)
         arch = _check_arch(reader, model_name)
-        plan = {name: rules.target_type(name, info.shape, info.ggml_type, ggml_type)
+        plan = {name: rules.target_type(info.shape, info.ggml_type, ggml_type)
                 for name, info in reader.tensors.items()}
         header = dataclasses.replace(reader.header, ftype=rules.header_ftype(ggml_type))
         total = sum(info.nbytes for info in reader.tensors.values())
@@ -234,5 +231,5 @@ class _Streamer:
         try:
             quantize_rows(x, c.out_type, out=out, nthread=self.nthread)
         except NonFiniteError as e:
-            raise _nonfinite_row(self.reader, info.name, c.a + e.block // (row_len // values)) from None
+            raise _nonfinite_row(self.reader, info.name, c.a + e.block // (row_len // values)) from e
         self.writer.write(out)

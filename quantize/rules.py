@@ -32,8 +32,8 @@ from netp.formats.constants import BLOCK_SIZE, FTYPE_OF_TYPE, QUANTIZED_TYPES, G
 __all__ = ["target_type", "header_ftype"]
 
 
-def target_type(name: str, shape: Sequence[int], source: GGMLType, chosen: GGMLType) -> GGMLType:
-    """The type tensor `name` (numpy `shape`, stored as `source`) gets in a `chosen`-type file."""
+def target_type(shape: Sequence[int], source: GGMLType, chosen: GGMLType) -> GGMLType:
+    """The type a tensor of numpy `shape`, stored as `source`, gets in a `chosen`-type file."""
     if chosen not in QUANTIZED_TYPES:
         raise ValueError(f"{GGMLType(chosen).name} is not a block type")
     if len(shape) == 2 and shape[-1] % BLOCK_SIZE == 0:

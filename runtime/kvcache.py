@@ -9,10 +9,5 @@ class KVCache:
     n_heads: the rank's KV heads (RankModel says how many copies it keeps)."""
 
     def __init__(self, n_layer: int, n_heads: int, n_ctx: int, head_dim: int):
-        self.n_ctx = n_ctx
         self.k = [np.zeros((n_heads, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
         self.v = [np.zeros((n_heads, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)

@@ -1,4 +1,4 @@
-"""What a rank's forward holds: its weights, in the form DESIGN §5 chooses.
+"""What a rank's forward holds: its weights, in the form docs/design.md §5 chooses.
 
 - Default: every matrix slice the rank owns is dequantized once, at load,
   to f32, and the NE tensors one product reads are stacked into one matrix
@@ -20,24 +20,10 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry
+from netp.quantize.codecs import dequantize_rows
 
 _CHUNK_VALUES = 1 << 20  # low-mem: values dequantized per piece (4 MB of f32, cache-friendly)
 _scratch = threading.local()
-
-
-def dequantize(raw: np.ndarray, t: GGMLType, out: np.ndarray | None = None, nthread: int = 1) -> np.ndarray:
-    """File-form rows -> float32 (f32 passes through, f16 widens)."""
-    try:
-        from netp.quantize.codecs import dequantize_rows
-    except ImportError:  # the quantize stage absent: gguf-py's reference codecs
-        from gguf.quants import dequantize as ref
-
-        res = ref(np.asarray(raw), t).astype(np.float32, copy=False)
-        if out is None:
-            return res
-        out[...] = res
-        return out
-    return dequantize_rows(raw, t, out=out, nthread=nthread)
 
 
 def _scratch_rows(rows: int, cols: int) -> np.ndarray:
@@ -64,7 +50,7 @@ class BlockMatrix:
         for raw, t in self.parts:
             for a in range(0, raw.shape[0], step):
                 b = min(raw.shape[0], a + step)
-                w = dequantize(raw[a:b], t, out=_scratch_rows(b - a, self.n_in))
+                w = dequantize_rows(raw[a:b], t, out=_scratch_rows(b - a, self.n_in))
                 out[:, at + a:at + b] = x @ w.T
             at += raw.shape[0]
         return out
@@ -77,7 +63,7 @@ class EmbeddingTable:
         self.data, self.type = data, t
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        return np.array(dequantize(self.data[np.asarray(ids)], self.type), dtype=np.float32, copy=False)
+        return np.array(dequantize_rows(self.data[np.asarray(ids)], self.type), dtype=np.float32, copy=False)
 
 
 class RankWeights:
@@ -131,7 +117,7 @@ class RankWeights:
             if any(p is None for p in parts):
                 raise NetpError(self.source.path, f"{', '.join(names)}: held only partly by this rank")
             if parts[0][0].ndim == 1:  # norms and biases: small, f32
-                value = np.concatenate([dequantize(raw, t).astype(np.float32, copy=False) for raw, t in parts])
+                value = np.concatenate([dequantize_rows(raw, t).astype(np.float32, copy=False) for raw, t in parts])
                 self.resident_bytes += value.nbytes
                 out[key] = value
                 continue
@@ -157,7 +143,7 @@ def _dense_transposed(parts: list[tuple[np.ndarray, GGMLType]], n_in: int, nthre
         for a in range(0, raw.shape[0], step):
             b = min(raw.shape[0], a + step)
             scratch = None if t == GGMLType.F32 else _scratch_rows(b - a, n_in)  # f32 needs no scratch
-            value[:, at + a:at + b] = dequantize(raw[a:b], t, out=scratch, nthread=nthread).T
+            value[:, at + a:at + b] = dequantize_rows(raw[a:b], t, out=scratch, nthread=nthread).T
         at += raw.shape[0]
     return value
 

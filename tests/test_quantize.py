@@ -163,12 +163,12 @@ def test_rows_must_fill_blocks():
 
 def test_rule():
     f32, q = GGMLType.F32, GGMLType.Q4_0
-    assert rules.target_type("layers.0.attention.wq.weight", (64, 64), f32, q) == q
-    assert rules.target_type("tok_embeddings.weight", (100, 64), f32, q) == q
-    assert rules.target_type("output.weight", (100, 64), GGMLType.F16, q) == q
-    assert rules.target_type("norm.weight", (64,), f32, q) == f32
-    assert rules.target_type("transformer.h.0.mlp.fc_in.bias", (256,), f32, q) == f32
-    assert rules.target_type("layers.0.feed_forward.w2.weight", (64, 80), GGMLType.F16, q) == GGMLType.F16
+    assert rules.target_type((64, 64), f32, q) == q  # layers.0.attention.wq.weight
+    assert rules.target_type((100, 64), f32, q) == q  # tok_embeddings.weight
+    assert rules.target_type((100, 64), GGMLType.F16, q) == q  # output.weight
+    assert rules.target_type((64,), f32, q) == f32  # norm.weight
+    assert rules.target_type((256,), f32, q) == f32  # transformer.h.0.mlp.fc_in.bias
+    assert rules.target_type((64, 80), GGMLType.F16, q) == GGMLType.F16  # layers.0.feed_forward.w2.weight
     assert rules.header_ftype(GGMLType.Q8_0) == 7
 
 
