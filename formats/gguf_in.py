@@ -32,7 +32,7 @@ def open_gguf_reader(path: Path) -> Any:
     except Exception as e:
         size = path.stat().st_size
         raise NetpError(path, f"not a readable GGUF file: truncated or corrupt ({size} bytes; gguf-py: "
-                              f"{type(e).__name__}: {e})") from None
+                              f"{type(e).__name__}: {e})") from e
 
 
 def field_value(reader: Any, name: str, path: Path) -> Any:
@@ -42,7 +42,7 @@ def field_value(reader: Any, name: str, path: Path) -> Any:
         return reader.fields[name].contents()
     except Exception as e:
         raise NetpError(path, f"not a readable GGUF file: corrupt metadata value {name!r} "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {e})") from e
 
 
 class GGUFFile:
@@ -77,11 +77,11 @@ class GGUFFile:
         t = self._tensors[name]
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
+        except NotImplementedError as e:
             raise NetpError(self.path, f"tensor {name} has type {t.tensor_type.name}, which gguf-py cannot "
-                                       "dequantize") from None
+                                       "dequantize") from e
         except Exception as e:
-            raise NetpError(self.path, f"tensor {name}: cannot dequantize ({type(e).__name__}: {e})") from None
+            raise NetpError(self.path, f"tensor {name}: cannot dequantize ({type(e).__name__}: {e})") from e
         out = np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape(name))
         if np.may_share_memory(out, self._reader.data):
             out = out.copy()  # f32 tensors come back as views of the map: copy before dropping its pages

@@ -4,7 +4,7 @@ index) and PyTorch `.bin`, one tensor at a time, as float32.
 safetensors: `safe_open` validates each file and lists its tensors; the
 bytes are then read with `os.preadv` at the offsets of the file's header
 into one reused buffer, never through a memory map, so the pages read do
-not stay in the process's resident memory (DESIGN §1: peak memory stays
+not stay in the process's resident memory (docs/design.md §1: peak memory stays
 near the largest tensor). bf16 is widened to f32 exactly without torch: its
 16 bits become the high half of a uint32 (neural-speed's way).
 
@@ -38,7 +38,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise NetpError(path, f"not readable JSON ({type(e).__name__}: {e})") from None
+        raise NetpError(path, f"not readable JSON ({type(e).__name__}: {e})") from e
     if not isinstance(value, dict):
         raise NetpError(path, "does not hold a JSON object")
     return value
@@ -100,9 +100,9 @@ class SafetensorsFile:
             with safe_open(path, framework="numpy") as f:
                 names = list(f.keys())
         except SafetensorError as e:
-            raise NetpError(path, f"not a readable safetensors file ({e})") from None
-        except FileNotFoundError:
-            raise NetpError(path, "no such file") from None
+            raise NetpError(path, f"not a readable safetensors file ({e})") from e
+        except FileNotFoundError as e:
+            raise NetpError(path, "no such file") from e
         self._fd = os.open(path, os.O_RDONLY)
         header = self._header()
         self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
@@ -196,9 +196,9 @@ class TorchBinCheckpoint:
     def __init__(self, path: Path, files: list[Path]):
         try:
             import torch
-        except ImportError:
+        except ImportError as e:
             raise NetpError(files[0], "PyTorch .bin checkpoints need torch: install netp's `torch` extra "
-                                      "(pip install 'netp[torch]'), or convert the checkpoint to safetensors") from None
+                                      "(pip install 'netp[torch]'), or convert the checkpoint to safetensors") from e
         self.path = path
         self._torch = torch
         self._tensors: dict[str, Any] = {}
@@ -210,9 +210,9 @@ class TorchBinCheckpoint:
                 what = f" (it references {found.group(1)})" if found else ""
                 raise NetpError(f, f"refused: the pickle holds objects other than tensors{what}; netp loads .bin "
                                    "checkpoints with torch.load(weights_only=True) and never runs code from a "
-                                   "checkpoint") from None
+                                   "checkpoint") from e
             except Exception as e:  # torch raises many kinds on a bad file
-                raise NetpError(f, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+                raise NetpError(f, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
             if not isinstance(state, dict):
                 raise NetpError(f, f"holds a {type(state).__name__}, not a state dict of tensors")
             for name, t in state.items():
@@ -242,7 +242,7 @@ def _index_files(folder: Path, index: Path) -> tuple[list[Path], dict[str, str]]
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NetpError(index, f"not a readable checkpoint index ({type(e).__name__}: {e})") from None
+        raise NetpError(index, f"not a readable checkpoint index ({type(e).__name__}: {e})") from e
     files = [folder / f for f in dict.fromkeys(weight_map.values())]
     for f in files:
         if not f.is_file():

@@ -1,4 +1,4 @@
-"""The NE vocab section: one (bytes, score) entry per token id (DESIGN §2 item 4).
+"""The NE vocab section: one (bytes, score) entry per token id (docs/design.md §2 item 4).
 
 Two rules, as neural-speed's converters write them:
 - byte-level BPE (GPT-2 family, SmolLM2, GGUF `gpt2` vocabularies): tokens
@@ -95,7 +95,7 @@ def vocab_from_tokenizer_json(path: Path, n_vocab: int) -> Vocab:
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
         model = spec["model"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NetpError(path, f"not a readable tokenizer.json ({type(e).__name__}: {e})") from None
+        raise NetpError(path, f"not a readable tokenizer.json ({type(e).__name__}: {e})") from e
     added = {int(a["id"]): a for a in spec.get("added_tokens") or ()}
     kind = model.get("type")
     if kind == "BPE":
@@ -140,7 +140,7 @@ def load_sentencepiece(path: Path) -> Any:
     try:
         return sentencepiece.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
-        raise NetpError(path, f"not a readable sentencepiece model ({e})") from None
+        raise NetpError(path, f"not a readable sentencepiece model ({e})") from e
 
 
 def vocab_from_sentencepiece(path: Path, n_vocab: int) -> Vocab:

@@ -7,7 +7,7 @@ caller's buffer, so a row chunk goes straight into the output file's layout.
 pass through them too, so callers never special-case a type.
 
 The oracle is gguf 0.19.0's gguf/quants.py (pinned in pyproject). Its
-arithmetic is reproduced step for step in float32 (DESIGN §3):
+arithmetic is reproduced step for step in float32 (docs/design.md §3):
 - d is stored as f16, but the codes use the unrounded f32 d through
   id = 1/d (0 when d == 0); dividing by d instead flips exact .5 ties.
 - q4_0: mx = the first value with the largest |x| (sign kept), d = mx / -8,
@@ -332,8 +332,8 @@ CODECS: dict[GGMLType, BlockCodec] = {
 def _get(t: GGMLType) -> BlockCodec:
     try:
         return CODECS[GGMLType(t)]
-    except (KeyError, ValueError):
-        raise ValueError(f"no block codec for {GGMLType(t).name}") from None
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"no block codec for {GGMLType(t).name}") from e
 
 
 # -- chunked drivers -----------------------------------------------------------
@@ -393,7 +393,7 @@ def quantize_blocks(blocks: np.ndarray, t: GGMLType, out: np.ndarray | None = No
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 codec.quantize(x, out[a:b])
         except NonFiniteError as e:
-            raise NonFiniteError(a + e.block) from None
+            raise NonFiniteError(a + e.block) from e
 
     _run_chunks(work, n, nthread)
     return out

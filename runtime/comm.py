@@ -109,9 +109,9 @@ class MPIComm(Comm):
         os.environ.setdefault("MPIR_CVAR_POLLS_BEFORE_YIELD", "10")
         try:
             from mpi4py import MPI
-        except ImportError:
+        except ImportError as e:
             raise NetpError(None, "launched under MPI but mpi4py is not installed "
-                                  "(pip install 'netp[mpi]' gives mpi4py and mpich)") from None
+                                  "(pip install 'netp[mpi]' gives mpi4py and mpich)") from e
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()

@@ -82,3 +82,16 @@ def test_shard_set_rechecks_checksums(smollm2_shards2, tmp_path):
     assert f"{m.ranks[1].file}: MISMATCH: sha256" in p.stdout and f"{m.ranks[0].file}: ok" in p.stdout
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"netp inspect: error: {victim}: sha256 mismatch"), p.stderr
+
+
+def test_debug_shows_the_wrapped_library_error_behind_the_same_line(tmp_path):
+    broken = tmp_path / "shards"
+    broken.mkdir()
+    (broken / "manifest.json").write_text('{"format": "netp-shards", "version": 1,,}')
+    plain = inspect(broken)
+    assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    assert plain.stderr.startswith(f"netp inspect: error: {broken / 'manifest.json'}: is not valid JSON"), plain.stderr
+    debug = inspect(broken, "--debug")
+    assert debug.returncode == 1 and debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+    # the json module's own exception, chained as the cause of netp's one-line error
+    assert "json.decoder.JSONDecodeError" in debug.stderr and "direct cause" in debug.stderr, debug.stderr
