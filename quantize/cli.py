@@ -5,7 +5,7 @@
 - `python scripts/quantize.py --model_name llama --model_file ne-f32.bin
   --out_file ne-q4_0.bin --weight_dtype int4` (neural-speed's flags).
 
-neural-speed's quantize options map onto ggml's block types (DESIGN §3):
+neural-speed's quantize options map onto ggml's block types (docs/design.md §3):
 int4 + sym + group 32 = q4_0, int4 + asym = q4_1, int8 + sym = q8_0. What
 those blocks cannot express (another group size, int8 asym, fp8/nf4/fp4,
 bf16 scales, a compute dtype for neural-speed's own kernels) is refused by

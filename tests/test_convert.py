@@ -2,7 +2,7 @@
 bf16, .bin), a sentencepiece tokenizer, the SmolLM2 GGUF, and bad inputs.
 
 Expected values come from transformers, torch, safetensors, sentencepiece and
-gguf-py reading the same sources, and from DESIGN §2's rules written out here,
+gguf-py reading the same sources, and from docs/design.md §2's rules written out here,
 never from netp's own output.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ N_VOCAB = 49152
 
 # -- references, written independently of netp --------------------------------------------
 def llama_names(n_layer: int, tied: bool) -> dict[str, str]:
-    """NE name -> HF name for the LLaMA family (DESIGN §2)."""
+    """NE name -> HF name for the LLaMA family (docs/design.md §2)."""
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.weight": "model.embed_tokens.weight" if tied else "lm_head.weight"}
     per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -74,7 +74,7 @@ def hf_state(folder: Path) -> dict[str, np.ndarray]:
 
 
 def byte_level_reference(tokenizer_json: Path, n_vocab: int) -> list[tuple[bytes, float]]:
-    """DESIGN §2: raw bytes through GPT-2's byte decoder, score -i, added tokens -10000."""
+    """docs/design.md §2: raw bytes through GPT-2's byte decoder, score -i, added tokens -10000."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     decoder = {c: b for b, c in bytes_to_unicode().items()}
@@ -587,7 +587,7 @@ def test_copy_tokenizer_dir(smollm2_f32, tmp_path):
 
 
 def test_gguf_tokenizer_build_imports_no_torch(smollm2_gguf, tmp_path):
-    """transformers' own GGUF reader imports torch; convert's GGUF path must not (DESIGN §1)."""
+    """transformers' own GGUF reader imports torch; convert's GGUF path must not (docs/design.md §1)."""
     code = (
         "import sys\n"
         "from netp.formats.gguf_in import GGUFFile\n"

@@ -1,7 +1,7 @@
 """GPT-NeoX end to end (issue 18): names, hparams, header, split plan, and the
 numpy forward through convert f32 -> quantize q4_0 -> shard at 1, 2, 3 ranks,
 checked against transformers' own GPTNeoXForCausalLM and against the
-unsharded file (DESIGN §5: max |dlogit| <= 1e-3, same argmax where the
+unsharded file (docs/design.md §5: max |dlogit| <= 1e-3, same argmax where the
 reference's top-2 margin exceeds 1e-3), and once under a real mpiexec.
 
 The tiny models are random transformers GPTNeoXConfig models made here
@@ -44,7 +44,7 @@ TINY = dict(vocab_size=49152, hidden_size=128, num_attention_heads=4, intermedia
 
 
 def assert_logits_agree(ref: np.ndarray, got: np.ndarray, what: str) -> float:
-    """DESIGN §5's rule; returns max |dlogit|."""
+    """docs/design.md §5's rule; returns max |dlogit|."""
     assert ref.shape == got.shape, what
     diff = float(np.abs(ref - got).max())
     assert diff <= BOUND, f"{what}: max |dlogit| {diff:.3g} > {BOUND}"

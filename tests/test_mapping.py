@@ -1,4 +1,4 @@
-"""The split rule of DESIGN §4, checked on the cases it names."""
+"""The split rule of docs/design.md §4, checked on the cases it names."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""The runtime (issue 15, DESIGN §5): the rank-local numpy forward, N ranks
+"""The runtime (issue 15, docs/design.md §5): the rank-local numpy forward, N ranks
 simulated and under a real mpiexec, weights, sampling, generation, errors.
 
 Models are real: tiny random transformers models (tests/conftest.py's
@@ -125,7 +125,7 @@ def run_ranks(model: Path, ranks: int, tokens=TOKENS, n_prompt=N_PROMPT, **load)
 
 
 def assert_logits_close(ref: np.ndarray, got: np.ndarray, bound: float = BOUND) -> float:
-    """DESIGN §5's rule: max |dlogit| <= bound, same argmax wherever the reference's top-2 margin > bound."""
+    """docs/design.md §5's rule: max |dlogit| <= bound, same argmax wherever the reference's top-2 margin > bound."""
     assert ref.shape == got.shape
     diff = float(np.abs(ref - got).max())
     assert diff <= bound, f"max |dlogit| {diff:.3g} > {bound}"
