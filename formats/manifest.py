@@ -146,9 +146,6 @@ class Manifest:
     ranks: list[RankFile] = field(default_factory=list)
     version: int = MANIFEST_VERSION
 
-    def rank_file(self, rank: int) -> RankFile:
-        return self.ranks[rank]
-
     def tensors_of(self, rank: int) -> list[TensorEntry]:
         """The tensors rank `rank`'s file holds, in file order."""
         return [t for t in self.tensors.values() if t.held_by(rank)]
