@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from netp.cliutil import NetpCommand, common_options, run_reporting
+from netp.cliutil import NetpCommand, common_options, progress_bar, run_reporting
 
 class ConvertCommand(NetpCommand):
     """Remembers the raw arguments so a usage error can show the corrected line."""
@@ -85,7 +85,8 @@ def convert_command(model: str, outtype: str, outfile: str | None, quiet: bool, 
     def run() -> Any:
         from netp.convert.pipeline import convert, summary_line
 
-        result = convert(model, outfile or f"ne-{outtype}.bin", outtype, quiet=quiet)
+        with progress_bar("convert", unit="tensor", quiet=quiet) as on_progress:
+            result = convert(model, outfile or f"ne-{outtype}.bin", outtype, on_progress=on_progress)
         for warning in result.warnings:  # shown even with --quiet: it is not progress
             click.echo(f"{prog}: warning: {model}: {warning}", err=True)
         if not quiet:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -144,7 +144,56 @@ def plan_tensors(src: Source) -> dict[str, tuple[str, tuple[int, ...]]]:
     return plan
 
 
-def _write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> None:
+Progress = Callable[[int, int], None]  # (units just done, total units); the CLI draws the bar
+
+
+class Extent(NamedTuple):
+    """Where a tensor's bytes already are its NE f32 data: copy them, do not decode."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class NETensor:
+    """One tensor of the NE file convert writes: its record, and the source tensor it comes from."""
+
+    name: str
+    ggml_type: GGMLType
+    shape: tuple[int, ...]
+    source_name: str
+
+
+def ne_tensors(plan: dict[str, tuple[str, tuple[int, ...]]], out_type: GGMLType) -> list[NETensor]:
+    """The NE file's tensors in file order; 1-D tensors (norms, biases) stay f32."""
+    return [NETensor(ne, GGMLType.F32 if len(shape) == 1 else out_type, shape, name)
+            for ne, (name, shape) in plan.items()]
+
+
+def ne_header(src: Source, out_type: GGMLType) -> NEHeader:
+    return NEHeader(**src.arch.header_fields(src.hp), ftype=FTYPE_OF_TYPE[out_type])
+
+
+def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NETensor, np.ndarray | Extent]]:
+    """Each NE tensor in file order with its data: an Extent when the source bytes are
+    the NE bytes (f32 to f32, untransformed), else its f32 values in NE layout (which
+    may live in a buffer the next tensor reuses: consume before advancing)."""
+    extent_of = getattr(src.tensors, "f32_extent", None)
+    for t in tensors:
+        copyable = t.ggml_type == GGMLType.F32 and extent_of is not None and not src.transforms(t.name)
+        extent = extent_of(t.source_name) if copyable else None
+        if extent is not None:
+            yield t, Extent(*extent)
+            continue
+        data = src.tensors.read(t.source_name)
+        if src.transforms(t.name):
+            data = src.arch.transform_hf(t.name, data, src.hp)
+        yield t, data
+        del data
+
+
+def write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> None:
     flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
     if ggml_type == GGMLType.F32:
         writer.write(flat)
@@ -153,63 +202,64 @@ def _write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> No
         writer.write(flat[start:start + _F16_CHUNK].astype(np.float16))
 
 
-def _copy_extent(src: Source, ne: str, name: str, ggml_type: GGMLType) -> tuple[int, int, int] | None:
-    """(fd, offset, nbytes) when the source bytes are the NE bytes (f32 to f32, untransformed)."""
-    extent = getattr(src.tensors, "f32_extent", None)
-    if ggml_type != GGMLType.F32 or extent is None or src.transforms(ne):
-        return None
-    return extent(name)
-
-
-def convert(model: str, outfile: str | Path, outtype: str = "f32", *, quiet: bool = True) -> ConvertResult:
-    """Convert MODEL (HF folder, cached hub id or .gguf) to an NE file plus its tokenizer folder."""
-    from netp.cliutil import progress
-    from netp.convert.resolve import resolve_model
-
-    t0 = time.perf_counter()
-    if outtype not in OUT_TYPES:
-        raise NetpError(None, f"--outtype {outtype!r} is not one of {', '.join(OUT_TYPES)}")
-    out_type = OUT_TYPES[outtype]
-    outfile = Path(outfile)
+def check_outfile(outfile: Path) -> None:
     if outfile.is_dir():
         raise NetpError(outfile, "is a folder; --outfile names the NE file to write")
     parent = outfile.parent if str(outfile.parent) else Path(".")
     if not parent.is_dir():
         raise NetpError(outfile, f"folder {parent} does not exist")
 
-    src = open_source(resolve_model(model))
+
+def open_model(model: str) -> Source:
+    """MODEL as the user names it (HF folder, cached hub id, .gguf), opened."""
+    from netp.convert.resolve import resolve_model
+
+    return open_source(resolve_model(model))
+
+
+def out_type_of(outtype: str) -> GGMLType:
+    if outtype not in OUT_TYPES:
+        raise NetpError(None, f"--outtype {outtype!r} is not one of {', '.join(OUT_TYPES)}")
+    return OUT_TYPES[outtype]
+
+
+def convert(model: str, outfile: str | Path, outtype: str = "f32", *,
+            on_progress: Progress | None = None) -> ConvertResult:
+    """Convert MODEL (HF folder, cached hub id or .gguf) to an NE file plus its tokenizer folder.
+    `on_progress(1, n_tensors)` after each tensor."""
+    t0 = time.perf_counter()
+    out_type = out_type_of(outtype)
+    outfile = Path(outfile)
+    check_outfile(outfile)
+
+    src = open_model(model)
     try:
         if outfile.exists() and outfile.resolve() == src.path.resolve():
             raise NetpError(outfile, "is the input; choose another --outfile")
-        plan = plan_tensors(src)
+        tensors = ne_tensors(plan_tensors(src), out_type)
         vocab = src.vocab()
-        header = NEHeader(**src.arch.header_fields(src.hp), ftype=FTYPE_OF_TYPE[out_type])
         tok_target = tokenizer_dir_for(outfile)
         with atomic_dir(tok_target) as tok_tmp:
             src.write_tokenizer(tok_tmp)
             check_tokenizer_files(tok_tmp, tok_target)
-            writer = NEWriter(outfile, header, vocab)
+            writer = NEWriter(outfile, ne_header(src, out_type), vocab)
             try:
-                for ne, (name, shape) in progress(plan.items(), quiet=quiet, total=len(plan), desc="convert",
-                                                  unit="tensor"):
-                    ggml_type = GGMLType.F32 if len(shape) == 1 else out_type  # 1-D tensors stay f32
-                    writer.begin_tensor(ne, ggml_type, shape)
-                    extent = _copy_extent(src, ne, name, ggml_type)
-                    if extent is not None:  # the bytes are already right: copy them in the kernel, like cp
-                        writer.copy_from(*extent)
-                        continue
-                    data = src.tensors.read(name)
-                    if src.transforms(ne):
-                        data = src.arch.transform_hf(ne, data, src.hp)
-                    _write_values(writer, data, ggml_type)
+                for t, data in converted_tensors(src, tensors):
+                    writer.begin_tensor(t.name, t.ggml_type, t.shape)
+                    if isinstance(data, Extent):  # the bytes are already right: copy them in the kernel, like cp
+                        writer.copy_from(*data)
+                    else:
+                        write_values(writer, data, t.ggml_type)
                     del data
+                    if on_progress is not None:
+                        on_progress(1, len(tensors))
             except BaseException:
                 writer.abort()
                 raise
         writer.commit()  # the tokenizer folder is in place: the NE file goes last
     finally:
         src.close()
-    return ConvertResult(outfile, tok_target, src.arch.name, len(plan), outfile.stat().st_size,
+    return ConvertResult(outfile, tok_target, src.arch.name, len(tensors), outfile.stat().st_size,
                          time.perf_counter() - t0, tuple(src.arch.ns_loader_caveats(src.hp)))
 
 
@@ -218,4 +268,5 @@ def summary_line(r: ConvertResult) -> str:
             f"in {r.seconds:.1f} s")
 
 
-__all__ = ["convert", "open_source", "plan_tensors", "summary_line", "ConvertResult", "Source", "OUT_TYPES"]
+__all__ = ["convert", "open_source", "open_model", "plan_tensors", "ne_tensors", "ne_header", "converted_tensors",
+           "summary_line", "ConvertResult", "Source", "NETensor", "Extent", "OUT_TYPES"]

@@ -63,6 +63,15 @@ def tensor_nbytes(ggml_type: GGMLType, shape: Sequence[int]) -> int:
     return n // block * block_bytes
 
 
+def tensor_record(name: str, ggml_type: GGMLType, shape: Sequence[int], pos: int) -> bytes:
+    """A tensor's record before its data, written at file offset `pos`: n_dims, name
+    length, type, ne, the name and the zero padding that aligns the data."""
+    raw_name = name.encode("utf-8")
+    ne = tuple(reversed([int(d) for d in shape]))
+    head = NE_TENSOR_HEAD.pack(len(ne), len(raw_name), int(ggml_type)) + struct.pack(f"<{len(ne)}i", *ne) + raw_name
+    return head + bytes(aligned(pos + len(head)) - pos - len(head))
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives in an NE file."""
@@ -294,6 +303,67 @@ class NEReader:
         self.close()
 
 
+class StreamedNE:
+    """An NE file that is never written whole: its layout computed from the header,
+    vocab and tensor records, its tensor bytes produced on demand. It reads like an
+    NEReader (header, vocab, tensors, file_size, read_into), so a stage that streams
+    an NE file (shard) can stream one that exists only as bytes in flight.
+
+    `fill(info, row0, out)` writes rows [row0, row0 + out.size // row bytes) of tensor
+    `info` into uint8 buffer `out`; a row is ne[0] values (one row for a 1-D tensor).
+    Reads of tensor data come in file order, each within one tensor."""
+
+    def __init__(self, path: str | os.PathLike, header: Any, vocab: Vocab,
+                 tensors: Sequence[tuple[str, GGMLType, Sequence[int]]], fill: Any):
+        self.path = Path(path)
+        prefix = header_to_bytes(header) + vocab_to_bytes(vocab)
+        # The header as a reader of these bytes sees it (floats rounded to f32).
+        self.header = NEHeader(*NE_HEADER_STRUCT.unpack_from(prefix, len(NE_MAGIC)))
+        self.vocab, self._fill = vocab, fill
+        self._gaps: list[tuple[int, bytes]] = []  # (offset, bytes) of everything but tensor data
+        self.tensors: dict[str, TensorInfo] = {}
+        pos, pending = 0, prefix
+        for name, ggml_type, shape in tensors:
+            record = pending + tensor_record(name, ggml_type, shape, pos + len(pending))
+            self._gaps.append((pos, record))
+            pos += len(record)
+            self.tensors[name] = TensorInfo(name, GGMLType(ggml_type), tuple(shape), pos,
+                                            tensor_nbytes(ggml_type, shape))
+            pos += self.tensors[name].nbytes
+            pending = b""
+        self.file_size = pos
+        self._data = list(self.tensors.values())  # tensor i's data follows gap i
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: t.shape for name, t in self.tensors.items()}
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        import bisect
+
+        n = out.nbytes
+        i = bisect.bisect_right(self._gaps, offset, key=lambda g: g[0]) - 1
+        gap_at, gap = self._gaps[i]
+        if offset + n <= gap_at + len(gap):
+            out[:] = np.frombuffer(gap, dtype=np.uint8, count=n, offset=offset - gap_at)
+            return
+        info = self._data[i]
+        row_bytes = info.nbytes if len(info.shape) == 1 else info.row_nbytes
+        start = offset - info.offset
+        if start < 0 or start % row_bytes or n % row_bytes or start + n > info.nbytes:
+            raise ValueError(f"read of {n} bytes at {offset} is not whole rows of tensor {info.name}")
+        self._fill(info, start // row_bytes, out)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "StreamedNE":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class NEWriter:
     """Write an NE file one tensor at a time under a temporary name.
 
@@ -339,12 +409,7 @@ class NEWriter:
         block, _ = block_geometry(ggml_type)
         if shape[-1] % block:
             raise ValueError(f"{name}: row length {shape[-1]} is not a multiple of the {ggml_type.name} block")
-        raw_name = name.encode("utf-8")
-        ne = tuple(reversed([int(d) for d in shape]))
-        self._write(NE_TENSOR_HEAD.pack(len(ne), len(raw_name), int(ggml_type)))
-        self._write(struct.pack(f"<{len(ne)}i", *ne))
-        self._write(raw_name)
-        self._write(bytes(aligned(self._pos) - self._pos))
+        self._write(tensor_record(name, ggml_type, shape, self._pos))
         self._pending = (name, tensor_nbytes(ggml_type, shape))
         self.names.append(name)
         return self._pos

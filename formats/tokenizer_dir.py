@@ -58,7 +58,11 @@ def copy_tokenizer_dir(src_ne: str | os.PathLike, dst: str | os.PathLike) -> Pat
     if not all((src / f).is_file() for f in TOKENIZER_FILES):
         raise NetpError(src_ne, f"no tokenizer folder beside it ({src} with {' and '.join(TOKENIZER_FILES)})")
     dst = Path(dst)
-    target = dst / SHARD_TOKENIZER_DIR if dst.is_dir() else tokenizer_dir_for(dst)
+    return copy_tokenizer_folder(src, dst / SHARD_TOKENIZER_DIR if dst.is_dir() else tokenizer_dir_for(dst))
+
+
+def copy_tokenizer_folder(src: Path, target: Path) -> Path:
+    """Copy the files of tokenizer folder `src` into a new folder `target`, atomically."""
     with atomic_dir(target) as tmp:
         for f in sorted(src.iterdir()):
             if f.is_file():

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("netp.convert.cli", "convert_command", "HF checkpoint dir, cached hub id or .gguf -> NE f32/f16."),
     "quantize": ("netp.quantize.cli", "quantize_command", "NE f32/f16 -> q4_0, q4_1 or q8_0 blocks."),
     "shard": ("netp.shard.cli", "shard_command", "Pre-split an NE file into one file per rank + manifest."),
+    "pipeline": ("netp.pipeline.cli", "pipeline_command", "MODEL -> shard set in one pass (convert, quantize, shard)."),
+    "reshard": ("netp.shard.cli", "reshard_command", "Cut a shard set for another number of ranks."),
     "run": ("netp.runtime.cli", "run_command", "Generate text from an NE file or shard set (MPI-aware)."),
     "verify": ("netp.runtime.cli", "verify_command", "Check a shard set against its source and transformers."),
     "inspect": ("netp.inspect", "inspect_command", "Show an NE file, GGUF file or shard set."),
@@ -51,6 +53,7 @@ def netp() -> None:
       netp convert --outtype f32 --outfile ne-f32.bin MODEL
       netp quantize ne-f32.bin ne-q4_0.bin --type q4_0
       netp shard --ranks 2 ne-q4_0.bin shards/
+      (or all three at once: netp pipeline MODEL shards/ --outtype q4_0 --ranks 2)
       mpiexec -n 2 netp run -m shards/ -p "Once upon a time" -n 32
       netp verify shards/ --f32 ne-f32.bin --hf MODEL
     """

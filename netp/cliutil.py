@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, Iterable, Iterator, NoReturn, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 import click
 
@@ -89,12 +89,27 @@ def run_reporting(prog: str, debug: bool, fn: Callable[..., Any], *args: Any, **
         return fn(*args, **kwargs)
 
 
-def progress(iterable: Iterable[Any] | None = None, *, quiet: bool = False, **kwargs: Any) -> Any:
-    """A tqdm bar on a terminal; silent when stderr is not a terminal or with --quiet."""
+@contextlib.contextmanager
+def progress_bar(desc: str, *, unit: str = "B", quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A stage's progress callback `(units just done, total units)` drawn as a tqdm
+    bar on a terminal; silent when stderr is not a terminal or with --quiet. The
+    bar opens on the first call, when the stage knows its total."""
     from tqdm import tqdm
 
-    disable = quiet or not sys.stderr.isatty()
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+    bar = None
+
+    def update(n: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", dynamic_ncols=True, leave=False,
+                       disable=quiet or not sys.stderr.isatty())
+        bar.update(n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
 
 
-__all__ = ["OneLineErrors", "NetpCommand", "common_options", "run_reporting", "progress", "fail", "report_errors"]
+__all__ = ["OneLineErrors", "NetpCommand", "common_options", "run_reporting", "progress_bar", "fail", "report_errors"]

@@ -17,10 +17,11 @@ from typing import Any
 
 import click
 
-from netp.cliutil import NetpCommand, common_options, run_reporting
+from netp.cliutil import NetpCommand, common_options, progress_bar, run_reporting
 from netp.errors import NetpError
 
 TYPE_CHOICES = ("q4_0", "q4_1", "q8_0")
+OVERRIDE_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")  # = netp.quantize.rules.OVERRIDE_TYPES (a test holds them)
 
 # neural-speed --weight_dtype / --alg -> ggml type name
 NS_TYPES = {("int4", "sym"): "q4_0", ("int4", "asym"): "q4_1", ("int8", "sym"): "q8_0"}
@@ -33,13 +34,28 @@ class QuantizeCommand(NetpCommand):
         return f"{e.format_message().rstrip('.')}; usage: netp quantize IN OUT [--type q4_0|q4_1|q8_0]"
 
 
-def _run(src: str, dst: str, type_name: str, nthread: int | None, model_name: str | None, quiet: bool) -> None:
+def _run(src: str, dst: str, type_name: str, nthread: int | None, model_name: str | None,
+         output_type: str | None, embedding_type: str | None, quiet: bool) -> None:
     from netp.formats.constants import type_from_name
     from netp.quantize.pipeline import quantize_file
 
-    result = quantize_file(src, dst, type_from_name(type_name), nthread=nthread, model_name=model_name, quiet=quiet)
+    with progress_bar(f"quantize {type_name}", quiet=quiet) as on_progress:
+        result = quantize_file(src, dst, type_from_name(type_name), nthread=nthread, model_name=model_name,
+                               output_type=output_type and type_from_name(output_type),
+                               embedding_type=embedding_type and type_from_name(embedding_type),
+                               on_progress=on_progress)
     if not quiet:
         click.echo(result.summary())
+
+
+def type_override_options(f: Any) -> Any:
+    """--output_type / --embedding_type (llama-quantize's --output-tensor-type / --token-embedding-type)."""
+    for flag, what in (("embedding_type", "token embedding"), ("output_type", "output head (for a tied model: "
+                                                                             "the embedding's output.weight copy)")):
+        f = click.option(f"--{flag}", f"--{flag.replace('_', '-')}", flag, default=None,
+                         type=click.Choice(OVERRIDE_TYPES, case_sensitive=False),
+                         help=f"Type of the {what} (default: as the other weights).")(f)
+    return f
 
 
 def _nthread_ok(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -56,10 +72,12 @@ def _nthread_ok(ctx: click.Context, param: click.Parameter, value: int | None) -
 @click.option("--type", "-t", "type_opt", type=click.Choice(TYPE_CHOICES, case_sensitive=False),
               help="Block type for the weight matrices (default q4_0).")
 @click.option("--nthread", type=int, callback=_nthread_ok, help="Threads (default: all available cores).")
+@type_override_options
 @common_options
 @click.pass_context
 def quantize_command(ctx: click.Context, src: str, dst: str, type_arg: str | None, type_opt: str | None,
-                     nthread: int | None, quiet: bool, debug: bool) -> None:
+                     nthread: int | None, output_type: str | None, embedding_type: str | None,
+                     quiet: bool, debug: bool) -> None:
     """Quantize an NE f32/f16 file to q4_0 (default), q4_1 or q8_0 blocks.
 
     \b
@@ -71,12 +89,14 @@ def quantize_command(ctx: click.Context, src: str, dst: str, type_arg: str | Non
     \b
       netp quantize ne-f32.bin ne-q4_0.bin --type q4_0
       netp quantize ne-f32.bin ne-q8_0.bin q8_0
+      netp quantize ne-f32.bin ne-q4_0.bin --output_type q8_0 --embedding_type q8_0
     """
     if type_arg and type_opt and type_arg.lower() != type_opt.lower():
         raise click.UsageError(f"type given twice: {type_arg} and --type {type_opt}")
     type_name = (type_opt or type_arg or "q4_0").lower()
     prog = "netp quantize" if ctx.parent is not None else ctx.info_name or "quantize"
-    run_reporting(prog, debug, _run, src, dst, type_name, nthread, None, quiet)
+    run_reporting(prog, debug, _run, src, dst, type_name, nthread, None, output_type and output_type.lower(),
+                  embedding_type and embedding_type.lower(), quiet)
 
 
 # -- neural-speed's scripts/quantize.py ----------------------------------------
@@ -120,10 +140,12 @@ def ns_options(f: Any) -> Any:
 @click.option("--scale_dtype", default="fp32", show_default=True, help="fp32 (ggml stores it as f16 in the block).")
 @click.option("--nthread", type=int, callback=_nthread_ok, help="Threads (default: all available cores).")
 @click.option("--use_ggml", is_flag=True, help="Accepted: netp always writes ggml blocks.")
+@type_override_options
 @ns_options
 @common_options
 def ns_quantize_command(model_name: str | None, model_file: str, out_file: str, weight_dtype: str, alg: str,
                         group_size: int, scale_dtype: str, nthread: int | None, use_ggml: bool,
+                        output_type: str | None, embedding_type: str | None,
                         quiet: bool, debug: bool, **refused: str | None) -> None:
     """Quantize an NE f32/f16 file, with neural-speed's scripts/quantize.py flags.
 
@@ -133,7 +155,8 @@ def ns_quantize_command(model_name: str | None, model_file: str, out_file: str, 
     """
     prog = click.get_current_context().info_name or "quantize.py"
     run_reporting(prog, debug, _ns_run, model_name, model_file, out_file, weight_dtype, alg, group_size,
-                  scale_dtype, nthread, quiet, refused)
+                  scale_dtype, nthread, output_type and output_type.lower(), embedding_type and embedding_type.lower(),
+                  quiet, refused)
 
 
 def ns_type_name(weight_dtype: str, alg: str, group_size: int, scale_dtype: str) -> str:
@@ -155,12 +178,13 @@ def ns_type_name(weight_dtype: str, alg: str, group_size: int, scale_dtype: str)
 
 
 def _ns_run(model_name: str | None, model_file: str, out_file: str, weight_dtype: str, alg: str, group_size: int,
-            scale_dtype: str, nthread: int | None, quiet: bool, refused: dict[str, str | None]) -> None:
+            scale_dtype: str, nthread: int | None, output_type: str | None, embedding_type: str | None,
+            quiet: bool, refused: dict[str, str | None]) -> None:
     for name, value in refused.items():
         if value is not None:
             raise NetpError(None, f"--{name} is not supported: {NS_REFUSED[name]}")
     type_name = ns_type_name(weight_dtype, alg, group_size, scale_dtype)
-    _run(model_file, out_file, type_name, nthread, model_name, quiet)
+    _run(model_file, out_file, type_name, nthread, model_name, output_type, embedding_type, quiet)
 
 
 def ns_main() -> Any:

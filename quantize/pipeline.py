@@ -24,7 +24,7 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.constants import FTYPE_OF_TYPE, QUANTIZED_TYPES, TYPE_NAMES, GGMLType, block_geometry
-from netp.formats.ne import NEReader, NEWriter, TensorInfo
+from netp.formats.ne import NEReader, NEWriter, TensorInfo, tensor_nbytes
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
 from netp.hostenv import cpu_count
 from netp.sizes import human_size
@@ -34,7 +34,7 @@ from netp.quantize.codecs import NonFiniteError, quantize_rows
 if TYPE_CHECKING:
     from netp.models.base import Architecture
 
-__all__ = ["QuantizeResult", "quantize_file", "CHUNK_BYTES"]
+__all__ = ["QuantizeResult", "quantize_file", "encode_rows", "check_finite", "NonFiniteRow", "kept_counts", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 16 << 20  # input bytes per row chunk
 
@@ -104,24 +104,7 @@ def _nonfinite_row(reader: NEReader, name: str, row: int) -> NetpError:
 
 # -- the pipeline ---------------------------------------------------------------
 
-def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGMLType, *,
-                  nthread: int | None = None, model_name: str | None = None, quiet: bool = True,
-                  on_progress: Callable[[int], None] | None = None) -> QuantizeResult:
-    """Quantize NE file `src` into `dst` with block type `ggml_type` (rules.target_type decides per tensor).
-
-    `model_name` (neural-speed's --model_name) must name the architecture
-    the file's tensor names show. Raises NetpError for every user error,
-    leaving no output behind.
-    """
-    t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    ggml_type = GGMLType(ggml_type)
-    if ggml_type not in QUANTIZED_TYPES:
-        raise NetpError(None, f"cannot quantize to {ggml_type.name} "
-                              f"(supported: {', '.join(TYPE_NAMES[t] for t in QUANTIZED_TYPES)})")
-    nthread = nthread or cpu_count()
-    if nthread < 1:
-        raise NetpError(None, f"--nthread must be at least 1, got {nthread}")
+def check_paths(src: Path, dst: Path) -> None:
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise NetpError(dst, "output is the input file; choose another output name")
     if not (dst.parent if str(dst.parent) else Path(".")).is_dir():
@@ -129,39 +112,99 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGM
     if dst.is_dir():
         raise NetpError(dst, "is a directory; give the output NE file's name")
 
+
+def check_type(ggml_type: GGMLType) -> GGMLType:
+    ggml_type = GGMLType(ggml_type)
+    if ggml_type not in QUANTIZED_TYPES:
+        raise NetpError(None, f"cannot quantize to {ggml_type.name} "
+                              f"(supported: {', '.join(TYPE_NAMES[t] for t in QUANTIZED_TYPES)})")
+    return ggml_type
+
+
+def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGMLType, *,
+                  nthread: int | None = None, model_name: str | None = None,
+                  output_type: GGMLType | None = None, embedding_type: GGMLType | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+    """Quantize NE file `src` into `dst` with block type `ggml_type` (rules.tensor_types decides per tensor).
+
+    `model_name` (neural-speed's --model_name) must name the architecture
+    the file's tensor names show. `output_type` / `embedding_type` give the
+    output head / token embedding another type (rules.type_overrides).
+    `on_progress(bytes read, total bytes)` after each row chunk. Raises NetpError for every user error, leaving no output behind.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    ggml_type = check_type(ggml_type)
+    nthread = nthread or cpu_count()
+    if nthread < 1:
+        raise NetpError(None, f"--nthread must be at least 1, got {nthread}")
+    check_paths(src, dst)
+
     with NEReader(src) as reader:
         _refuse_quantized(reader)
         arch = _check_arch(reader, model_name)
-        plan = {name: rules.target_type(info.shape, info.ggml_type, ggml_type)
-                for name, info in reader.tensors.items()}
+        plan = rules.tensor_types({name: (info.shape, info.ggml_type) for name, info in reader.tensors.items()},
+                                  ggml_type, rules.type_overrides(arch, output_type, embedding_type))
         header = dataclasses.replace(reader.header, ftype=rules.header_ftype(ggml_type))
         total = sum(info.nbytes for info in reader.tensors.values())
+        with NEWriter(dst, header, reader.vocab) as writer:
+            for done in _Streamer(reader, writer, nthread).run(_chunks(reader, plan)):
+                if on_progress is not None:
+                    on_progress(done, total)
+            # Tokenizer folder first, the NE file renamed into place last.
+            tokenizer = copy_tokenizer(src, dst)
 
-        from netp.cliutil import progress
-
-        bar = progress(total=total, unit="B", unit_scale=True, desc=f"quantize {TYPE_NAMES[ggml_type]}", quiet=quiet)
-        tokenizer = None
-        try:
-            with NEWriter(dst, header, reader.vocab) as writer:
-                for done in _Streamer(reader, writer, nthread).run(_chunks(reader, plan)):
-                    bar.update(done)
-                    if on_progress is not None:
-                        on_progress(done)
-                # Tokenizer folder first, the NE file renamed into place last.
-                tokenizer = copy_tokenizer(src, dst)
-        finally:
-            bar.close()
-
-    kept: dict[str, int] = {}
-    for name, t in plan.items():
-        if t != ggml_type:
-            kept[TYPE_NAMES[t]] = kept.get(TYPE_NAMES[t], 0) + 1
     return QuantizeResult(
         src=src, dst=dst, arch=arch.name, ggml_type=ggml_type,
-        n_quantized=sum(t == ggml_type for t in plan.values()), kept=kept,
+        n_quantized=sum(t == ggml_type for t in plan.values()), kept=kept_counts(plan, ggml_type),
         bytes_in=src.stat().st_size, bytes_out=dst.stat().st_size,
         seconds=time.perf_counter() - t0, tokenizer=tokenizer,
     )
+
+
+def kept_counts(plan: dict[str, GGMLType], ggml_type: GGMLType) -> dict[str, int]:
+    """Type name -> how many tensors are not stored as `ggml_type`."""
+    kept: dict[str, int] = {}
+    for t in plan.values():
+        if t != ggml_type:
+            kept[TYPE_NAMES[t]] = kept.get(TYPE_NAMES[t], 0) + 1
+    return kept
+
+
+class NonFiniteRow(ValueError):
+    """Row `row` (of the rows handed to encode_rows) holds a NaN or an inf."""
+
+    def __init__(self, row: int):
+        super().__init__(f"NaN or inf in row {row}")
+        self.row = row
+
+
+def encode_rows(x: np.ndarray, out_type: GGMLType, out: np.ndarray, nthread: int) -> np.ndarray:
+    """Rows `x` (2-D f32 or f16 values) stored as `out_type` into uint8 buffer `out`
+    (at least the encoded size); returns the filled (rows, row bytes) part. Kept
+    types are checked finite like quantized ones: the file must not hold a broken weight."""
+    n, row_len = x.shape
+    values, block_bytes = block_geometry(out_type)
+    row_out = row_len // values * block_bytes
+    dst = out[:n * row_out].reshape(n, row_out)
+    if out_type in QUANTIZED_TYPES:
+        try:
+            quantize_rows(x, out_type, out=dst, nthread=nthread)
+        except NonFiniteError as e:
+            raise NonFiniteRow(e.block // (row_len // values)) from e
+        return dst
+    check_finite(x)
+    np.copyto(dst.view(_NUMPY_DTYPES[out_type]), x, casting="same_kind")
+    return dst
+
+
+def check_finite(x: np.ndarray) -> None:
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        raise NonFiniteRow(int(np.argmin(finite)))
+
+
+_NUMPY_DTYPES = {GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2")}
 
 
 @dataclass(frozen=True)
@@ -215,21 +258,15 @@ class _Streamer:
 
     def _write(self, c: _Chunk, raw: np.ndarray) -> None:
         info, n = c.info, c.b - c.a
-        row_len = info.shape[-1]
-        x = raw.view("<f4" if info.ggml_type == GGMLType.F32 else "<f2").reshape(n, row_len)
-        if c.out_type == info.ggml_type:  # kept as it is: check, then copy the bytes
-            finite = np.isfinite(x).all(axis=1)
-            if not finite.all():
-                raise _nonfinite_row(self.reader, info.name, c.a + int(np.argmin(finite)))
-            self.writer.write(raw)
-            return
-        values, block_bytes = block_geometry(c.out_type)
-        row_out = row_len // values * block_bytes
-        if self.out_buf.size < n * row_out:
-            self.out_buf = np.empty(n * row_out, dtype=np.uint8)
-        out = self.out_buf[:n * row_out].reshape(n, row_out)
+        x = raw.view("<f4" if info.ggml_type == GGMLType.F32 else "<f2").reshape(n, info.shape[-1])
         try:
-            quantize_rows(x, c.out_type, out=out, nthread=self.nthread)
-        except NonFiniteError as e:
-            raise _nonfinite_row(self.reader, info.name, c.a + e.block // (row_len // values)) from e
-        self.writer.write(out)
+            if c.out_type == info.ggml_type:  # kept as it is: check, then copy the bytes
+                check_finite(x)
+                self.writer.write(raw)
+                return
+            need = tensor_nbytes(c.out_type, x.shape)
+            if self.out_buf.size < need:
+                self.out_buf = np.empty(need, dtype=np.uint8)
+            self.writer.write(encode_rows(x, c.out_type, self.out_buf, self.nthread))
+        except NonFiniteRow as e:
+            raise _nonfinite_row(self.reader, info.name, c.a + e.row) from e

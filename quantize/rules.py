@@ -19,17 +19,29 @@ and shards split the head by vocab rows, so the 4-bit saving is real at run
 time. (Newer llama.cpp bumps the output head to Q6_K by default; Q6_K is not
 an NE type, so netp does not.)
 
+Two matrices may be given another type (llama-quantize's
+--output-tensor-type / --token-embedding-type; docs/design.md §10): the
+output head (`--output_type`) and the token embedding (`--embedding_type`),
+f32, f16, q8_0, q4_1 or q4_0. For a tied model the NE file holds the shared
+matrix as the embedding and its copy as the output head, one flag each.
+A block type that the rows cannot fill falls back as above.
+
 The header's ftype is the chosen type (neural-speed's loader reads it as the
 type of the bulk of the weights); every tensor's own type field says what it
 really holds.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from netp.formats.constants import BLOCK_SIZE, FTYPE_OF_TYPE, QUANTIZED_TYPES, GGMLType
 
-__all__ = ["target_type", "header_ftype"]
+if TYPE_CHECKING:
+    from netp.models.base import Architecture
+
+__all__ = ["target_type", "header_ftype", "tensor_types", "type_overrides", "OVERRIDE_TYPES"]
+
+OVERRIDE_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")  # what --output_type / --embedding_type take
 
 
 def target_type(shape: Sequence[int], source: GGMLType, chosen: GGMLType) -> GGMLType:
@@ -44,3 +56,24 @@ def target_type(shape: Sequence[int], source: GGMLType, chosen: GGMLType) -> GGM
 def header_ftype(chosen: GGMLType) -> int:
     """The NE header's ftype for a file quantized to `chosen`."""
     return FTYPE_OF_TYPE[chosen]
+
+
+def type_overrides(arch: Architecture, output_type: GGMLType | None,
+                   embedding_type: GGMLType | None) -> dict[str, GGMLType]:
+    """NE tensor name -> the type --output_type / --embedding_type ask for it."""
+    wanted = {arch.output_name: output_type, arch.embedding_name: embedding_type}
+    return {name: GGMLType(t) for name, t in wanted.items() if t is not None}
+
+
+def tensor_types(tensors: Mapping[str, tuple[Sequence[int], GGMLType]], chosen: GGMLType,
+                 overrides: Mapping[str, GGMLType] | None = None) -> dict[str, GGMLType]:
+    """Tensor name -> its type in a `chosen`-type file, from name -> (shape, type in the input)."""
+    overrides = overrides or {}
+    out = {}
+    for name, (shape, source) in tensors.items():
+        want = overrides.get(name, chosen)
+        if want in QUANTIZED_TYPES:
+            out[name] = target_type(shape, source, want)
+        else:  # f32 / f16 asked for a matrix: any row length is whole
+            out[name] = want if len(shape) == 2 else source
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from netp.cliutil import NetpCommand, common_options, fail, run_reporting
+from netp.cliutil import NetpCommand, common_options, fail, progress_bar, run_reporting
 
 _CORRECT = "shard --ranks N IN OUTDIR   (or: shard --check OUTDIR)"
 
@@ -65,7 +65,8 @@ def shard_command(ctx: click.Context, src: Path | None, outdir: Path | None, ran
     def work() -> str:
         from netp.shard.pipeline import shard_file, summary_line
 
-        return summary_line(shard_file(src, outdir, ranks, force=force, quiet=quiet))
+        with progress_bar(f"shard x{ranks}", quiet=quiet) as on_progress:
+            return summary_line(shard_file(src, outdir, ranks, force=force, on_progress=on_progress))
 
     line = run_reporting(prog, debug, work)
     if not quiet:
@@ -83,3 +84,36 @@ def _check(prog: str, folder: Path, debug: bool) -> None:
         click.echo(line)
     if (error := report.error()) is not None:
         fail(prog, error)
+
+
+@click.command("reshard", cls=NetpCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("shards", metavar="SHARDS", type=click.Path(path_type=Path))
+@click.argument("outdir", metavar="OUTDIR", type=click.Path(path_type=Path))
+@click.option("--ranks", "-r", type=int, required=True, help="Number of tensor-parallel ranks of the new set.")
+@click.option("--force", is_flag=True, help="Replace OUTDIR if it exists and is not empty.")
+@common_options
+def reshard_command(shards: Path, outdir: Path, ranks: int, force: bool, quiet: bool, debug: bool) -> None:
+    """Cut the shard set SHARDS for another number of ranks into OUTDIR, from its
+    rank files alone (no source NE file needed). Every rank file is checked
+    against the manifest first; quantized bytes are copied, never re-quantized.
+    The new set equals `shard --ranks M` of the source, byte for byte.
+
+    \b
+    Examples:
+      netp reshard shards-4/ --ranks 8 shards-8/
+      netp reshard shards/ --ranks 1 single/
+    """
+    prog = click.get_current_context().command_path
+    if ranks < 1:
+        raise click.UsageError(f"--ranks must be at least 1, got {ranks}")
+
+    def work() -> str:
+        from netp.shard.pipeline import summary_line
+        from netp.shard.reshard import reshard
+
+        with progress_bar(f"reshard x{ranks}", quiet=quiet) as on_progress:
+            return summary_line(reshard(shards, outdir, ranks, force=force, on_progress=on_progress))
+
+    line = run_reporting(prog, debug, work)
+    if not quiet:
+        click.echo(line)

@@ -20,7 +20,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -203,58 +203,79 @@ def check_outdir(src: Path, outdir: Path, force: bool) -> None:
     if outdir.is_dir() and any(outdir.iterdir()):
         if not force:
             raise NetpError(outdir, "exists and is not empty (use --force to replace it)")
-        if outdir.resolve() in src.resolve().parents:
+        if outdir.resolve() == src.resolve() or outdir.resolve() in src.resolve().parents:
             raise NetpError(outdir, f"holds the input {src.name}; --force would delete it")
 
 
-def shard_file(src: str | Path, outdir: str | Path, world_size: int, *, force: bool = False,
-               quiet: bool = True) -> ShardResult:
-    """Cut NE file `src` into `world_size` rank files + manifest.json + tokenizer/ in `outdir`."""
-    from netp.cliutil import progress
+Progress = Callable[[int, int], None]  # (bytes just copied, total bytes); the CLI draws the bar
 
-    src, outdir = Path(src), Path(outdir)
+
+def check_world_size(path: Path, world_size: int) -> None:
     if world_size < 1:
-        raise NetpError(src, f"--ranks must be at least 1, got {world_size}")
+        raise NetpError(path, f"--ranks must be at least 1, got {world_size}")
+
+
+def shard_file(src: str | Path, outdir: str | Path, world_size: int, *, force: bool = False,
+               on_progress: Progress | None = None) -> ShardResult:
+    """Cut NE file `src` into `world_size` rank files + manifest.json + tokenizer/ in `outdir`."""
+    src, outdir = Path(src), Path(outdir)
+    check_world_size(src, world_size)
     t0 = time.perf_counter()
     with NEReader(src) as reader:
-        arch, hp, entries = plan_tensors(reader, world_size)
+        arch, _, entries = plan_tensors(reader, world_size)
         check_outdir(src, outdir, force)
         # A source without `<stem>.tokenizer/` still shards (token ids work; prompts need a tokenizer).
-        has_tokenizer = tokenizer_dir_for(src).is_dir()
-        infos = [reader.tensors[e.name] for e in entries]
-        buf_bytes = max(CHUNK_BYTES, *(i.nbytes if len(i.shape) == 1 else i.row_nbytes for i in infos))
-        names = [rank_file_name(r, world_size) for r in range(world_size)]
-        # atomic_dir removes the temporary folder on any error and renames it into place on success.
-        with atomic.atomic_dir(outdir) as tmp:
-            with HashPool() as worker, progress(total=sum(i.nbytes for i in infos), unit="B", unit_scale=True,
-                                                  desc=f"shard x{world_size}", quiet=quiet) as bar:
-                source_hash = QueuedSha256(worker.workers[0])  # the source on one core, the rank files on the other
-                hashes = [QueuedSha256(worker.workers[1]) for _ in names]
-                with contextlib.ExitStack() as stack:  # commits every writer on success, drops all on error
-                    writers = [stack.enter_context(NEWriter(tmp / n, reader.header, reader.vocab, hasher=h))
-                               for n, h in zip(names, hashes)]
-                    copier = _Copier(reader, worker, source_hash, buf_bytes, bar.update)
-                    for entry, info in zip(entries, infos):
-                        copier.copy_tensor(entry, info, writers)
-                    copier.hash_source_upto(reader.file_size)
-                ranks = [RankFile(n, w.tell, h.hexdigest()) for n, w, h in zip(names, writers, hashes)]
-                source = SourceInfo(src.name, reader.file_size, source_hash.hexdigest())
-            manifest = Manifest(
-                source=source, world_size=world_size, architecture=arch.name,
-                hparams=dataclasses.asdict(reader.header), tokenizer=SHARD_TOKENIZER_DIR if has_tokenizer else None,
-                tensors={e.name: e for e in entries}, ranks=ranks)
-            _finish(src, tmp, manifest)
-    return ShardResult(outdir, manifest, time.perf_counter() - t0, sum(r.size for r in ranks))
+        tokenizer = (lambda tmp: copy_tokenizer_dir(src, tmp)) if tokenizer_dir_for(src).is_dir() else None
+        manifest = write_shard_set(reader, src.name, outdir, arch, entries, tokenizer, on_progress)
+    return ShardResult(outdir, manifest, time.perf_counter() - t0, sum(r.size for r in manifest.ranks))
 
 
-def _finish(src: Path, tmp: Path, manifest: Manifest) -> None:
-    """Check the rank files read back as the manifest says, add tokenizer/ and manifest.json."""
+def write_shard_set(reader: Any, source_name: str, outdir: Path, arch: Architecture, entries: list[TensorEntry],
+                    tokenizer: Callable[[Path], Any] | None, on_progress: Progress | None = None,
+                    expect_source: SourceInfo | None = None) -> Manifest:
+    """Stream `reader`'s tensors (an NEReader, or anything with its header, vocab,
+    tensors, file_size and read_into) into a shard set at `outdir`, atomically.
+    `tokenizer(folder)` writes `folder/tokenizer/`; None: the set has none.
+    `expect_source`: refuse (leaving nothing) unless the streamed source hashes to it."""
+    world_size = len(entries[0].ranges)
+    infos = [reader.tensors[e.name] for e in entries]
+    total = sum(i.nbytes for i in infos)
+    buf_bytes = max(CHUNK_BYTES, *(i.nbytes if len(i.shape) == 1 else i.row_nbytes for i in infos))
+    names = [rank_file_name(r, world_size) for r in range(world_size)]
+    # atomic_dir removes the temporary folder on any error and renames it into place on success.
+    with atomic.atomic_dir(outdir) as tmp:
+        if tokenizer is not None:
+            tokenizer(tmp)  # -> tmp/tokenizer (SHARD_TOKENIZER_DIR), first: a bad one fails before the long copy
+        with HashPool() as worker:
+            source_hash = QueuedSha256(worker.workers[0])  # the source on one core, the rank files on the other
+            hashes = [QueuedSha256(worker.workers[1]) for _ in names]
+            with contextlib.ExitStack() as stack:  # commits every writer on success, drops all on error
+                writers = [stack.enter_context(NEWriter(tmp / n, reader.header, reader.vocab, hasher=h))
+                           for n, h in zip(names, hashes)]
+                copier = _Copier(reader, worker, source_hash, buf_bytes,
+                                 (lambda n: on_progress(n, total)) if on_progress is not None else (lambda n: None))
+                for entry, info in zip(entries, infos):
+                    copier.copy_tensor(entry, info, writers)
+                copier.hash_source_upto(reader.file_size)
+            ranks = [RankFile(n, w.tell, h.hexdigest()) for n, w, h in zip(names, writers, hashes)]
+            source = SourceInfo(source_name, reader.file_size, source_hash.hexdigest())
+        if expect_source is not None and source != expect_source:
+            raise NetpError(reader.path, f"the rebuilt source hashes to sha256 {source.sha256[:16]}..., "
+                                         f"the manifest says {expect_source.sha256[:16]}... (inconsistent shard set)")
+        manifest = Manifest(
+            source=source, world_size=world_size, architecture=arch.name,
+            hparams=dataclasses.asdict(reader.header), tokenizer=SHARD_TOKENIZER_DIR if tokenizer is not None else None,
+            tensors={e.name: e for e in entries}, ranks=ranks)
+        _finish(tmp, manifest)
+    return manifest
+
+
+def _finish(tmp: Path, manifest: Manifest) -> None:
+    """Check the rank files read back as the manifest says, then write manifest.json."""
     from netp.shard.check import open_rank_file
 
     for r in range(manifest.world_size):
         open_rank_file(tmp, manifest, r).close()
-    if manifest.tokenizer is not None:
-        copy_tokenizer_dir(src, tmp)  # -> tmp/tokenizer (SHARD_TOKENIZER_DIR)
     manifest.save(tmp)
 
 
@@ -270,4 +291,5 @@ def summary_line(result: ShardResult) -> str:
             + ("" if m.tokenizer else "; no tokenizer folder beside the source, none copied"))
 
 
-__all__ = ["plan_tensors", "shard_file", "summary_line", "ShardResult", "check_outdir"]
+__all__ = ["plan_tensors", "shard_file", "write_shard_set", "summary_line", "ShardResult", "check_outdir",
+           "check_world_size"]

@@ -1,6 +1,6 @@
 """SIGKILL at random moments never leaves a bad output (issue 17).
 
-convert, quantize and shard are killed mid-run; afterwards the output name
+convert, quantize, shard, pipeline and reshard are killed mid-run; afterwards the output name
 either does not exist or holds a complete, valid file (or a shard set whose
 checksums hold). Leftover temporaries carry the recognisable
 `.netp-partial-` mark, and the next run of the same command removes them.
@@ -41,8 +41,8 @@ def _partials(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if ".netp-partial-" in p.name]
 
 
-@pytest.mark.parametrize("stage", ["convert", "quantize", "shard"])
-def test_sigkill_leaves_no_bad_output(stage, tmp_path, smollm2_gguf, smollm2_f32, smollm2_q4_0):
+@pytest.mark.parametrize("stage", ["convert", "quantize", "shard", "pipeline", "reshard"])
+def test_sigkill_leaves_no_bad_output(stage, tmp_path, smollm2_gguf, smollm2_f32, smollm2_q4_0, smollm2_shards2):
     rng = random.Random(f"crash-{stage}")
     n_tensors = len(NEReader(smollm2_f32).tensors)
     if stage == "convert":
@@ -53,16 +53,26 @@ def test_sigkill_leaves_no_bad_output(stage, tmp_path, smollm2_gguf, smollm2_f32
         out = tmp_path / "ne-q4_0.bin"
         argv = [str(BIN / "netp"), "quantize", str(smollm2_f32), str(out), "--type", "q4_0", "--quiet"]
         delays = [rng.uniform(0.3, 1.5) for _ in range(3)]
-    else:
+    elif stage == "shard":
         out = tmp_path / "shards"
         argv = [str(BIN / "shard"), "--ranks", "2", "--force", "--quiet", str(smollm2_q4_0), str(out)]
         delays = [rng.uniform(0.3, 1.2) for _ in range(3)]
+    elif stage == "pipeline":  # ~15 s of work after start-up
+        out = tmp_path / "shards"
+        argv = [str(BIN / "netp"), "pipeline", str(smollm2_gguf), str(out), "--outtype", "q4_0", "--ranks", "2",
+                "--force", "--quiet"]
+        delays = [rng.uniform(2.0, 10.0) for _ in range(2)]
+    else:
+        out = tmp_path / "shards"
+        argv = [str(BIN / "netp"), "reshard", str(smollm2_shards2), str(out), "--ranks", "3", "--force", "--quiet"]
+        delays = [rng.uniform(0.5, 2.0) for _ in range(3)]
+    shard_set = stage in ("shard", "pipeline", "reshard")
 
     killed = 0
     for delay in delays:
         if _kill_after(argv, delay, tmp_path) is None:
             killed += 1
-        if stage == "shard":
+        if shard_set:
             if out.exists():
                 check = subprocess.run([str(BIN / "shard"), "--check", str(out)], capture_output=True, text=True)
                 assert check.returncode == 0, check.stdout + check.stderr
@@ -75,5 +85,8 @@ def test_sigkill_leaves_no_bad_output(stage, tmp_path, smollm2_gguf, smollm2_f32
     # A clean run afterwards succeeds and sweeps the dead runs' partials.
     subprocess.run(argv, cwd=tmp_path, check=True, capture_output=True)
     assert _partials(tmp_path) == []
-    if stage != "shard":
+    if shard_set:
+        check = subprocess.run([str(BIN / "shard"), "--check", str(out)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    else:
         _valid_ne(out, n_tensors)

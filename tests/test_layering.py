@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("formats", "models", "convert", "quantize", "shard", "runtime")  # the order data flows in
+# The order data flows in; pipeline (one pass) composes convert, quantize and shard.
+STAGES = ("formats", "models", "convert", "quantize", "shard", "pipeline", "runtime")
 CLI_LAYER = ("netp.cli", "netp.cliutil", "netp.inspect", "click", "tqdm")
 FLOOR = ("netp.errors", "netp.hostenv", "netp.sizes")  # netp/ modules every layer may import
-# Stage modules that still draw their own progress bar; the progress-callback change
-# (the bar owned by the stage's cli.py) empties this.
-PENDING_PROGRESS = {"netp.convert.pipeline", "netp.quantize.pipeline", "netp.shard.pipeline"}
+# Stage modules that still draw their own progress bar (none: each stage takes a
+# progress callback and its cli.py owns the bar).
+PENDING_PROGRESS: set[str] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -1,0 +1,1 @@
+"""MODEL -> shard set in one pass: convert, quantize and shard with no unsharded file."""

@@ -1,0 +1,169 @@
+"""MODEL -> shard set in one pass (docs/design.md §10): convert, quantize and shard
+with no unsharded file written anywhere.
+
+The NE file that `convert --outtype f32` (or f16) and `quantize` would write
+exists here only as a StreamedNE: its layout (header, vocab, every tensor
+record and offset) is computed up front from the convert plan and the
+quantize rules, and shard's streaming copier reads it as it reads a real
+file. Each read of tensor rows is answered from the checkpoint tensor being
+worked on: read once (or, for an f32 tensor stored as it is, rows read
+straight from the checkpoint), converted as convert converts it, encoded as
+quantize encodes it (encode_rows: the same codecs, the same finiteness
+checks), so the rank files are byte-identical to the three-step path's and
+the source sha256 in the manifest is that of the file the three steps would
+have written, hashed as the bytes stream through.
+
+Resident memory: the largest tensor's f32 values (for a tensor that must be
+decoded or transformed) plus shard's buffer ring.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from netp.convert.pipeline import (
+    Extent, NETensor, Source, converted_tensors, ne_header, ne_tensors, open_model, plan_tensors as convert_plan,
+)
+from netp.errors import NetpError
+from netp.formats.constants import QUANTIZED_TYPES, TYPE_NAMES, GGMLType, type_from_name
+from netp.formats.manifest import Manifest
+from netp.formats.names import SHARD_TOKENIZER_DIR
+from netp.formats.ne import StreamedNE, TensorInfo
+from netp.formats.tokenizer_dir import build_tokenizer_dir
+from netp.hostenv import cpu_count
+from netp.quantize import rules
+from netp.quantize.pipeline import NonFiniteRow, encode_rows
+from netp.shard.pipeline import check_outdir, check_world_size, plan_tensors as shard_plan, write_shard_set
+
+__all__ = ["PipelineResult", "run_pipeline", "source_name", "summary_line", "OUT_TYPES"]
+
+OUT_TYPES = ("f32", "f16", "q4_0", "q4_1", "q8_0")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    outdir: Path
+    manifest: Manifest
+    seconds: float
+
+
+def source_name(outtype: str) -> str:
+    """The name of the NE file the three steps would write (convert's and the README's ne-<type>.bin)."""
+    return f"ne-{outtype}.bin"
+
+
+class _ConvertedRows:
+    """StreamedNE's `fill`: rows of the tensor being streamed, converted and encoded.
+
+    Tensors come in file order from convert's generator; the one being asked
+    for is the next one (or the current), so each is read from the checkpoint once."""
+
+    def __init__(self, src: Source, tensors: list[NETensor], types: dict[str, GGMLType], quantizing: bool,
+                 nthread: int):
+        self.src, self.types, self.quantizing, self.nthread = src, types, quantizing, nthread
+        self._items: Iterator[tuple[NETensor, np.ndarray | Extent]] = converted_tensors(src, tensors)
+        self._current: tuple[NETensor, np.ndarray | Extent] | None = None
+        self._scratch = np.empty(0, dtype=np.float32)
+
+    def _tensor(self, name: str) -> tuple[NETensor, np.ndarray | Extent]:
+        while self._current is None or self._current[0].name != name:
+            self._current = None  # drop the last tensor's values before reading the next
+            self._current = next(self._items)
+        return self._current
+
+    def _rows(self, t: NETensor, data: np.ndarray | Extent, row0: int, n: int) -> np.ndarray:
+        """f32 values of rows [row0, row0 + n), (n, row length)."""
+        row_len = t.shape[-1]
+        if not isinstance(data, Extent):
+            return data.reshape(-1, row_len)[row0:row0 + n]
+        if self._scratch.size < n * row_len:
+            self._scratch = np.empty(n * row_len, dtype=np.float32)
+        x = self._scratch[:n * row_len]
+        _pread_exact(data.fd, x, data.offset + row0 * row_len * 4, self.src.path, t.source_name)
+        return x.reshape(n, row_len)
+
+    def __call__(self, info: TensorInfo, row0: int, out: np.ndarray) -> None:
+        t, data = self._tensor(info.name)
+        out_type = self.types[info.name]
+        row_len = t.shape[-1]
+        n = out.nbytes // (info.nbytes if len(info.shape) == 1 else info.row_nbytes)
+        if isinstance(data, Extent) and out_type == GGMLType.F32 and not self.quantizing:
+            _pread_exact(data.fd, out, data.offset + row0 * row_len * 4, self.src.path, t.source_name)
+            return
+        x = self._rows(t, data, row0, n)
+        if not self.quantizing:  # convert's conversion: no finiteness check, as convert has none
+            np.copyto(out.view(np.float32 if out_type == GGMLType.F32 else np.float16).reshape(x.shape), x,
+                      casting="same_kind")
+            return
+        try:
+            encode_rows(x, out_type, out, self.nthread)
+        except NonFiniteRow as e:
+            raise NetpError(self.src.path, f"tensor {t.source_name} ({info.name}): NaN or inf in row {row0 + e.row}; "
+                                           "refusing to quantize a broken weight") from e
+
+
+def _pread_exact(fd: int, out: np.ndarray, offset: int, path: Path, name: str) -> None:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < view.nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise NetpError(path, f"truncated: tensor {name} ends early")
+        done += got
+
+
+def run_pipeline(model: str, outdir: str | os.PathLike, outtype: str, world_size: int, *,
+                 output_type: str | None = None, embedding_type: str | None = None, force: bool = False,
+                 nthread: int | None = None, name: str | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> PipelineResult:
+    """MODEL (HF folder, cached hub id, .gguf) -> shard set for `world_size` ranks at `outdir`,
+    byte-identical to `convert --outtype f32|f16` -> `quantize` (quantized outtypes) -> `shard`.
+    `name`: the unsharded file the manifest names as its source (default ne-<outtype>.bin)."""
+    t0 = time.perf_counter()
+    outdir = Path(outdir)
+    if outtype not in OUT_TYPES:
+        raise NetpError(None, f"--outtype {outtype!r} is not one of {', '.join(OUT_TYPES)}")
+    chosen = type_from_name(outtype)
+    quantizing = chosen in QUANTIZED_TYPES
+    if not quantizing and (output_type or embedding_type):
+        raise NetpError(None, f"--output_type and --embedding_type are quantize's options: they need a quantized "
+                              f"--outtype (q4_0, q4_1, q8_0), not {outtype}")
+    check_world_size(outdir, world_size)
+    nthread = nthread or cpu_count()
+
+    src = open_model(model)
+    try:
+        convert_type = GGMLType.F32 if quantizing else chosen  # the three-step path quantizes an f32 file
+        tensors = ne_tensors(convert_plan(src), convert_type)
+        header = ne_header(src, convert_type)
+        types = {t.name: t.ggml_type for t in tensors}
+        if quantizing:
+            overrides = rules.type_overrides(src.arch, output_type and type_from_name(output_type),
+                                             embedding_type and type_from_name(embedding_type))
+            types = rules.tensor_types({t.name: (t.shape, t.ggml_type) for t in tensors}, chosen, overrides)
+            header = dataclasses.replace(header, ftype=rules.header_ftype(chosen))
+        stream = StreamedNE(src.path, header, src.vocab(), [(t.name, types[t.name], t.shape) for t in tensors],
+                            _ConvertedRows(src, tensors, types, quantizing, nthread))
+        arch, _, entries = shard_plan(stream, world_size)
+        check_outdir(src.path, outdir, force)
+        manifest = write_shard_set(stream, name or source_name(outtype), outdir, arch, entries,
+                                   lambda tmp: build_tokenizer_dir(tmp / SHARD_TOKENIZER_DIR, src.write_tokenizer),
+                                   on_progress)
+    finally:
+        src.close()
+    return PipelineResult(outdir, manifest, time.perf_counter() - t0)
+
+
+def summary_line(result: PipelineResult) -> str:
+    m = result.manifest
+    size = sum(r.size for r in m.ranks)
+    types = sorted({t.type for t in m.tensors.values()}, key=list(TYPE_NAMES.values()).index)
+    return (f"wrote {result.outdir}/ ({m.architecture}, {len(m.tensors)} tensors in {', '.join(types)}, "
+            f"{m.world_size} ranks, {size / 1e6:.1f} MB) in {result.seconds:.1f} s; "
+            f"source {m.source.name}: {m.source.size} bytes, sha256 {m.source.sha256[:16]}...")
