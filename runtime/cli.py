@@ -1,7 +1,7 @@
 """`ne-run` / `netp run` and `netp verify`: click commands, heavy imports inside.
 
--t must reach OpenBLAS before numpy loads, so the commands set it first and
-import the runtime after.
+-t (threads per rank: the block kernels' and OpenBLAS's) must reach OpenBLAS
+before numpy loads, so the commands set it first and import the runtime after.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def _threads(threads: int | None, model: Path) -> int:
 @click.option("-c", "--ctx_size", "--ctx-size", "ctx_size", type=int, default=512, show_default=True,
               help="Context size: the KV cache holds this many tokens.")
 @click.option("--seed", type=int, default=-1, show_default=True, help="Sampling seed (-1: random).")
-@click.option("-t", "--threads", type=int, default=None, help="BLAS threads per rank (default: cores / ranks).")
+@click.option("-t", "--threads", type=int, default=None,
+              help="Kernel (and BLAS) threads per rank (default: cores / ranks); results do not depend on it.")
 @click.option("--no_mmap", "--no-mmap", "no_mmap", is_flag=True,
               help="Read the rank's file instead of memory-mapping it.")
 @click.option("--top_k", "--top-k", "top_k", type=int, default=40, show_default=True, help="1 = greedy.")
@@ -45,14 +46,16 @@ def _threads(threads: int | None, model: Path) -> int:
 @click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature; 0 = greedy.")
 @click.option("--repeat_penalty", "--repeat-penalty", "repeat_penalty", type=float, default=1.1, show_default=True,
               help="Penalty for the last 64 tokens (1.0 = off).")
+@click.option("--exact", is_flag=True,
+              help="Block kernels on f32 activations (default: activations quantized to q8_0, as ggml).")
 @click.option("--low-mem", "--low_mem", "low_mem", is_flag=True,
-              help="Keep quantized blocks; dequantize layer by layer each step (slow, small).")
+              help="Accepted for old scripts; does nothing: quantized weights always stay in blocks.")
 @click.option("--verify", "verify", is_flag=True,
               help="Instead of generating, verify against the unsharded source (see `netp verify`).")
 @common_options
 def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int, ctx_size: int, seed: int,
                 threads: int | None, no_mmap: bool, top_k: int, top_p: float, temp: float, repeat_penalty: float,
-                low_mem: bool, verify: bool, quiet: bool, debug: bool) -> None:
+                exact: bool, low_mem: bool, verify: bool, quiet: bool, debug: bool) -> None:
     """Generate text from an NE file or a shard set, on 1 or N tensor-parallel ranks.
 
     \b
@@ -69,7 +72,7 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
 
         opts = VerifyOptions(target=model, prompt=prompt or SEED_PROMPT,
                              n_tokens=n_predict if n_predict > 0 else 16, threads=n_threads,
-                             use_mmap=not no_mmap)
+                             use_mmap=not no_mmap, exact=exact)
         raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))
     from netp.runtime.run import RunOptions, parse_ids, run
     from netp.runtime.sampling import SamplingParams
@@ -77,7 +80,7 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
     def go() -> int:
         opts = RunOptions(
             model=model, prompt=prompt, ids=None if ids is None else parse_ids(ids), n_predict=n_predict,
-            n_ctx=ctx_size, threads=n_threads, use_mmap=not no_mmap, low_mem=low_mem,
+            n_ctx=ctx_size, threads=n_threads, use_mmap=not no_mmap, exact=exact,
             sampling=SamplingParams(top_k=top_k, top_p=top_p, temp=temp, repeat_penalty=repeat_penalty, seed=seed))
         return run(opts, prog, debug)
 
@@ -95,11 +98,12 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
 @click.option("-p", "--prompt", default=SEED_PROMPT, show_default=True)
 @click.option("-n", "--n_tokens", "--n-tokens", "n_tokens", type=int, default=16, show_default=True,
               help="Greedy tokens of the reference to teacher-force after the prompt.")
-@click.option("-t", "--threads", type=int, default=None, help="BLAS threads per rank.")
+@click.option("-t", "--threads", type=int, default=None, help="Kernel (and BLAS) threads per rank.")
 @click.option("--no_mmap", "--no-mmap", "no_mmap", is_flag=True)
+@click.option("--exact", is_flag=True, help="Both sides run the block kernels on f32 activations.")
 @common_options
 def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | None, prompt: str, n_tokens: int,
-                   threads: int | None, no_mmap: bool, quiet: bool, debug: bool) -> None:
+                   threads: int | None, no_mmap: bool, exact: bool, quiet: bool, debug: bool) -> None:
     """Prove a shard set right: logits under N ranks against the unsharded
     file, the f32 file against transformers, and quantized against f32.
 
@@ -116,5 +120,5 @@ def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | N
     from netp.runtime.verify import VerifyOptions, verify as run_verify
 
     opts = VerifyOptions(target=shards, ref=ref, f32=f32, hf=hf, prompt=prompt, n_tokens=n_tokens,
-                         threads=n_threads, use_mmap=not no_mmap)
+                         threads=n_threads, use_mmap=not no_mmap, exact=exact)
     raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))

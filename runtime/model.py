@@ -62,12 +62,13 @@ class RankModel:
         self.source.close()
 
 
-def load_rank_model(model: Path, comm: Comm, n_ctx: int, low_mem: bool = False, use_mmap: bool = True,
-                    nthread: int = 1, check_sha256: bool = True) -> RankModel:
-    """Open this rank's file and load its weights (the caller wraps this in comm.agreeing())."""
+def load_rank_model(model: Path, comm: Comm, n_ctx: int, use_mmap: bool = True, nthread: int = 1,
+                    check_sha256: bool = True, exact: bool = False) -> RankModel:
+    """Open this rank's file and load its weights (the caller wraps this in comm.agreeing()).
+    nthread: kernel (and BLAS) threads of this rank; exact: f32 activations in the block kernels."""
     source = open_source(Path(model), comm.rank, comm.size, check_sha256)
     try:
-        weights = RankWeights(source, low_mem=low_mem, use_mmap=use_mmap, nthread=nthread)
+        weights = RankWeights(source, use_mmap=use_mmap, nthread=nthread, exact=exact)
         return RankModel(source, comm, weights, n_ctx)
     except BaseException:
         source.close()

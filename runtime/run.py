@@ -18,6 +18,7 @@ from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.tokenizer_dir import tokenizer_dir_for
 from netp.runtime.comm import Comm, mpi_world, run_world
 from netp.runtime.generate import Generation, generate
+from netp.runtime.kernels import WarmUp
 from netp.runtime.model import RankModel, load_rank_model
 from netp.runtime.sampling import Sampler, SamplingParams
 from netp.runtime.sources import source_world_size, tokenizer_dir
@@ -32,7 +33,7 @@ class RunOptions:
     n_ctx: int = 512
     threads: int = 1
     use_mmap: bool = True
-    low_mem: bool = False
+    exact: bool = False  # f32 activations in the block kernels (default: q8_0, as ggml)
     sampling: SamplingParams = SamplingParams()
 
 
@@ -91,20 +92,31 @@ class TextStream:
 
 
 def timing_line(gen: Generation, n_ctx: int, load_ms: float, mode: str, resident: Sequence[int], comm: Comm,
-                threads: int) -> str:
+                threads: int, warm: WarmUp | None = None) -> str:
+    """One line: stop reason, load, prompt and decode speed, weight form, per-rank resident weight MB,
+    ranks x threads, and how the block kernels started (compiled, with its time, or loaded from the cache)."""
     mbs = ", ".join(f"{b / 1e6:.1f}" for b in resident)
+    kern = "" if warm is None else \
+        f" | kernels compiled in {warm.seconds:.1f} s (first start; cached for the next)" if warm.compiled else \
+        f" | kernels loaded from cache in {warm.seconds:.2f} s"
     return (f"stop: {gen.stop_text(n_ctx)} | load {load_ms:.0f} ms | "
             f"prompt {len(gen.prompt)} tok {gen.prompt_tok_s:.1f} tok/s | "
             f"decode {gen.decode_steps} tok {gen.decode_tok_s:.2f} tok/s | weights {mode} | "
-            f"per-rank resident weights MB: {mbs} | {comm.describe()} x {threads} BLAS thread(s)")
+            f"per-rank resident weights MB: {mbs} | {comm.describe()} x {threads} thread(s){kern}")
+
+
+def _slowest_start(starts: Sequence[WarmUp | None]) -> WarmUp | None:
+    """The kernel start to report: a rank that compiled, else the slowest cache load."""
+    known = [w for w in starts if w is not None]
+    return max(known, key=lambda w: (w.compiled, w.seconds)) if known else None
 
 
 def _rank_main(comm: Comm, opts: RunOptions) -> int:
     t0 = time.perf_counter()
     prompt: list[int] | None = None
     with comm.agreeing():
-        model: RankModel = load_rank_model(opts.model, comm, opts.n_ctx, low_mem=opts.low_mem,
-                                           use_mmap=opts.use_mmap, nthread=opts.threads)
+        model: RankModel = load_rank_model(opts.model, comm, opts.n_ctx, use_mmap=opts.use_mmap,
+                                           nthread=opts.threads, exact=opts.exact)
         if comm.is_root:
             prompt = encode_prompt(opts.model, opts.prompt, opts.ids)
             bad = [t for t in prompt if not 0 <= t < model.hp.n_vocab]
@@ -121,12 +133,12 @@ def _rank_main(comm: Comm, opts: RunOptions) -> int:
             stream.write_ids(prompt)
     sampler = Sampler(opts.sampling) if comm.is_root else None
     gen = generate(model, prompt, opts.n_predict, sampler, stream)
-    stats = comm.allgather((load_ms, model.weights.resident_bytes))
+    stats = comm.allgather((load_ms, model.weights.resident_bytes, model.weights.kernels))
     if comm.is_root:
         assert stream is not None
         stream.finish()
         print(timing_line(gen, opts.n_ctx, max(s[0] for s in stats), model.weights.mode, [s[1] for s in stats],
-                          comm, opts.threads), flush=True)
+                          comm, opts.threads, _slowest_start([s[2] for s in stats])), flush=True)
     model.close()
     return 0
 

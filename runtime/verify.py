@@ -9,7 +9,10 @@ when its inputs are given:
    wherever the reference's top-2 margin exceeds 1e-3;
 2. the f32 NE file vs transformers' own model in float32: the same rule;
 3. a quantized reference vs the f32 file: mean KL divergence and top-1
-   agreement (llama.cpp's --kl-divergence figures), information only.
+   agreement (llama.cpp's --kl-divergence figures), information only;
+4. a quantized reference under the default block kernels (q8_0
+   activations, as ggml) vs --exact (f32 activations) on the same blocks:
+   max |dlogit| and mean KL, information only.
 A failure exits non-zero naming the first layer whose hidden state differs
 by more than 1e-3 of its own scale (max |h|).
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +32,7 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats.ne import NEReader
 from netp.runtime.comm import Comm, PeerFailed, SoloComm, mpi_world, run_world
+from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
 from netp.runtime.run import load_tokenizer
 from netp.runtime.sources import check_world_size, tokenizer_dir
@@ -47,6 +51,7 @@ class VerifyOptions:
     n_tokens: int = 16
     threads: int = 1
     use_mmap: bool = True
+    exact: bool = False  # both sides run the block kernels on f32 activations
     bound: float = BOUND
 
 
@@ -149,7 +154,8 @@ def batch_states(model: RankModel, tokens: Sequence[int]) -> list[np.ndarray]:
 
 def reference_pass(path: Path, prompt: list[int], n_tokens: int, opts: VerifyOptions) -> tuple[list[int], Pass]:
     """Greedy continuation of the prompt by the reference at 1 rank; its logits at every position."""
-    model = load_rank_model(path, SoloComm(), len(prompt) + n_tokens, use_mmap=opts.use_mmap, nthread=opts.threads)
+    model = load_rank_model(path, SoloComm(), len(prompt) + n_tokens, use_mmap=opts.use_mmap,
+                            nthread=opts.threads, exact=opts.exact)
     try:
         tokens = list(prompt)
         rows = [model.forward(np.asarray(prompt), 0, all_logits=True)]
@@ -162,7 +168,8 @@ def reference_pass(path: Path, prompt: list[int], n_tokens: int, opts: VerifyOpt
 
 
 def solo_pass(path: Path, tokens: list[int], n_prompt: int, opts: VerifyOptions) -> Pass:
-    model = load_rank_model(path, SoloComm(), len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads)
+    model = load_rank_model(path, SoloComm(), len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads,
+                            exact=opts.exact)
     try:
         logits = teacher_forced(model, tokens, n_prompt)
         assert logits is not None
@@ -278,6 +285,24 @@ def kl_table(title: str, f32: Pass, quant: Pass, tokens: list[int], tokenizer: A
     return Comparison(title, True, lines)
 
 
+def kernel_modes_table(name: str, default: Pass, exact: Pass, tokens: list[int]) -> Comparison:
+    """The default block kernels (q8_0 activations) vs --exact (f32 activations) on one file."""
+    d_log = _log_softmax(default.logits.astype(np.float64))
+    e_log = _log_softmax(exact.logits.astype(np.float64))
+    kl = (np.exp(e_log) * (e_log - d_log)).sum(axis=-1)
+    diff = np.abs(default.logits - exact.logits).max(axis=-1)
+    top1 = np.argmax(default.logits, axis=-1) == np.argmax(exact.logits, axis=-1)
+    lines = [f"  default vs --exact: max |dlogit| {diff.max():.3e} (position {int(diff.argmax())}), mean KL "
+             f"{kl.mean():.6f} (exact || default) over {len(tokens)} positions; top-1 agreement {top1.mean() * 100:.1f}% "
+             f"(information, not a check)"]
+    return Comparison(f"{name}: default kernels (q8_0 activations) vs --exact (f32 activations)", True, lines)
+
+
+def _has_blocks(path: Path) -> bool:
+    with NEReader(path) as r:
+        return any(t.ggml_type in KERNEL_TYPES for t in r.tensors.values())
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -317,7 +342,8 @@ def _compare_target(comm: Comm, opts: VerifyOptions, plan: Plan, tokenizer: Any,
     """The target on every rank, teacher-forced, against the reference; the failure text on rank 0."""
     root = comm.is_root
     with comm.agreeing():
-        model = load_rank_model(plan.target, comm, len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads)
+        model = load_rank_model(plan.target, comm, len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads,
+                                exact=opts.exact)
     try:
         logits = teacher_forced(model, tokens, n_prompt)
         comparison = None
@@ -376,6 +402,10 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> str | None:
             failure = _compare_f32(opts, plan, tokenizer, tokens, n_prompt, ref)
             if failure:
                 failures.append(failure)
+            if plan.ref is not None and _has_blocks(plan.ref):
+                other = solo_pass(plan.ref, tokens, n_prompt, replace(opts, exact=not opts.exact))
+                default, exact = (other, ref) if opts.exact else (ref, other)
+                print_comparison(kernel_modes_table(plan.ref.name, default, exact, tokens))
     status = comm.bcast(failures[0] if failures else None)
     if comm.is_root:
         print(f"\nverify: {'FAIL' if status else 'PASS'}", flush=True)

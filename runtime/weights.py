@@ -1,59 +1,51 @@
 """What a rank's forward holds: its weights, in the form docs/design.md §5 chooses.
 
-- Default: every matrix slice the rank owns is dequantized once, at load,
-  to f32, and the NE tensors one product reads are stacked into one matrix
-  (q|k|v, gate|up), stored transposed (see models.layers.linear): 4 bytes
-  per weight / N ranks, and decode runs at numpy's matrix-vector speed.
-- `low_mem`: matrices stay in file form (blocks) and are dequantized a
-  chunk of rows at a time inside every product (slow; 0.5625 bytes per
-  q4_0 weight / N).
+- q4_0 / q4_1 / q8_0 matrix slices stay in block form for the whole run:
+  the NE tensors one product reads (q|k|v, gate|up) are stacked by rows and
+  repacked once, at load, into the kernels' tiles (netp.runtime.kernels;
+  q4_0: 0.625 bytes per weight / N ranks). No f32 copy of a quantized
+  matrix ever exists.
+- f32 matrices stay f32 and f16 ones are widened at load, stored
+  transposed, (in, out), for numpy/OpenBLAS (see models.layers.linear).
 - The token embedding always stays in file form (memory-mapped unless
   --no_mmap) and only the rows looked up are dequantized.
 No rank ever holds another rank's slices: everything comes from its RankSource.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry
+from netp.models.layers import linear
 from netp.quantize.codecs import dequantize_rows
+from netp.runtime import kernels
 
-_CHUNK_VALUES = 1 << 20  # low-mem: values dequantized per piece (4 MB of f32, cache-friendly)
-_scratch = threading.local()
-
-
-def _scratch_rows(rows: int, cols: int) -> np.ndarray:
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.size < rows * cols:
-        buf = _scratch.buf = np.empty(rows * cols, dtype=np.float32)
-    return buf[: rows * cols].reshape(rows, cols)
+_CHUNK_VALUES = 1 << 20  # f16 widening: values per piece (4 MB of f32, cache-friendly)
 
 
 class BlockMatrix:
-    """A (rows, n_in) matrix kept in file form, possibly stacked from several
-    tensors, dequantized a chunk of rows at a time inside each product (--low-mem)."""
+    """A (rows, n_in) quantized matrix in the kernels' tiles; `apply(x)` = x @ W.T."""
 
-    def __init__(self, parts: list[tuple[np.ndarray, GGMLType]], n_in: int):
-        self.parts, self.n_in = parts, n_in
-        self.shape = (sum(raw.shape[0] for raw, _ in parts), n_in)
-        self.nbytes = sum(raw.nbytes for raw, _ in parts)
+    def __init__(self, tiles: kernels.TiledBlocks, exact: bool, threads: int):
+        self.tiles, self.exact, self.threads = tiles, exact, threads
+        self.shape, self.nbytes = tiles.shape, tiles.nbytes
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """x (T, n_in) @ self.T -> (T, rows)."""
-        out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
-        step = max(1, _CHUNK_VALUES // self.n_in)
-        at = 0
-        for raw, t in self.parts:
-            for a in range(0, raw.shape[0], step):
-                b = min(raw.shape[0], a + step)
-                w = dequantize_rows(raw[a:b], t, out=_scratch_rows(b - a, self.n_in))
-                out[:, at + a:at + b] = x @ w.T
-            at += raw.shape[0]
-        return out
+        return kernels.matmul(x, self.tiles, exact=self.exact, threads=self.threads)
+
+
+class StackedMatrix:
+    """Stacked NE tensors of different forms (say q4_0 and f32): each group's product, side by side."""
+
+    def __init__(self, groups: list[Any]):
+        self.groups = groups
+        self.nbytes = sum(g.nbytes for g in groups)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([linear(x, g) for g in self.groups], axis=1)
 
 
 class EmbeddingTable:
@@ -67,13 +59,19 @@ class EmbeddingTable:
 
 
 class RankWeights:
-    """One rank's weights, by the forward's names (Architecture.runtime_tensors)."""
+    """One rank's weights, by the forward's names (Architecture.runtime_tensors).
 
-    def __init__(self, source: Any, low_mem: bool = False, use_mmap: bool = True, nthread: int = 1):
-        self.source, self.low_mem, self.use_mmap, self.nthread = source, low_mem, use_mmap, nthread
+    resident_bytes: the weights this rank holds in its own memory (tiles,
+    f32 matrices, norms; the embedding table too under --no_mmap);
+    quantized_bytes: the file bytes of the rank's quantized matrix slices."""
+
+    def __init__(self, source: Any, use_mmap: bool = True, nthread: int = 1, exact: bool = False):
+        self.source, self.use_mmap, self.nthread, self.exact = source, use_mmap, nthread, exact
         arch = source.arch
-        self.resident_bytes = 0  # bytes of weights this rank holds in its own memory
+        self.resident_bytes = 0
+        self.quantized_bytes = 0
         self.matrix_types: set[str] = set()
+        self.kernels: kernels.WarmUp | None = None  # set when a quantized matrix needed the kernels
         emb_name = arch.embedding_name
         if not source.has(emb_name):
             raise NetpError(source.path, f"missing tensor {emb_name}")
@@ -92,58 +90,83 @@ class RankWeights:
 
     @property
     def mode(self) -> str:
-        kinds = "/".join(sorted(self.matrix_types))
-        if self.low_mem:
-            return f"{kinds} blocks, dequantized per layer per step (--low-mem)"
-        return f"f32 (from {kinds}, dequantized at load)"
+        blocks = sorted(t for t in self.matrix_types if t not in ("f32", "f16"))
+        dense = sorted(t for t in self.matrix_types if t in ("f32", "f16"))
+        forms = []
+        if blocks:
+            forms.append("/".join(blocks) + (" blocks, exact f32 activations" if self.exact else " blocks"))
+        if dense:
+            forms.append("f32" + (" (f16 widened at load)" if "f16" in dense else ""))
+        return " + ".join(forms)
 
-    def _part(self, name: str) -> tuple[np.ndarray, GGMLType] | None:
+    def _part(self, name: str, mapped: bool) -> tuple[np.ndarray, GGMLType] | None:
         src = self.source
         if not src.has(name):
             if name == src.arch.output_name:  # tied embeddings: the output head is the embedding's vocab rows
                 v0, v1 = src.mapping.vocab()
                 return self.embedding.data[v0:v1], self.embedding.type
             raise NetpError(src.path, f"missing tensor {name}")
-        data = src.part(name, mapped=self.low_mem and self.use_mmap)
+        data = src.part(name, mapped=mapped)
         return None if data is None else (data, src.type_of(name))
 
     def _assemble(self, layout: dict[str, tuple[str, ...]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, names in layout.items():
-            parts = [self._part(n) for n in names]
+            # blocks are repacked from the mapping (or a read under --no_mmap); dense ones are read as today
+            parts = [self._part(n, mapped=self.use_mmap) for n in names]
             if all(p is None for p in parts):
                 out[key] = None  # a rank-0-only bias on another rank
                 continue
             if any(p is None for p in parts):
                 raise NetpError(self.source.path, f"{', '.join(names)}: held only partly by this rank")
             if parts[0][0].ndim == 1:  # norms and biases: small, f32
-                value = np.concatenate([dequantize_rows(raw, t).astype(np.float32, copy=False) for raw, t in parts])
+                value = np.concatenate([dequantize_rows(raw, t).astype(np.float32, copy=False)
+                                        for raw, t in parts])
                 self.resident_bytes += value.nbytes
                 out[key] = value
                 continue
             self.matrix_types.update(t.name.lower() for _, t in parts)
-            n_in = _values_per_row(*parts[0])
-            if self.low_mem:
-                value = BlockMatrix(parts, n_in)
-                self.resident_bytes += value.nbytes
-            else:
-                value = _dense_transposed(parts, n_in, self.nthread)
-                self.resident_bytes += value.nbytes
+            groups = [self._matrix(group) for group in _runs_of_one_form(parts)]
+            value = groups[0] if len(groups) == 1 else StackedMatrix(groups)
+            self.resident_bytes += value.nbytes
             out[key] = value
         return out
 
+    def _matrix(self, parts: list[tuple[np.ndarray, GGMLType]]) -> Any:
+        t = parts[0][1]
+        n_in = _values_per_row(*parts[0])
+        if t not in kernels.KERNEL_TYPES:
+            return _dense_transposed(parts, n_in, self.nthread)
+        if self.kernels is None:
+            self.kernels = kernels.warm_up()
+        self.quantized_bytes += sum(raw.nbytes for raw, _ in parts)
+        return BlockMatrix(kernels.tile([raw for raw, _ in parts], t), self.exact, self.nthread)
+
+
+def _runs_of_one_form(parts: list[tuple[np.ndarray, GGMLType]]) -> list[list[tuple[np.ndarray, GGMLType]]]:
+    """Consecutive parts that one product can take together: the same block type, or dense (f32/f16) ones."""
+    def form(t: GGMLType) -> str:
+        return t.name if t in kernels.KERNEL_TYPES else "dense"
+
+    runs: list[list[tuple[np.ndarray, GGMLType]]] = []
+    for p in parts:
+        if runs and form(runs[-1][-1][1]) == form(p[1]):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
 
 def _dense_transposed(parts: list[tuple[np.ndarray, GGMLType]], n_in: int, nthread: int) -> np.ndarray:
-    """The parts' rows stacked and dequantized to f32, stored transposed: (n_in, rows).
-    Dequantized a chunk of rows at a time, so no second full-size copy exists."""
+    """f32/f16 parts' rows stacked as f32, stored transposed: (n_in, rows).
+    Widened a chunk of rows at a time, so no second full-size copy exists."""
     value = np.empty((n_in, sum(raw.shape[0] for raw, _ in parts)), dtype=np.float32)
     step = max(1, _CHUNK_VALUES // n_in)
     at = 0
     for raw, t in parts:
         for a in range(0, raw.shape[0], step):
             b = min(raw.shape[0], a + step)
-            scratch = None if t == GGMLType.F32 else _scratch_rows(b - a, n_in)  # f32 needs no scratch
-            value[:, at + a:at + b] = dequantize_rows(raw[a:b], t, out=scratch, nthread=nthread).T
+            value[:, at + a:at + b] = dequantize_rows(raw[a:b], t, nthread=nthread).T
         at += raw.shape[0]
     return value
 

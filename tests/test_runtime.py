@@ -177,34 +177,67 @@ def test_quantized_differs_from_f32_but_stays_close(tiny_ne):
     assert np.abs(f32 - q4).max() < 0.5 * np.abs(f32).max()
 
 
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """The NE file with every block tensor replaced by gguf.quants' f32 dequantization of it."""
+    from gguf import quants
+
+    with NEReader(src) as r, NEWriter(dst, r.header, r.vocab) as w:
+        for name, info in r.tensors.items():
+            data = r.read(name)
+            if info.ggml_type in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0):
+                w.add_tensor(name, GGMLType.F32, info.shape, quants.dequantize(data, info.ggml_type).astype(np.float32))
+            else:
+                w.add_tensor(name, info.ggml_type, info.shape, data)
+    return dst
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_exact_kernels_equal_the_dequantized_math(qtype, tiny_ne, tmp_path):
+    """--exact: the blocks against f32 activations = the f32 forward of the dequantized file,
+    up to the order of sums; the default (q8_0 activations) is close to it but not equal."""
+    src = tiny_ne("gptj", qtype)
+    deq = run_ranks(dequantized_copy(src, tmp_path / "deq.bin"), 1)
+    assert_logits_close(deq, run_ranks(src, 2, exact=True), 1e-5)
+    default = run_ranks(src, 2)
+    assert 1e-5 < np.abs(default - deq).max() < 0.05 * np.abs(deq).max()
+
+
 @pytest.mark.parametrize("use_mmap", [True, False])
-def test_low_mem_and_no_mmap_compute_the_same(tiny_shards, use_mmap):
+def test_no_mmap_computes_the_same(tiny_shards, use_mmap):
     shards = tiny_shards("gptj", "q4_0", 2)
     default = run_ranks(shards, 2)
-    assert_logits_close(default, run_ranks(shards, 2, low_mem=True, use_mmap=use_mmap), 1e-5)
     assert_logits_close(default, run_ranks(shards, 2, use_mmap=use_mmap), 0.0)
+    assert_logits_close(run_ranks(shards, 2, exact=True), run_ranks(shards, 2, exact=True, use_mmap=use_mmap), 0.0)
 
 
 def test_resident_weights_per_rank(tiny_shards):
-    """Default: f32 matrix slices of this rank only (the embedding stays mapped); low-mem: blocks."""
+    """q4_0 slices of this rank only, as tiles (20 bytes per 32 weights: the 18-byte block with its f16
+    scale widened to f32; this model's slices fill whole 64-row tiles), norms in f32; the embedding
+    stays mapped, or is read under --no_mmap."""
     shards = tiny_shards("llama_gqa", "q4_0", 2)
     manifest = load_manifest(shards)
 
     def sizes(**kw):
         def rank(comm):
-            return comm.allgather(load_rank_model(shards, comm, 8, **kw).weights.resident_bytes)
+            w = load_rank_model(shards, comm, 8, **kw).weights
+            return comm.allgather((w.resident_bytes, w.quantized_bytes, w.mode))
 
         return run_world(rank, 2)
 
-    default, low, no_mmap = sizes(), sizes(low_mem=True), sizes(use_mmap=False)
+    default, no_mmap = sizes(), sizes(use_mmap=False)
     for r in range(2):
-        local = [t.local_shape(r) for t in manifest.tensors.values()
-                 if t.held_by(r) and t.name != "tok_embeddings.weight"]
-        f32_bytes = sum(4 * int(np.prod(s)) for s in local)
-        assert default[r] == f32_bytes
-        assert low[r] < f32_bytes / 5  # q4_0: 4.5 bits per weight
+        local = {t.name: t.local_shape(r) for t in manifest.tensors.values()
+                 if t.held_by(r) and t.name != "tok_embeddings.weight"}
+        f32_bytes = sum(4 * int(np.prod(s)) for s in local.values())
+        q4_bytes = sum(18 * int(np.prod(s)) // 32 for s in local.values() if len(s) == 2)
+        norm_bytes = sum(4 * int(np.prod(s)) for s in local.values() if len(s) == 1)
+        resident, quantized, mode = default[r]
+        assert mode == "q4_0 blocks"
+        assert quantized == q4_bytes
+        assert resident == q4_bytes * 20 // 18 + norm_bytes
+        assert resident < f32_bytes / 5  # q4_0: 5 bits per weight in tiles
         emb = manifest.tensors["tok_embeddings.weight"]
-        assert no_mmap[r] == f32_bytes + 18 * int(np.prod(emb.shape)) // 32  # + the q4_0 table, read
+        assert no_mmap[r][0] == resident + 18 * int(np.prod(emb.shape)) // 32  # + the q4_0 table, read
 
 
 def test_tied_output_without_output_tensor(tiny_ne, tmp_path):
@@ -318,14 +351,15 @@ def test_ne_run_prints_text_and_one_timing_line(tiny_shards):
     assert lines[0].startswith("Once upon a time")
     timing = lines[-1]
     for needle in ("stop: 5 tokens generated", "load ", " ms", "prompt 4 tok", "tok/s", "decode 4 tok",
-                   "weights f32 (from q4_0", "per-rank resident weights MB: ", "2 ranks simulated"):
+                   "weights q4_0 blocks |", "per-rank resident weights MB: ", "2 ranks simulated", "x 1 thread(s)",
+                   "| kernels "):
         assert needle in timing, timing
-    # seed-style flags parse: --no_mmap and --no-mmap, --ids, --low-mem
+    # seed-style flags parse: --no_mmap and --no-mmap, --ids, --low-mem (a no-op alias now), --exact
     q = cli(["-m", str(shards), "--ids", "1,504,2113,260", "-n", "5", "-c", "32", "--top_k", "1", "--no-mmap",
-             "--low-mem"])
+             "--low-mem", "--exact"])
     assert q.returncode == 0, q.stderr
     assert q.stdout.splitlines()[-1].split("|")[0] == timing.split("|")[0]
-    assert "q4_0 blocks" in q.stdout
+    assert "weights q4_0 blocks, exact f32 activations |" in q.stdout
 
 
 def test_ne_run_user_errors(tiny_ne, tiny_shards, tmp_path):
@@ -537,6 +571,8 @@ def test_verify_cli_simulates_the_manifest_ranks(tiny_ne, tiny_shards, tiny_hf_m
     out = p.stdout
     assert "on 3 ranks simulated in one process vs ne-q4_0.bin on 1 rank" in out
     assert "vs transformers" in out and "KL divergence" in out and "top-1 agreement" in out
+    assert "ne-q4_0.bin: default kernels (q8_0 activations) vs --exact (f32 activations)" in out
+    assert "  default vs --exact: max |dlogit| " in out and "mean KL " in out
     summaries = [line for line in out.splitlines() if line.startswith("  max |dlogit|")]
     assert len(summaries) == 2 and all(line.endswith("PASS") for line in summaries)
     assert "FAIL" not in out and out.rstrip().endswith("verify: PASS")
