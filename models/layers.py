@@ -132,29 +132,27 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, gr
 
     q: (T, nq, hd); k, v: (n_cache, S, hd), the cache up to this step, where
     each cached head serves `group` consecutive query heads (nq = n_cache x
-    group), so one batched matmul per cached head reads the cache in place.
+    group), so the matmuls read the cache in place (broadcast over the group).
+    Every query head gets its own (T, hd) @ (hd, S) product, whatever the
+    grouping: a rank whose KV groups straddle ranks (group 1) then computes
+    bit for bit what one rank does (group 3), and the block kernels' q8_0
+    activations cannot round differently (docs/design.md §5).
     Returns (T, nq * hd).
     """
     T, nq, hd = q.shape
     S, n_cache = k.shape[1], k.shape[0]
     scale = np.float32(1.0 / math.sqrt(hd))
-    if T == 1:  # decode: no mask, no transposes (this runs once per layer per token)
-        scores = q.reshape(n_cache, group, hd) @ k.transpose(0, 2, 1)  # (n_cache, group, S)
-        scores *= scale
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        return (scores @ v).reshape(1, nq * hd)  # cache-head-major, group-minor = query-head order
-    qh = q.reshape(T, n_cache, group, hd).transpose(1, 2, 0, 3).reshape(n_cache, group * T, hd)
-    scores = (qh @ k.transpose(0, 2, 1)).reshape(n_cache, group, T, S)
+    qh = q.reshape(T, n_cache, group, hd).transpose(1, 2, 0, 3)  # (n_cache, group, T, hd)
+    scores = qh @ k.transpose(0, 2, 1)[:, None]  # (n_cache, group, T, S)
     scores *= scale
-    mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # position start+t sees <= start+t
-    scores[..., mask] = -np.inf
+    if T > 1:
+        mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # position start+t sees <= start+t
+        scores[..., mask] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    out = scores.reshape(n_cache, group * T, S) @ v  # (n_cache, group*T, hd)
-    return out.reshape(n_cache, group, T, hd).transpose(2, 0, 1, 3).reshape(T, nq * hd)
+    out = scores @ v[:, None]  # (n_cache, group, T, hd)
+    return out.transpose(2, 0, 1, 3).reshape(T, nq * hd)  # cache-head-major, group-minor = query-head order
 
 
 def self_attention(m: Any, layer: int, qkv: np.ndarray, start: int,

@@ -43,8 +43,9 @@ class Comm:
         return self.rank == 0
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
-        """Sum of x over ranks (may reuse x's memory)."""
-        return x
+        """Sum of x over ranks, as f32 (may reuse x's memory). Partials may come in f64 (the block
+        kernels' column-split slices, see runtime/kernels.py): the sum is then rounded to f32 once."""
+        return np.asarray(x, dtype=np.float32)
 
     def gather_cols(self, x: np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
         """Concatenate every rank's (T, widths[r]) along the last axis on rank 0; None elsewhere."""
@@ -117,9 +118,9 @@ class MPIComm(Comm):
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
         self.comm.Allreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM)
-        return x
+        return x.astype(np.float32, copy=False)
 
     def gather_cols(self, x: np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -233,7 +234,7 @@ class SimWorld:
 
 
 def _sum_in_rank_order(values: list[np.ndarray]) -> np.ndarray:
-    total = np.array(values[0], dtype=np.float32, copy=True)
+    total = np.array(values[0], dtype=np.result_type(np.float32, *values), copy=True)  # f64 partials stay f64
     for v in values[1:]:
         total += v
     return total
@@ -246,7 +247,7 @@ class SimComm(Comm):
         self.world, self.rank, self.size = world, rank, world.size
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
-        return self.world.exchange(self.rank, x, _sum_in_rank_order).copy()
+        return self.world.exchange(self.rank, x, _sum_in_rank_order).astype(np.float32)
 
     def gather_cols(self, x: np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
         full = self.world.exchange(self.rank, x, lambda parts: np.concatenate(parts, axis=-1))

@@ -16,6 +16,12 @@ tile's blocks decoded once and used for every row of x:
   m_w d_x sum x_q; q8_0 is int8 x int8);
 - exact: the same blocks against f32 activations (the dequantized math up
   to the order of sums).
+Each output row sums its blocks' terms in f64 (a q4/q8 block's term
+d_w d_x sum is exact in f64: 11 + 11 + 16 bits) and is rounded to f32 once;
+a column-split slice hands its partial sum over in f64 (`partial`), so the
+all-reduce rounds once too. 1 and N ranks then agree to the last bit
+almost always; with f32 sums they drifted by an ulp, which flipped q8_0
+rounding of the next activations and grew to 1.4 in SmolLM2's logits.
 Threads: numba prange over tiles; each output row is summed by one thread in
 one fixed order, so results are identical for any thread count.
 
@@ -211,12 +217,13 @@ def _q4_q8_row(qs, d, m, xq, xd, xs, out, tl):
         ob = tl * R
         if asym:  # d_w d_x sum q x_q + m_w d_x sum x_q, with sum q x_q = isum + 8 sum x_q
             xsum = np.int32(xs[0, b])
-            ms = s * np.float32(xsum)
+            ms = np.float64(s) * np.float64(xsum)
             for r in range(R):
-                out_flat[ob + r] += d_flat[od + r] * s * np.float32(np.int32(isum[r]) + 8 * xsum) + m_flat[od + r] * ms
+                out_flat[ob + r] += np.float64(d_flat[od + r] * s) * np.float64(np.int32(isum[r]) + 8 * xsum) + \
+                    np.float64(m_flat[od + r]) * ms
         else:
             for r in range(R):
-                out_flat[ob + r] += d_flat[od + r] * s * np.float32(isum[r])
+                out_flat[ob + r] += np.float64(d_flat[od + r] * s) * np.float64(isum[r])
 
 
 @njit(cache=True)
@@ -251,13 +258,13 @@ def _q4_q8_rows(qs, d, m, xq, xd, xs, out, tl):
             ob = t * width + tl * R
             if asym:
                 xsum = np.int32(xs[t, b])
-                ms = s * np.float32(xsum)
+                ms = np.float64(s) * np.float64(xsum)
                 for r in range(R):
-                    out_flat[ob + r] += d_flat[od + r] * s * np.float32(np.int32(isum[r]) + 8 * xsum) + \
-                        m_flat[od + r] * ms
+                    out_flat[ob + r] += np.float64(d_flat[od + r] * s) * \
+                        np.float64(np.int32(isum[r]) + 8 * xsum) + np.float64(m_flat[od + r]) * ms
             else:
                 for r in range(R):
-                    out_flat[ob + r] += d_flat[od + r] * s * np.float32(isum[r])
+                    out_flat[ob + r] += np.float64(d_flat[od + r] * s) * np.float64(isum[r])
 
 
 @njit(cache=True)
@@ -283,7 +290,7 @@ def _q8_q8_tile(qs, d, xq, xd, out, tl):
             s = xd[t, b]
             ob = t * width + tl * R
             for r in range(R):
-                out_flat[ob + r] += d_flat[od + r] * s * np.float32(isum[r])
+                out_flat[ob + r] += np.float64(d_flat[od + r] * s) * np.float64(isum[r])
 
 
 @njit(cache=True)
@@ -312,10 +319,11 @@ def _q4_f32_row(qs, d, m, x, xsum, out, tl):
         if asym:
             xb = xsum[0, b]
             for r in range(R):
-                out_flat[ob + r] += d_flat[od + r] * fsum[r] + m_flat[od + r] * xb
+                out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r]) + \
+                    np.float64(m_flat[od + r]) * np.float64(xb)
         else:
             for r in range(R):
-                out_flat[ob + r] += d_flat[od + r] * fsum[r]
+                out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r])
 
 
 @njit(cache=True)
@@ -352,10 +360,11 @@ def _q4_f32_rows(qs, d, m, x, xsum, out, tl):
             if asym:
                 xb = xsum[t, b]
                 for r in range(R):
-                    out_flat[ob + r] += d_flat[od + r] * fsum[r] + m_flat[od + r] * xb
+                    out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r]) + \
+                        np.float64(m_flat[od + r]) * np.float64(xb)
             else:
                 for r in range(R):
-                    out_flat[ob + r] += d_flat[od + r] * fsum[r]
+                    out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r])
 
 
 @njit(cache=True)
@@ -379,7 +388,7 @@ def _q8_f32_tile(qs, d, x, out, tl):
                     fsum[r] += np.float32(q_flat[o + j * R + r]) * xj
             ob = t * width + tl * R
             for r in range(R):
-                out_flat[ob + r] += d_flat[od + r] * fsum[r]
+                out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r])
 
 
 # Drivers: one serial, one prange, per kind (numba caches each function once,
@@ -461,15 +470,17 @@ class QuantizedRows:
         self.q8 = quantize_q8(x)
 
 
-def matmul(x: np.ndarray | QuantizedRows, w: TiledBlocks, exact: bool = False, threads: int = 1) -> np.ndarray:
-    """x (T, n_in) @ w.T -> (T, w.rows) f32; x may come pre-quantized (QuantizedRows)."""
+def matmul(x: np.ndarray | QuantizedRows, w: TiledBlocks, exact: bool = False, threads: int = 1,
+           partial: bool = False) -> np.ndarray:
+    """x (T, n_in) @ w.T -> (T, w.rows), rounded to f32 once at the end (partial: kept in f64, for a
+    sum over ranks that rounds once after it); x may come pre-quantized (QuantizedRows)."""
     pre = x if isinstance(x, QuantizedRows) else None
     xf = pre.x if pre is not None else np.ascontiguousarray(x, dtype=np.float32)
     if xf.ndim != 2 or xf.shape[1] != w.n_in:
         raise ValueError(f"activations of shape {xf.shape} for a matrix of {w.n_in} columns")
     T = xf.shape[0]
     n_tiles = w.qs.shape[0]
-    out = np.zeros((T, n_tiles * R), dtype=np.float32)
+    out = np.zeros((T, n_tiles * R), dtype=np.float64)
     par = threads > 1
     if par:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -487,7 +498,7 @@ def matmul(x: np.ndarray | QuantizedRows, w: TiledBlocks, exact: bool = False, t
             (_q8_q8_parallel if par else _q8_q8_serial)(w.qs, w.d, xq, xd, out)
         else:
             (_q4_q8_parallel if par else _q4_q8_serial)(w.qs, w.d, mins, xq, xd, xs, out)
-    return out[:, : w.rows]
+    return out[:, : w.rows] if partial else out[:, : w.rows].astype(np.float32)
 
 
 # -- compiling / loading once per process, safely across processes ----------------------

@@ -293,7 +293,8 @@ def kernel_modes_table(name: str, default: Pass, exact: Pass, tokens: list[int])
     diff = np.abs(default.logits - exact.logits).max(axis=-1)
     top1 = np.argmax(default.logits, axis=-1) == np.argmax(exact.logits, axis=-1)
     lines = [f"  default vs --exact: max |dlogit| {diff.max():.3e} (position {int(diff.argmax())}), mean KL "
-             f"{kl.mean():.6f} (exact || default) over {len(tokens)} positions; top-1 agreement {top1.mean() * 100:.1f}% "
+             f"{kl.mean():.6f} (exact || default) over {len(tokens)} positions; "
+             f"top-1 agreement {top1.mean() * 100:.1f}% "
              f"(information, not a check)"]
     return Comparison(f"{name}: default kernels (q8_0 activations) vs --exact (f32 activations)", True, lines)
 

@@ -29,12 +29,13 @@ _CHUNK_VALUES = 1 << 20  # f16 widening: values per piece (4 MB of f32, cache-fr
 class BlockMatrix:
     """A (rows, n_in) quantized matrix in the kernels' tiles; `apply(x)` = x @ W.T."""
 
-    def __init__(self, tiles: kernels.TiledBlocks, exact: bool, threads: int):
-        self.tiles, self.exact, self.threads = tiles, exact, threads
+    def __init__(self, tiles: kernels.TiledBlocks, exact: bool, threads: int, partial: bool):
+        self.tiles, self.exact, self.threads, self.partial = tiles, exact, threads, partial
         self.shape, self.nbytes = tiles.shape, tiles.nbytes
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        return kernels.matmul(x, self.tiles, exact=self.exact, threads=self.threads)
+        """partial (a column-split slice): the f64 sum the all-reduce rounds to f32 after adding the ranks'."""
+        return kernels.matmul(x, self.tiles, exact=self.exact, threads=self.threads, partial=self.partial)
 
 
 class StackedMatrix:
@@ -126,13 +127,14 @@ class RankWeights:
                 out[key] = value
                 continue
             self.matrix_types.update(t.name.lower() for _, t in parts)
-            groups = [self._matrix(group) for group in _runs_of_one_form(parts)]
+            partial = self.source.arch.split_rule(names[0]).kind == "cols"  # its products get all-reduced
+            groups = [self._matrix(group, partial) for group in _runs_of_one_form(parts)]
             value = groups[0] if len(groups) == 1 else StackedMatrix(groups)
             self.resident_bytes += value.nbytes
             out[key] = value
         return out
 
-    def _matrix(self, parts: list[tuple[np.ndarray, GGMLType]]) -> Any:
+    def _matrix(self, parts: list[tuple[np.ndarray, GGMLType]], partial: bool) -> Any:
         t = parts[0][1]
         n_in = _values_per_row(*parts[0])
         if t not in kernels.KERNEL_TYPES:
@@ -140,7 +142,7 @@ class RankWeights:
         if self.kernels is None:
             self.kernels = kernels.warm_up()
         self.quantized_bytes += sum(raw.nbytes for raw, _ in parts)
-        return BlockMatrix(kernels.tile([raw for raw, _ in parts], t), self.exact, self.nthread)
+        return BlockMatrix(kernels.tile([raw for raw, _ in parts], t), self.exact, self.nthread, partial)
 
 
 def _runs_of_one_form(parts: list[tuple[np.ndarray, GGMLType]]) -> list[list[tuple[np.ndarray, GGMLType]]]:

@@ -155,7 +155,7 @@ def test_f32_matches_transformers(kind, ranks, source, tiny_ne, tiny_shards, hf_
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("ranks,source", [(2, "slices"), (3, "shards")])
+@pytest.mark.parametrize("ranks,source", [(1, "shards"), (2, "slices"), (2, "shards"), (3, "shards")])
 def test_q4_0_ranks_match_unsharded(kind, ranks, source, tiny_ne, tiny_shards):
     one = run_ranks(tiny_ne(kind, "q4_0"), 1)
     model = tiny_shards(kind, "q4_0", ranks) if source == "shards" else tiny_ne(kind, "q4_0")
@@ -163,9 +163,11 @@ def test_q4_0_ranks_match_unsharded(kind, ranks, source, tiny_ne, tiny_shards):
 
 
 @pytest.mark.parametrize("qtype", ["f16", "q4_1", "q8_0"])
-def test_other_types_run_on_ranks(qtype, tiny_ne, hf_logits):
+def test_other_types_run_on_ranks(qtype, tiny_ne, tiny_shards, hf_logits):
     one = run_ranks(tiny_ne("gptj", qtype), 1)
     assert_logits_close(one, run_ranks(tiny_ne("gptj", qtype), 2))
+    if qtype != "f16":  # the block kernels on a shard set's slices
+        assert_logits_close(one, run_ranks(tiny_shards("gptj", qtype, 3), 3))
     ref = hf_logits("gptj")  # the weights' precision shows: f16 < 8-bit < 4-bit blocks
     assert np.abs(one - ref).max() < {"f16": 0.005, "q8_0": 0.05, "q4_1": 0.5}[qtype] * np.abs(ref).max()
 
@@ -605,6 +607,25 @@ def test_hf_gguf_without_accelerate_names_the_missing_package(smollm2_gguf, monk
     assert e.value.path == str(smollm2_gguf)
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_smollm2_q4_0_holds_blocks_not_f32(ranks, smollm2_q4_0, smollm2_shards):
+    """A quantized run holds no f32 matrix: resident weight bytes <= 1.15 x the rank's quantized matrix bytes."""
+    model = smollm2_q4_0 if ranks == 1 else smollm2_shards
+
+    def rank(comm):
+        m = load_rank_model(model, comm, 8)
+        try:
+            w = m.weights
+            return comm.allgather((w.resident_bytes, w.quantized_bytes, w.mode))
+        finally:
+            m.close()
+
+    for resident, quantized, mode in run_world(rank, ranks):
+        assert mode == "q4_0 blocks"
+        assert quantized > 40e6 / ranks  # the matrices (the tied head included), not just norms
+        assert resident <= 1.15 * quantized, (resident, quantized)
+
+
 @pytest.mark.mpi
 def test_smollm2_q4_0_two_ranks_under_mpiexec(smollm2_q4_0, smollm2_shards):
     p = cli(["verify", str(smollm2_shards), "--ref", str(smollm2_q4_0), "-n", "4", "-t", "1"], mpi=2,
@@ -618,3 +639,10 @@ def test_smollm2_q4_0_two_ranks_under_mpiexec(smollm2_q4_0, smollm2_shards):
     text, timing = p.stdout.rsplit("\n", 2)[0], p.stdout.splitlines()[-1]
     assert text.startswith("Once upon a time, there existed a little girl,") and len(text) > 60
     assert "2 MPI ranks" in timing and "stop: 32 tokens generated" in timing
+    # greedy: the same text from the unsharded file at 1 rank and the shard set on 2 MPI ranks
+    greedy = ["-t", "1", "-c", "64", "-n", "24", "--top_k", "1", "-p", "Once upon a time, there existed a little girl,"]
+    one = cli(["-m", str(smollm2_q4_0)] + greedy, timeout=300)
+    two = cli(["-m", str(smollm2_shards)] + greedy, mpi=2, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert one.stdout.splitlines()[:-1] == two.stdout.splitlines()[:-1]
+    assert "weights q4_0 blocks |" in one.stdout and "weights q4_0 blocks |" in two.stdout
