@@ -122,3 +122,42 @@ def test_tiled_layout_and_size() -> None:
 def test_warm_up_reports_cache_use() -> None:
     first = K.warm_up()
     assert first.seconds >= 0.0 and K.warm_up() is first  # once per process
+
+
+_START = """
+import sys
+import numpy as np
+from netp.formats.constants import GGMLType
+from netp.runtime import kernels as K
+from gguf import quants
+start = K.warm_up()
+rng = np.random.default_rng(7)
+w = K.tile([quants.quantize(rng.standard_normal((70, 256)).astype(np.float32), GGMLType.Q4_1)], GGMLType.Q4_1)
+y = K.matmul(rng.standard_normal((3, 256)).astype(np.float32), w, threads=2)
+print(int(start.compiled), y.tobytes().hex())
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_starting_at_once_share_one_compile(tmp_path) -> None:
+    """Two processes on an empty cache folder: one compiles, the other waits and loads; a third loads too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONWARNINGS": "error::UserWarning"}
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _START], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    both = [start(), start()]
+    outs = [p.communicate(timeout=600) for p in both]
+    assert all(p.returncode == 0 for p in both), [err for _, err in outs]
+    assert not any("Numba" in err or "cache" in err.lower() for _, err in outs), [err for _, err in outs]
+    compiled = sorted(out.split()[0] for out, _ in outs)
+    assert compiled == ["0", "1"]  # one compile, one load of it
+    third = start()
+    out, err = third.communicate(timeout=600)
+    assert third.returncode == 0 and out.split()[0] == "0", err
+    assert len({o.split()[1] for o, _ in outs} | {out.split()[1]}) == 1  # the same bits from every start
