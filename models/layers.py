@@ -16,7 +16,7 @@ import numpy as np
 def linear(x: np.ndarray, w: Any) -> np.ndarray:
     """x (T, in) times a weight of out rows: a dense f32 array stored
     transposed, (in, out) C-contiguous, or anything with .apply(x) (the
-    low-memory mode's block matrices). Returns (T, out).
+    runtime's quantized matrices in block form, docs/design.md §5). Returns (T, out).
 
     Why transposed: for one token, numpy's x @ W on an (in, out) array runs
     OpenBLAS's gemv "N" kernel, which streams the weights at ~1.5x the

@@ -1,4 +1,4 @@
-"""-t: the BLAS threads of each rank.
+"""-t: the BLAS threads of each rank (the block kernels take the same count, see runtime/kernels.py).
 
 Set through the environment before numpy is first imported (OpenBLAS and
 OpenMP read it once, at load); when numpy is already loaded (a test calling
