@@ -114,11 +114,19 @@ def _slowest_start(starts: Sequence[WarmUp | None]) -> WarmUp | None:
 def _rank_main(comm: Comm, opts: RunOptions) -> int:
     t0 = time.perf_counter()
     prompt: list[int] | None = None
+    prompt_error: NetpError | None = None
     with comm.agreeing():
+        if comm.is_root:  # the tokenizer (~40 MB for SmolLM2's) before the weights, so the process's peak
+            try:          # memory is not both at once; a model error still takes precedence (docs/design.md §5)
+                prompt = encode_prompt(opts.model, opts.prompt, opts.ids)
+            except NetpError as e:
+                prompt_error = e
         model: RankModel = load_rank_model(opts.model, comm, opts.n_ctx, use_mmap=opts.use_mmap,
                                            nthread=opts.threads, exact=opts.exact)
         if comm.is_root:
-            prompt = encode_prompt(opts.model, opts.prompt, opts.ids)
+            if prompt_error is not None:
+                raise prompt_error
+            assert prompt is not None
             bad = [t for t in prompt if not 0 <= t < model.hp.n_vocab]
             if bad:
                 raise NetpError(opts.model, f"token id {bad[0]} outside the vocabulary of {model.hp.n_vocab}")
