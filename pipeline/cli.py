@@ -52,9 +52,10 @@ def pipeline_command(model: str, outdir: Path, outtype: str, ranks: int, force: 
         from netp.pipeline.onepass import run_pipeline, summary_line
 
         with progress_bar(f"pipeline {outtype} x{ranks}", quiet=quiet) as on_progress:
-            return summary_line(run_pipeline(model, outdir, outtype, ranks, output_type=output_type and output_type.lower(),
-                                             embedding_type=embedding_type and embedding_type.lower(), force=force,
-                                             nthread=nthread, on_progress=on_progress))
+            result = run_pipeline(model, outdir, outtype, ranks, output_type=output_type and output_type.lower(),
+                                  embedding_type=embedding_type and embedding_type.lower(), force=force,
+                                  nthread=nthread, on_progress=on_progress)
+        return summary_line(result)
 
     line = run_reporting(prog, debug, work)
     if not quiet:
