@@ -13,7 +13,7 @@ from netp.quantize.cli import type_override_options
 
 class PipelineCommand(NetpCommand):
     def usage_hint(self, e: click.UsageError) -> str:
-        return f"{e.format_message()}; usage: netp pipeline MODEL OUTDIR --outtype q4_0 --ranks N"
+        return f"{e.format_message().rstrip('.')}; usage: netp pipeline MODEL OUTDIR --outtype q4_0 --ranks N"
 
 
 @click.command("pipeline", cls=PipelineCommand, context_settings={"help_option_names": ["-h", "--help"]})
