@@ -193,7 +193,7 @@ def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NE
         del data
 
 
-def write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> None:
+def _write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> None:
     flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
     if ggml_type == GGMLType.F32:
         writer.write(flat)
@@ -249,7 +249,7 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *,
                     if isinstance(data, Extent):  # the bytes are already right: copy them in the kernel, like cp
                         writer.copy_from(*data)
                     else:
-                        write_values(writer, data, t.ggml_type)
+                        _write_values(writer, data, t.ggml_type)
                     del data
                     if on_progress is not None:
                         on_progress(1, len(tensors))

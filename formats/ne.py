@@ -11,6 +11,7 @@ stores them reversed. Quantized rows are `row_nbytes` bytes along ne[0].
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import mmap
@@ -339,8 +340,6 @@ class StreamedNE:
         return {name: t.shape for name, t in self.tensors.items()}
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
-        import bisect
-
         n = out.nbytes
         i = bisect.bisect_right(self._gaps, offset, key=lambda g: g[0]) - 1
         gap_at, gap = self._gaps[i]
@@ -353,16 +352,6 @@ class StreamedNE:
         if start < 0 or start % row_bytes or n % row_bytes or start + n > info.nbytes:
             raise ValueError(f"read of {n} bytes at {offset} is not whole rows of tensor {info.name}")
         self._fill(info, start // row_bytes, out)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "StreamedNE":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class NEWriter:
     """Write an NE file one tensor at a time under a temporary name.

@@ -13,7 +13,7 @@ from netp.quantize.cli import type_override_options
 
 class PipelineCommand(NetpCommand):
     def usage_hint(self, e: click.UsageError) -> str:
-        return f"{e.format_message()}; usage: netp pipeline MODEL OUTDIR --outtype q4_0 --ranks N"
+        return f"{e.format_message().rstrip('.')}; usage: netp pipeline MODEL OUTDIR --outtype q4_0 --ranks N"
 
 
 @click.command("pipeline", cls=PipelineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,9 +52,10 @@ def pipeline_command(model: str, outdir: Path, outtype: str, ranks: int, force: 
         from netp.pipeline.onepass import run_pipeline, summary_line
 
         with progress_bar(f"pipeline {outtype} x{ranks}", quiet=quiet) as on_progress:
-            return summary_line(run_pipeline(model, outdir, outtype, ranks, output_type=output_type and output_type.lower(),
-                                             embedding_type=embedding_type and embedding_type.lower(), force=force,
-                                             nthread=nthread, on_progress=on_progress))
+            result = run_pipeline(model, outdir, outtype, ranks, output_type=output_type and output_type.lower(),
+                                  embedding_type=embedding_type and embedding_type.lower(), force=force,
+                                  nthread=nthread, on_progress=on_progress)
+        return summary_line(result)
 
     line = run_reporting(prog, debug, work)
     if not quiet:

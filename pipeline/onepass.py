@@ -19,8 +19,10 @@ decoded or transformed) plus shard's buffer ring.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -69,7 +71,15 @@ class _ConvertedRows:
         self.src, self.types, self.quantizing, self.nthread = src, types, quantizing, nthread
         self._items: Iterator[tuple[NETensor, np.ndarray | Extent]] = converted_tensors(src, tensors)
         self._current: tuple[NETensor, np.ndarray | Extent] | None = None
-        self._scratch = np.empty(0, dtype=np.float32)
+        # Rows read straight from the checkpoint: the next chunk is read on a helper
+        # thread (into the other of two buffers) while this one is encoded.
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netp-read")
+        self._buffers = [np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)]
+        self._slot = 0
+        self._ahead: tuple[tuple[str, int, int], Future[np.ndarray]] | None = None
+
+    def close(self) -> None:
+        self._reads.shutdown(wait=True)
 
     def _tensor(self, name: str) -> tuple[NETensor, np.ndarray | Extent]:
         while self._current is None or self._current[0].name != name:
@@ -77,16 +87,33 @@ class _ConvertedRows:
             self._current = next(self._items)
         return self._current
 
+    def _read_rows(self, t: NETensor, extent: Extent, row0: int, n: int, slot: int) -> np.ndarray:
+        row_len = t.shape[-1]
+        if self._buffers[slot].size < n * row_len:
+            self._buffers[slot] = np.empty(n * row_len, dtype=np.float32)
+        x = self._buffers[slot][:n * row_len]
+        _pread_exact(extent.fd, x, extent.offset + row0 * row_len * 4, self.src.path, t.source_name)
+        return x.reshape(n, row_len)
+
     def _rows(self, t: NETensor, data: np.ndarray | Extent, row0: int, n: int) -> np.ndarray:
         """f32 values of rows [row0, row0 + n), (n, row length)."""
-        row_len = t.shape[-1]
         if not isinstance(data, Extent):
-            return data.reshape(-1, row_len)[row0:row0 + n]
-        if self._scratch.size < n * row_len:
-            self._scratch = np.empty(n * row_len, dtype=np.float32)
-        x = self._scratch[:n * row_len]
-        _pread_exact(data.fd, x, data.offset + row0 * row_len * 4, self.src.path, t.source_name)
-        return x.reshape(n, row_len)
+            return data.reshape(-1, t.shape[-1])[row0:row0 + n]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (t.name, row0, n):
+            x = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # not the rows asked for: let it finish before its buffer is reused
+            self._slot ^= 1
+            x = self._read_rows(t, data, row0, n, self._slot)
+        n_rows = math.prod(t.shape[:-1]) if len(t.shape) > 1 else 1
+        nxt = row0 + n
+        if nxt < n_rows:  # the copier asks for chunks of one size in order: read the next one now
+            m = min(n, n_rows - nxt)
+            self._slot ^= 1
+            self._ahead = ((t.name, nxt, m), self._reads.submit(self._read_rows, t, data, nxt, m, self._slot))
+        return x
 
     def __call__(self, info: TensorInfo, row0: int, out: np.ndarray) -> None:
         t, data = self._tensor(info.name)
@@ -148,13 +175,17 @@ def run_pipeline(model: str, outdir: str | os.PathLike, outtype: str, world_size
                                              embedding_type and type_from_name(embedding_type))
             types = rules.tensor_types({t.name: (t.shape, t.ggml_type) for t in tensors}, chosen, overrides)
             header = dataclasses.replace(header, ftype=rules.header_ftype(chosen))
-        stream = StreamedNE(src.path, header, src.vocab(), [(t.name, types[t.name], t.shape) for t in tensors],
-                            _ConvertedRows(src, tensors, types, quantizing, nthread))
-        arch, _, entries = shard_plan(stream, world_size)
-        check_outdir(src.path, outdir, force)
-        manifest = write_shard_set(stream, name or source_name(outtype), outdir, arch, entries,
-                                   lambda tmp: build_tokenizer_dir(tmp / SHARD_TOKENIZER_DIR, src.write_tokenizer),
-                                   on_progress)
+        rows = _ConvertedRows(src, tensors, types, quantizing, nthread)
+        try:
+            stream = StreamedNE(src.path, header, src.vocab(), [(t.name, types[t.name], t.shape) for t in tensors],
+                                rows)
+            arch, _, entries = shard_plan(stream, world_size)
+            check_outdir(src.path, outdir, force)
+            manifest = write_shard_set(stream, name or source_name(outtype), outdir, arch, entries,
+                                       lambda tmp: build_tokenizer_dir(tmp / SHARD_TOKENIZER_DIR, src.write_tokenizer),
+                                       on_progress)
+        finally:
+            rows.close()
     finally:
         src.close()
     return PipelineResult(outdir, manifest, time.perf_counter() - t0)

@@ -34,7 +34,7 @@ from netp.quantize.codecs import NonFiniteError, quantize_rows
 if TYPE_CHECKING:
     from netp.models.base import Architecture
 
-__all__ = ["QuantizeResult", "quantize_file", "encode_rows", "check_finite", "NonFiniteRow", "kept_counts", "CHUNK_BYTES"]
+__all__ = ["QuantizeResult", "quantize_file", "encode_rows", "NonFiniteRow", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 16 << 20  # input bytes per row chunk
 
@@ -130,7 +130,8 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGM
     `model_name` (neural-speed's --model_name) must name the architecture
     the file's tensor names show. `output_type` / `embedding_type` give the
     output head / token embedding another type (rules.type_overrides).
-    `on_progress(bytes read, total bytes)` after each row chunk. Raises NetpError for every user error, leaving no output behind.
+    `on_progress(bytes read, total bytes)` after each row chunk. Raises NetpError
+    for every user error, leaving no output behind.
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)

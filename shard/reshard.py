@@ -16,6 +16,7 @@ before any is read.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -75,6 +76,10 @@ class _RankSlices:
                 covered = max(covered, cut.byte1)
 
 
+def _copy_tokenizer(folder: Path, tmp: Path) -> None:
+    copy_tokenizer_folder(folder, tmp / SHARD_TOKENIZER_DIR)
+
+
 def reshard(shards: str | os.PathLike, outdir: str | os.PathLike, world_size: int, *, force: bool = False,
             on_progress: Progress | None = None) -> ShardResult:
     """Cut the shard set in `shards` for `world_size` ranks into `outdir`, as
@@ -94,9 +99,8 @@ def reshard(shards: str | os.PathLike, outdir: str | os.PathLike, world_size: in
         check_outdir(shards, outdir, force)
         if (error := check_shard_set(shards).error()) is not None:
             raise error
-        tokenizer = None
-        if manifest.tokenizer is not None:
-            tokenizer = lambda tmp: copy_tokenizer_folder(shards / manifest.tokenizer, tmp / SHARD_TOKENIZER_DIR)  # noqa: E731
+        tokenizer = None if manifest.tokenizer is None else functools.partial(_copy_tokenizer,
+                                                                              shards / manifest.tokenizer)
         new = write_shard_set(stream, manifest.source.name, outdir, arch, entries, tokenizer, on_progress,
                               expect_source=manifest.source)
     finally:

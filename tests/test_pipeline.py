@@ -150,6 +150,22 @@ def test_pipeline_equals_three_steps(kind, outtype, ranks, model_path, sharded, 
     assert {t.type for t in result.manifest.tensors.values()} >= {outtype}
 
 
+@pytest.mark.parametrize("variant", ["bf16", pytest.param("sharded", marks=pytest.mark.slow)])
+def test_pipeline_equals_three_steps_bf16_and_sharded_checkpoints(variant, tiny_hf_model, tmp_path):
+    """Real checkpoints are bf16 (widened into a buffer each read reuses) and split over files."""
+    from netp.convert.pipeline import convert
+    from netp.pipeline.onepass import run_pipeline
+    from netp.quantize.pipeline import quantize_file
+    from netp.shard.pipeline import shard_file
+
+    model = str(tiny_hf_model("llama_gqa", variant))
+    convert(model, tmp_path / "ne-f32.bin", "f32")
+    quantize_file(tmp_path / "ne-f32.bin", tmp_path / "ne-q4_1.bin", GGMLType.Q4_1)
+    shard_file(tmp_path / "ne-q4_1.bin", tmp_path / "three", 2)
+    run_pipeline(model, tmp_path / "one", "q4_1", 2)
+    same_tree(tmp_path / "one", tmp_path / "three")
+
+
 @pytest.mark.parametrize("outtype, ranks", [
     pytest.param(t, r, marks=[] if (t, r) == ("q4_0", 3) else [pytest.mark.slow]) for t in TYPES for r in (2, 3)])
 def test_pipeline_equals_three_steps_smollm2(outtype, ranks, model_path, sharded, tmp_path):
