@@ -462,20 +462,11 @@ _NO_MINS = np.zeros((0, 0, R), dtype=np.float32)
 _NO_SUMS = np.zeros((0, 0), dtype=np.float32)
 
 
-class QuantizedRows:
-    """A row block of activations quantized to q8_0 once, for every matrix that multiplies it."""
-
-    def __init__(self, x: np.ndarray):
-        self.x = x
-        self.q8 = quantize_q8(x)
-
-
-def matmul(x: np.ndarray | QuantizedRows, w: TiledBlocks, exact: bool = False, threads: int = 1,
+def matmul(x: np.ndarray, w: TiledBlocks, exact: bool = False, threads: int = 1,
            partial: bool = False) -> np.ndarray:
     """x (T, n_in) @ w.T -> (T, w.rows), rounded to f32 once at the end (partial: kept in f64, for a
-    sum over ranks that rounds once after it); x may come pre-quantized (QuantizedRows)."""
-    pre = x if isinstance(x, QuantizedRows) else None
-    xf = pre.x if pre is not None else np.ascontiguousarray(x, dtype=np.float32)
+    sum over ranks that rounds once after it)."""
+    xf = np.ascontiguousarray(x, dtype=np.float32)
     if xf.ndim != 2 or xf.shape[1] != w.n_in:
         raise ValueError(f"activations of shape {xf.shape} for a matrix of {w.n_in} columns")
     T = xf.shape[0]
@@ -493,7 +484,7 @@ def matmul(x: np.ndarray | QuantizedRows, w: TiledBlocks, exact: bool = False, t
             xsum = _NO_SUMS if w.m is None else xf.reshape(T, -1, QK).sum(axis=2, dtype=np.float32)
             (_q4_f32_parallel if par else _q4_f32_serial)(w.qs, w.d, mins, xf, np.ascontiguousarray(xsum), out)
     else:
-        xq, xd, xs = pre.q8 if pre is not None else quantize_q8(xf)
+        xq, xd, xs = quantize_q8(xf)
         if q8:
             (_q8_q8_parallel if par else _q8_q8_serial)(w.qs, w.d, xq, xd, out)
         else:
