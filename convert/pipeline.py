@@ -2,8 +2,9 @@
 
 The pipeline knows no architecture: models/ answers which architecture a
 config or GGUF is, its hparams and header fields, every NE tensor with its
-shape in file order, the HF/GGUF -> NE name maps, and the rare tensor that
-needs work on the way in (LLaMA's q/k permutation, HF input only).
+shape in file order, the HF/GGUF -> NE name maps, the HF hook that reworks
+or cuts a tensor on the way in (LLaMA's q/k permutation, Phi-3's fused
+projections; HF input only), and the tensors config.json alone determines.
 
 Everything that can be checked is checked before any output exists
 (config, architecture, every expected tensor present with its shape, no
@@ -42,8 +43,8 @@ class Source:
     arch: Architecture
     hp: HParams
     tensors: Checkpoint  # names(), shape(name), read(name) -> f32
-    ne_name: Callable[[str], str | None | bool]  # source name -> NE name, None to drop, False unknown
-    transform: bool  # HF weights go through arch.transform_hf; GGUF ones are already in NE layout
+    ne_names: Callable[[str], tuple[str, ...] | None]  # source name -> NE names ((): drop), None unknown
+    transform: bool  # HF weights go through arch.hf_tensors; GGUF ones are already in NE layout
     tie_output: bool  # the output head may come from the embedding when the input has none
     vocab: Callable[[], Vocab]
     write_tokenizer: Callable[[Path], None]
@@ -51,6 +52,10 @@ class Source:
     def transforms(self, ne: str) -> bool:
         """Whether this tensor's values change on the way in (else its bytes may be copied)."""
         return self.transform and self.arch.transforms_hf(ne)
+
+    def generated(self) -> dict[str, np.ndarray]:
+        """NE tensors this input lacks and its config determines (HF input only)."""
+        return self.arch.generated_tensors(self.hp) if self.transform else {}
 
     def close(self) -> None:
         self.tensors.close()
@@ -81,7 +86,7 @@ def open_hf_folder(folder: Path) -> Source:
     arch = by_hf_config(config, str(config_path))
     hp = arch.hparams_from_hf(config, str(config_path))
     tensors = open_checkpoint(folder)
-    return Source(folder, arch, hp, tensors, arch.ne_name_from_hf, transform=True, tie_output=hp.tie_embeddings,
+    return Source(folder, arch, hp, tensors, arch.ne_names_from_hf, transform=True, tie_output=hp.tie_embeddings,
                   vocab=lambda: vocab_for_folder(folder, hp.n_vocab),
                   write_tokenizer=lambda out: write_folder_tokenizer(folder, out))
 
@@ -95,12 +100,12 @@ def open_gguf(path: Path) -> Source:
     g = GGUFFile(path)
     try:
         arch = by_gguf_architecture(g.architecture, str(path))
-        hp = arch.hparams_from_gguf(g.metadata, str(path))
+        hp = arch.hparams_from_gguf(g.metadata, str(path), g.names())
     except BaseException:
         g.close()
         raise
     # llama.cpp writes no output.weight for tied embeddings.
-    return Source(path, arch, hp, g, arch.ne_name_from_gguf, transform=False, tie_output=True,
+    return Source(path, arch, hp, g, arch.ne_names_from_gguf, transform=False, tie_output=True,
                   vocab=lambda: vocab_from_gguf(g.metadata, hp.n_vocab, path),
                   write_tokenizer=lambda out: write_gguf_tokenizer(g.metadata, path, out))
 
@@ -115,18 +120,18 @@ def open_source(path: Path) -> Source:
     raise NetpError(path, "is neither a Hugging Face model folder nor a GGUF file")
 
 
-def plan_tensors(src: Source) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """NE name -> (source tensor name, shape), in NE file order; refuses what does not fit."""
+def plan_tensors(src: Source) -> dict[str, tuple[str | None, tuple[int, ...]]]:
+    """NE name -> (source tensor name, None for a generated one; shape), in NE file
+    order; refuses what does not fit."""
     expected = src.arch.tensor_shapes(src.hp)
-    found: dict[str, str] = {}
+    found: dict[str, str | None] = {}
     for name in src.tensors.names():
-        ne = src.ne_name(name)
-        if ne is None:
-            continue
-        if ne is False or ne not in expected:
+        nes = src.ne_names(name)
+        if nes is None or any(ne not in expected for ne in nes):
             raise NetpError(src.path, f"tensor {name} is not part of a {src.arch.name} model with this config "
                                       f"({src.hp.n_layer} layers); netp refuses weights it would not use")
-        found[ne] = name
+        found |= {ne: name for ne in nes}
+    found |= {ne: None for ne in src.generated() if ne in expected and ne not in found}
     embedding, output = src.arch.embedding_name, src.arch.output_name
     if output in expected and output not in found and src.tie_output and embedding in found:
         found[output] = found[embedding]  # tied embeddings: the head is the embedding matrix
@@ -137,10 +142,14 @@ def plan_tensors(src: Source) -> dict[str, tuple[str, tuple[int, ...]]]:
                                   f"with {src.hp.n_layer} layers")
     plan = {}
     for ne, shape in expected.items():
-        got = src.tensors.shape(found[ne])
-        if tuple(got) != tuple(shape):
-            raise NetpError(src.path, f"tensor {found[ne]} has shape {list(got)}; this config needs {list(shape)}")
-        plan[ne] = (found[ne], tuple(shape))
+        name = found[ne]
+        if name is not None:
+            parts = src.ne_names(name)
+            want = (sum(expected[p][0] for p in parts), *shape[1:]) if len(parts) > 1 else shape  # fused: parts' rows
+            got = src.tensors.shape(name)
+            if tuple(got) != tuple(want):
+                raise NetpError(src.path, f"tensor {name} has shape {list(got)}; this config needs {list(want)}")
+        plan[ne] = (name, tuple(shape))
     return plan
 
 
@@ -162,10 +171,10 @@ class NETensor:
     name: str
     ggml_type: GGMLType
     shape: tuple[int, ...]
-    source_name: str
+    source_name: str | None  # None: generated from the config (no source tensor)
 
 
-def ne_tensors(plan: dict[str, tuple[str, tuple[int, ...]]], out_type: GGMLType) -> list[NETensor]:
+def ne_tensors(plan: dict[str, tuple[str | None, tuple[int, ...]]], out_type: GGMLType) -> list[NETensor]:
     """The NE file's tensors in file order; 1-D tensors (norms, biases) stay f32."""
     return [NETensor(ne, GGMLType.F32 if len(shape) == 1 else out_type, shape, name)
             for ne, (name, shape) in plan.items()]
@@ -178,17 +187,30 @@ def ne_header(src: Source, out_type: GGMLType) -> NEHeader:
 def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NETensor, np.ndarray | Extent]]:
     """Each NE tensor in file order with its data: an Extent when the source bytes are
     the NE bytes (f32 to f32, untransformed), else its f32 values in NE layout (which
-    may live in a buffer the next tensor reuses: consume before advancing)."""
+    may live in a buffer the next tensor reuses: consume before advancing): read as it
+    is, reworked or cut by the HF hook (one read serves every part of a fused tensor,
+    asked for in a row), or generated from the config (no source tensor)."""
     extent_of = getattr(src.tensors, "f32_extent", None)
+    generated = src.generated()
+    cut: dict[str, np.ndarray] = {}
+    cut_from: str | None = None
     for t in tensors:
+        if t.source_name is None:
+            yield t, generated[t.name]
+            continue
         copyable = t.ggml_type == GGMLType.F32 and extent_of is not None and not src.transforms(t.name)
         extent = extent_of(t.source_name) if copyable else None
         if extent is not None:
             yield t, Extent(*extent)
             continue
-        data = src.tensors.read(t.source_name)
-        if src.transforms(t.name):
-            data = src.arch.transform_hf(t.name, data, src.hp)
+        if not src.transforms(t.name):
+            data = src.tensors.read(t.source_name)
+        else:
+            if cut_from != t.source_name or t.name not in cut:
+                cut.clear()
+                cut.update(src.arch.hf_tensors(t.source_name, src.tensors.read(t.source_name), src.hp))
+                cut_from = t.source_name
+            data = cut.pop(t.name)
         yield t, data
         del data
 

@@ -17,11 +17,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from netp.models.base import (
-    RANK0, REPLICATED, Architecture, HParams, SplitRule, refuse, register, rope_from_hf, token_id,
+    RANK0, REPLICATED, Architecture, HParams, SplitRule, TensorSpec, refuse, register, rope_from_hf, token_id,
 )
 from netp.models.layers import gelu, layer_norm, linear, rotate_halves, self_attention
 
-_L = r"gpt_neox\.layers\.\d+\."
+_L = "gpt_neox.layers.{i}."
 
 
 @register
@@ -38,46 +38,34 @@ class GPTNeoX(Architecture):
         "use_parallel_residual": True, "attention_bias": True, "rope_theta": 10000.0,
         "partial_rotary_factor": 0.25,
     }
-    hf_name_map = (
-        (r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)", None),
-        (r"gpt_neox\.rotary_emb\.inv_freq", None),
-        (r"(lm_head|embed_out)\.weight", "embed_out.weight"),
-        (r"(gpt_neox\.(embed_in\.weight|final_layer_norm\.(weight|bias)))", "{0}"),
-        (rf"({_L}(input_layernorm|post_attention_layernorm)\.(weight|bias))", "{0}"),
-        (rf"({_L}attention\.(query_key_value|dense)\.(weight|bias))", "{0}"),
-        (rf"({_L}mlp\.(dense_h_to_4h|dense_4h_to_h)\.(weight|bias))", "{0}"),
+    tensors = (
+        TensorSpec("gpt_neox.embed_in.weight", lambda h: (h.n_vocab, h.n_embd), REPLICATED,
+                   "gpt_neox.embed_in.weight"),
+        *(TensorSpec(_L + name, shape, split, _L + name) for name, shape, split in (
+            ("input_layernorm.weight", lambda h: (h.n_embd,), REPLICATED),
+            ("input_layernorm.bias", lambda h: (h.n_embd,), REPLICATED),
+            ("post_attention_layernorm.weight", lambda h: (h.n_embd,), REPLICATED),
+            ("post_attention_layernorm.bias", lambda h: (h.n_embd,), REPLICATED),
+            # whole heads' q|k|v rows
+            ("attention.query_key_value.weight", lambda h: (3 * h.n_embd, h.n_embd), SplitRule("rows", "qkv_heads")),
+            ("attention.query_key_value.bias", lambda h: (3 * h.n_embd,), SplitRule("rows", "qkv_heads")),
+            ("attention.dense.weight", lambda h: (h.n_embd, h.n_embd), SplitRule("cols", "q_heads")),
+            ("attention.dense.bias", lambda h: (h.n_embd,), RANK0),
+            ("mlp.dense_h_to_4h.weight", lambda h: (h.n_ff, h.n_embd), SplitRule("rows", "ffn")),
+            ("mlp.dense_h_to_4h.bias", lambda h: (h.n_ff,), SplitRule("rows", "ffn")),
+            ("mlp.dense_4h_to_h.weight", lambda h: (h.n_embd, h.n_ff), SplitRule("cols", "ffn")),
+            ("mlp.dense_4h_to_h.bias", lambda h: (h.n_embd,), RANK0),
+        )),
+        TensorSpec("gpt_neox.final_layer_norm.weight", lambda h: (h.n_embd,), REPLICATED,
+                   "gpt_neox.final_layer_norm.weight"),
+        TensorSpec("gpt_neox.final_layer_norm.bias", lambda h: (h.n_embd,), REPLICATED,
+                   "gpt_neox.final_layer_norm.bias"),
+        TensorSpec("embed_out.weight", lambda h: (h.n_vocab, h.n_embd), SplitRule("rows", "vocab"),
+                   ("lm_head.weight", "embed_out.weight")),
     )
-    split_plan = (
-        (_L + r"attention\.query_key_value\.(weight|bias)", SplitRule("rows", "qkv_heads")),  # whole heads' q|k|v
-        (_L + r"attention\.dense\.weight", SplitRule("cols", "q_heads")),
-        (_L + r"attention\.dense\.bias", RANK0),
-        (_L + r"mlp\.dense_h_to_4h\.(weight|bias)", SplitRule("rows", "ffn")),
-        (_L + r"mlp\.dense_4h_to_h\.weight", SplitRule("cols", "ffn")),
-        (_L + r"mlp\.dense_4h_to_h\.bias", RANK0),
-        (r"embed_out\.weight", SplitRule("rows", "vocab")),
-        (r"gpt_neox\.embed_in\.weight|gpt_neox\.final_layer_norm\.(weight|bias)|"
-         + _L + r"(input|post_attention)_layernorm\.(weight|bias)", REPLICATED),
-    )
-
-    def tensor_shapes(self, hp: HParams) -> dict[str, tuple[int, ...]]:
-        d, f = hp.n_embd, hp.n_ff
-        shapes = {"gpt_neox.embed_in.weight": (hp.n_vocab, d)}
-        for i in range(hp.n_layer):
-            p = f"gpt_neox.layers.{i}."
-            shapes |= {
-                p + "input_layernorm.weight": (d,), p + "input_layernorm.bias": (d,),
-                p + "post_attention_layernorm.weight": (d,), p + "post_attention_layernorm.bias": (d,),
-                p + "attention.query_key_value.weight": (3 * d, d), p + "attention.query_key_value.bias": (3 * d,),
-                p + "attention.dense.weight": (d, d), p + "attention.dense.bias": (d,),
-                p + "mlp.dense_h_to_4h.weight": (f, d), p + "mlp.dense_h_to_4h.bias": (f,),
-                p + "mlp.dense_4h_to_h.weight": (d, f), p + "mlp.dense_4h_to_h.bias": (d,),
-            }
-        shapes |= {"gpt_neox.final_layer_norm.weight": (d,), "gpt_neox.final_layer_norm.bias": (d,),
-                   "embed_out.weight": (hp.n_vocab, d)}
-        return shapes
-
-    def recognises(self, ne_names) -> bool:
-        return "gpt_neox.embed_in.weight" in ne_names and "gpt_neox.layers.0.attention.query_key_value.weight" in ne_names
+    hf_dropped = (r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",
+                  r"gpt_neox\.rotary_emb\.inv_freq")
+    recognised_by = ("gpt_neox.embed_in.weight", "gpt_neox.layers.0.attention.query_key_value.weight")
 
     def hparams_from_hf(self, config: Mapping[str, Any], path: str) -> HParams:
         v = lambda key: self.hf_value(config, key)  # noqa: E731

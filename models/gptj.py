@@ -10,7 +10,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from netp.models.layers import gelu_new, layer_norm, linear, self_attention
-from netp.models.base import RANK0, REPLICATED, Architecture, HParams, SplitRule, refuse, register, token_id
+from netp.models.base import (
+    RANK0, REPLICATED, Architecture, HParams, SplitRule, TensorSpec, refuse, register, token_id,
+)
+
+_L = "transformer.h.{i}."
 
 
 @register
@@ -24,45 +28,29 @@ class GPTJ(Architecture):
         "rotary_dim": 64, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
         "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": False,
     }
-    hf_name_map = (
-        (r"transformer\.h\.\d+\.attn\.(masked_)?bias", None),
-        (r"(transformer\.wte\.weight)", "{0}"),
-        (r"(transformer\.ln_f\.(weight|bias))", "{0}"),
-        (r"(lm_head\.(weight|bias))", "{0}"),
-        (r"(transformer\.h\.\d+\.ln_1\.(weight|bias))", "{0}"),
-        (r"(transformer\.h\.\d+\.attn\.[qkv]_proj\.weight)", "{0}"),
-        (r"(transformer\.h\.\d+\.attn\.out_proj\.weight)", "{0}"),
-        (r"(transformer\.h\.\d+\.mlp\.fc_(in|out)\.(weight|bias))", "{0}"),
+    tensors = (
+        TensorSpec("transformer.wte.weight", lambda h: (h.n_vocab, h.n_embd), REPLICATED, "transformer.wte.weight"),
+        *(TensorSpec(_L + name, shape, split, _L + name) for name, shape, split in (
+            ("ln_1.weight", lambda h: (h.n_embd,), REPLICATED),
+            ("ln_1.bias", lambda h: (h.n_embd,), REPLICATED),
+            ("attn.q_proj.weight", lambda h: (h.n_embd, h.n_embd), SplitRule("rows", "q_heads")),
+            ("attn.k_proj.weight", lambda h: (h.n_embd, h.n_embd), SplitRule("rows", "q_heads")),
+            ("attn.v_proj.weight", lambda h: (h.n_embd, h.n_embd), SplitRule("rows", "q_heads")),
+            ("attn.out_proj.weight", lambda h: (h.n_embd, h.n_embd), SplitRule("cols", "q_heads")),
+            ("mlp.fc_in.weight", lambda h: (h.n_ff, h.n_embd), SplitRule("rows", "ffn")),
+            ("mlp.fc_in.bias", lambda h: (h.n_ff,), SplitRule("rows", "ffn")),
+            ("mlp.fc_out.weight", lambda h: (h.n_embd, h.n_ff), SplitRule("cols", "ffn")),
+            ("mlp.fc_out.bias", lambda h: (h.n_embd,), RANK0),
+        )),
+        *(TensorSpec(name, shape, split, name) for name, shape, split in (
+            ("transformer.ln_f.weight", lambda h: (h.n_embd,), REPLICATED),
+            ("transformer.ln_f.bias", lambda h: (h.n_embd,), REPLICATED),
+            ("lm_head.weight", lambda h: (h.n_vocab, h.n_embd), SplitRule("rows", "vocab")),
+            ("lm_head.bias", lambda h: (h.n_vocab,), SplitRule("rows", "vocab")),
+        )),
     )
-    split_plan = (
-        (r"transformer\.h\.\d+\.attn\.[qkv]_proj\.weight", SplitRule("rows", "q_heads")),
-        (r"transformer\.h\.\d+\.attn\.out_proj\.weight", SplitRule("cols", "q_heads")),
-        (r"transformer\.h\.\d+\.mlp\.fc_in\.(weight|bias)", SplitRule("rows", "ffn")),
-        (r"transformer\.h\.\d+\.mlp\.fc_out\.weight", SplitRule("cols", "ffn")),
-        (r"transformer\.h\.\d+\.mlp\.fc_out\.bias", RANK0),
-        (r"lm_head\.(weight|bias)", SplitRule("rows", "vocab")),
-        (r"transformer\.wte\.weight|transformer\.ln_f\.(weight|bias)|transformer\.h\.\d+\.ln_1\.(weight|bias)",
-         REPLICATED),
-    )
-
-    def tensor_shapes(self, hp: HParams) -> dict[str, tuple[int, ...]]:
-        d, f = hp.n_embd, hp.n_ff
-        shapes = {"transformer.wte.weight": (hp.n_vocab, d)}
-        for i in range(hp.n_layer):
-            p = f"transformer.h.{i}."
-            shapes |= {
-                p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-                p + "attn.q_proj.weight": (d, d), p + "attn.k_proj.weight": (d, d),
-                p + "attn.v_proj.weight": (d, d), p + "attn.out_proj.weight": (d, d),
-                p + "mlp.fc_in.weight": (f, d), p + "mlp.fc_in.bias": (f,),
-                p + "mlp.fc_out.weight": (d, f), p + "mlp.fc_out.bias": (d,),
-            }
-        shapes |= {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,),
-                   "lm_head.weight": (hp.n_vocab, d), "lm_head.bias": (hp.n_vocab,)}
-        return shapes
-
-    def recognises(self, ne_names) -> bool:
-        return "transformer.wte.weight" in ne_names and "transformer.h.0.attn.q_proj.weight" in ne_names
+    hf_dropped = (r"transformer\.h\.\d+\.attn\.(masked_)?bias",)
+    recognised_by = ("transformer.wte.weight", "transformer.h.0.attn.q_proj.weight")
 
     def hparams_from_hf(self, config: Mapping[str, Any], path: str) -> HParams:
         v = lambda key: self.hf_value(config, key)  # noqa: E731
@@ -87,7 +75,7 @@ class GPTJ(Architecture):
         return dict(
             n_vocab=hp.n_vocab, n_embd=hp.n_embd, n_mult=hp.n_embd // hp.n_head, n_head=hp.n_head, n_head_kv=0,
             n_layer=hp.n_layer, n_rot=hp.n_rot, max_seq_len=hp.max_seq_len, norm_eps=hp.norm_eps,
-            bos_token_id=hp.bos_token_id, eos_token_id=hp.eos_token_id, pad_token_id=hp.pad_token_id,
+            freq_scale=hp.freq_scale, bos_token_id=hp.bos_token_id, eos_token_id=hp.eos_token_id, pad_token_id=hp.pad_token_id,
         )
 
     def hparams_from_ne(self, header: Any, shapes: Mapping[str, tuple[int, ...]]) -> HParams:

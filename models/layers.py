@@ -88,12 +88,18 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
 
 
-def rotary_tables(n_ctx: int, n_rot: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(n_ctx: int, n_rot: int, theta: float, freq_scale: float = 1.0,
+                  freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape (n_ctx, n_rot/2) for position p and pair i:
-    angle p * theta^(-2i/n_rot), computed as transformers does (f32 inverse
-    frequencies times f32 positions)."""
+    angle p * theta^(-2i/n_rot) * freq_scale / freq_factors[i], computed as
+    transformers does (f32 inverse frequencies times f32 positions). freq_scale:
+    linear rope scaling (1 / factor); freq_factors: Llama 3's rope_freqs.weight."""
     inv_freq = (1.0 / (theta ** (np.arange(0, n_rot, 2, dtype=np.int64).astype(np.float32) / n_rot))).astype(
         np.float32)
+    if freq_factors is not None:
+        inv_freq = (inv_freq / np.asarray(freq_factors, dtype=np.float32)).astype(np.float32)
+    if freq_scale != 1.0:
+        inv_freq = (inv_freq * np.float32(freq_scale)).astype(np.float32)
     angles = np.arange(n_ctx, dtype=np.float32)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
@@ -127,7 +133,8 @@ def rotate_halves(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     x[..., half:2 * half] = b * c + a * s
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, group: int) -> np.ndarray:
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, group: int,
+                     window: int = 0) -> np.ndarray:
     """Scaled dot-product attention of T new positions over S = start + T cached ones.
 
     q: (T, nq, hd); k, v: (n_cache, S, hd), the cache up to this step, where
@@ -137,16 +144,22 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, gr
     grouping: a rank whose KV groups straddle ranks (group 1) then computes
     bit for bit what one rank does (group 3), and the block kernels' q8_0
     activations cannot round differently (docs/design.md §5).
-    Returns (T, nq * hd).
+    window > 0: position p sees keys p - window < j <= p only (transformers'
+    sliding-window mask: the window counts p itself). Returns (T, nq * hd).
     """
     T, nq, hd = q.shape
     S, n_cache = k.shape[1], k.shape[0]
     scale = np.float32(1.0 / math.sqrt(hd))
+    if T == 1 and 0 < window < S:  # decode: only the last `window` keys, a view of the cache
+        k, v = k[:, S - window:], v[:, S - window:]
     qh = q.reshape(T, n_cache, group, hd).transpose(1, 2, 0, 3)  # (n_cache, group, T, hd)
     scores = qh @ k.transpose(0, 2, 1)[:, None]  # (n_cache, group, T, S)
     scores *= scale
     if T > 1:
-        mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # position start+t sees <= start+t
+        pos = start + np.arange(T)[:, None]
+        mask = np.arange(S)[None, :] > pos  # position start+t sees <= start+t
+        if window > 0:
+            mask |= np.arange(S)[None, :] <= pos - window
         scores[..., mask] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
@@ -155,19 +168,30 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, gr
     return out.transpose(2, 0, 1, 3).reshape(T, nq * hd)  # cache-head-major, group-minor = query-head order
 
 
+def head_rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis of (T, heads, hd), the same hd weights for every head (Qwen3's q/k norms)."""
+    var = (x * x).mean(axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(var + np.float32(eps))) * weight
+
+
 def self_attention(m: Any, layer: int, qkv: np.ndarray, start: int,
-                   rotate: Callable[[np.ndarray, np.ndarray, np.ndarray], None] = rotate_pairs) -> np.ndarray:
+                   rotate: Callable[[np.ndarray, np.ndarray, np.ndarray], None] = rotate_pairs,
+                   q_norm: np.ndarray | None = None, k_norm: np.ndarray | None = None) -> np.ndarray:
     """The attention of one layer from the fused q|k|v projection of this rank.
 
     qkv: (T, (nq + 2 nkv) hd) = this rank's query heads, then its KV heads'
-    keys and values. Rotates q and k (`rotate`: rotate_pairs or
-    rotate_halves), appends k and v to the cache at [start, start + T),
-    attends. Returns (T, nq hd), the input of the column-split output
-    projection.
+    keys and values. Normalises each q and k head when q_norm/k_norm are
+    given (before rotary, as Qwen3 does), rotates q and k (`rotate`:
+    rotate_pairs or rotate_halves), appends k and v to the cache at
+    [start, start + T), attends (within hp.sliding_window when set). Returns
+    (T, nq hd), the input of the column-split output projection.
     """
     T = qkv.shape[0]
     nq, nkv, hd = m.n_q, m.n_kv, m.hp.head_dim
     heads = qkv.reshape(T, nq + 2 * nkv, hd)
+    if q_norm is not None:
+        heads[:, :nq] = head_rms_norm(heads[:, :nq], q_norm, m.hp.norm_eps)
+        heads[:, nq:nq + nkv] = head_rms_norm(heads[:, nq:nq + nkv], k_norm, m.hp.norm_eps)
     cos, sin = m.rope_cos[start:start + T], m.rope_sin[start:start + T]
     rotate(heads[:, : nq + nkv], cos, sin)
     k_new, v_new = heads[:, nq:nq + nkv], heads[:, nq + nkv:]
@@ -177,4 +201,5 @@ def self_attention(m: Any, layer: int, qkv: np.ndarray, start: int,
     k_cache[:, start:start + T] = k_new.transpose(1, 0, 2)
     v_cache[:, start:start + T] = v_new.transpose(1, 0, 2)
     S = start + T
-    return causal_attention(heads[:, :nq], k_cache[:, :S], v_cache[:, :S], start, m.cache_group)
+    return causal_attention(heads[:, :nq], k_cache[:, :S], v_cache[:, :S], start, m.cache_group,
+                            m.hp.sliding_window)

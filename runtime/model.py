@@ -41,7 +41,10 @@ class RankModel:
         else:
             self.cache_of_kv = np.array([h // group - k0 for h in range(q0, q1)], dtype=np.intp)
             self.cache_group, n_cache = 1, self.n_q
-        self.rope_cos, self.rope_sin = rotary_tables(n_ctx, hp.n_rot, hp.rope_theta)
+        factors = None  # Llama 3's per-pair frequency divisors, replicated on every rank
+        if hp.rope_freqs and self.arch.rope_freqs_name:
+            factors = source.part(self.arch.rope_freqs_name, mapped=False)
+        self.rope_cos, self.rope_sin = rotary_tables(n_ctx, hp.n_rot, hp.rope_theta, hp.freq_scale, factors)
         self.cache = KVCache(hp.n_layer, n_cache, n_ctx, hp.head_dim)
         self.vocab_widths = [b - a for a, b in (mp.vocab(r) for r in range(mp.world_size))]
 
