@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ STARTUP_FACTOR, STARTUP_FLOOR = 10.0, 120.0
 # blocking calls spin, MPIR_CVAR_POLLS_BEFORE_YIELD), then sleep, doubling from NAP_FIRST to NAP_MAX.
 SPIN_SECONDS, NAP_FIRST, NAP_MAX = 0.02, 1e-4, 2e-3
 ROLL_CALL_SECONDS = 2.0  # a rank giving up listens this long for the peers still alive
+ABORT_GRACE = 5  # seconds MPI_Abort may take before the rank ends itself
 LOST_TAG = 0x6E70  # point-to-point tag of the roll call (collectives use none)
 BCAST_HEAD = 256  # bytes of a broadcast's first message
 
@@ -190,14 +192,21 @@ class MPIComm(Comm):
     def _lost(self, what: str, why: str) -> NoReturn:
         """This rank gives up on a collective: name the peers not heard
         from, print one line, exit non-zero at once. os._exit, not an
-        exception: MPI_Finalize (and Abort) would wait for the lost peer too.
-        Among the ranks still in touch, only the lowest prints."""
+        exception: MPI_Finalize would wait for the lost peer too. Among the
+        ranks still in touch, only the lowest prints, and it aborts the job."""
         silent, heard = self._roll_call()
         if not any(r < self.rank for r in heard):
             who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent)) if silent else \
                 "a peer"
             msg = f"lost contact with {who}: {what} {why}; this rank gives up"
             print(error_line(self.prog, NetpError(None, msg)), file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Abort makes mpiexec end the job and return at once; without it
+            # mpiexec waits forever for an unreachable host's proxy (measured).
+            # Should Abort itself stall, SIGALRM's default action ends us.
+            signal.alarm(ABORT_GRACE)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # MPICH's own abort banner: the line above says it
+            self.comm.Abort(1)
         sys.stdout.flush()
         os._exit(1)
 
