@@ -57,13 +57,12 @@ def host_name(rank: int) -> str:
     return f"host{rank}"
 
 
-def rank_file_name(rank: int, world: int) -> str:
-    return f"rank-{rank:05d}-of-{world:05d}.bin"
+def host_files(shards: Path, rank: int) -> list[Path]:
+    """What host `rank` holds of a shard set: what `netp inspect --files-for-rank` names
+    (its rank file, the manifest and the tokenizer folder)."""
+    from netp.inspect import files_for_rank
 
-
-def host_files(shards: Path, rank: int, world: int) -> list[Path]:
-    """What host `rank` holds of a shard set: its rank file, the manifest and the tokenizer folder."""
-    return [shards / rank_file_name(rank, world), shards / "manifest.json", shards / "tokenizer"]
+    return files_for_rank(shards, rank)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -159,12 +158,11 @@ exec ip netns exec "$ns" unshare --uts --mount sh -c \\
 """)
         self.ssh.chmod(0o755)
 
-    def place(self, shards: Path, world: int | None = None, skip: Sequence[Path] = ()) -> None:
-        """Give host r its rank file, the manifest and the tokenizer (hardlinks), minus `skip`."""
-        world = world or self.n
+    def place(self, shards: Path, skip: Sequence[Path] = ()) -> None:
+        """Give host r the files of rank r (hardlinks), minus `skip`."""
         for r in range(self.n):
             folder = self.root / "hosts" / host_name(r)
-            for src in host_files(shards, r, world):
+            for src in host_files(shards, r):
                 dst = folder / src.name
                 if dst.is_dir():
                     shutil.rmtree(dst)

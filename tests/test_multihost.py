@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from multihost import BIN, Cluster, host_files, host_name, rank_file_name, unavailable
+from multihost import BIN, Cluster, host_files, host_name, unavailable
+
+from netp.formats.manifest import rank_file_name
 
 REASON = unavailable()
 if REASON:
@@ -81,7 +83,8 @@ def test_hosts_match_one_host_over_the_bridge(n, shard_sets, smollm2_q4_0, clust
     c.place(shards)
     for r in range(n):  # each host holds its own rank file, the manifest and the tokenizer only
         assert sorted(os.listdir(c.root / "hosts" / host_name(r))) == sorted(
-            p.name for p in host_files(shards, r, n))
+            p.name for p in host_files(shards, r))
+        assert {rank_file_name(r, n), "manifest.json", "tokenizer"} == set(os.listdir(c.root / "hosts" / host_name(r)))
     sent_before = [c.bytes_from(r) for r in range(n)]
     p = c.run([NETP, "run", "-m", str(c.mount), *RUN_ARGS])
     sent = [c.bytes_from(r) - b for r, b in zip(range(n), sent_before)]
