@@ -218,7 +218,7 @@ class MPIComm(Comm):
         if self.size == 2:
             return [1 - self.rank], set()
         heard: set[int] = set()
-        sends = []
+        sends = []  # held so the pickled messages stay alive while in flight
         for r in range(self.size):
             if r != self.rank:
                 with contextlib.suppress(self.MPI.Exception):
