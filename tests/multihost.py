@@ -206,9 +206,6 @@ exec ip netns exec "$ns" unshare --uts --mount sh -c \\
         r = _ip("netns", "pids", ns, check=False)
         return [int(x) for x in r.stdout.split()] if r.returncode == 0 else []
 
-    def host_pids(self) -> list[int]:
-        return [pid for ns in self.host_ns for pid in self.pids(ns)]
-
     def rank_pids(self, command_word: str) -> dict[int, list[int]]:
         """Per host, the pids of processes whose command line holds command_word (the ranks)."""
         found: dict[int, list[int]] = {}
@@ -228,9 +225,6 @@ exec ip netns exec "$ns" unshare --uts --mount sh -c \\
     def bytes_from(self, rank: int) -> int:
         """Bytes host `rank` has sent into the switch (its veth's switch side receives them)."""
         return self._stat(self.veth(rank), "rx_bytes")
-
-    def bytes_to(self, rank: int) -> int:
-        return self._stat(self.veth(rank), "tx_bytes")
 
     def _stat(self, dev: str, counter: str) -> int:
         r = subprocess.run(["ip", "netns", "exec", self.switch, "cat", f"/sys/class/net/{dev}/statistics/{counter}"],

@@ -44,8 +44,19 @@ def shard_sets(smollm2_q4_0, smollm2_shards2, tmp_path_factory):
     return {2: smollm2_shards2, 3: three}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def sigterm_tears_down():
+    """A SIGTERM to pytest (a CI timeout) unwinds like Ctrl-C, so the cluster finalizers still run."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.fixture
-def cluster(request, tmp_path):
+def cluster(tmp_path):
     """cluster(n) -> a started Cluster of n hosts; always torn down, and checked gone."""
     made: list[Cluster] = []
 
