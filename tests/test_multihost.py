@@ -106,11 +106,12 @@ def test_hosts_match_one_host_over_the_bridge(n, shard_sets, smollm2_q4_0, clust
     assert text == ref.stdout.splitlines()[0] and len(text) > len(PROMPT) + 20
     assert f"{n} MPI ranks" in timing
 
-    # All-reduce traffic crossed each host's veth: every rank sends at least
-    # its (T, n_embd) f32 vector per all-reduce, 2 per layer, over every token fed.
+    # All-reduce traffic crossed each host's veth: every rank sends at least its
+    # (T, n_embd) vector of f64 partial sums (docs/design.md §5) per all-reduce,
+    # 2 per layer, over every token fed.
     hp = hparams(shards)
     prompt_tok, decode_tok = (int(x) for x in re.search(r"prompt (\d+) tok .* decode (\d+) tok", timing).groups())
-    per_token = hp["n_layer"] * 2 * hp["n_embd"] * 4
+    per_token = hp["n_layer"] * 2 * hp["n_embd"] * 8
     print(f"{n} hosts: bytes each host sent into the bridge {sent}; all-reduce payload alone "
           f"{per_token * (prompt_tok + decode_tok)} ({prompt_tok} + {decode_tok} tokens)")
     for r in range(n):
