@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.netp-installed
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow test-multihost demo bench clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,16 @@ $(STAMP): pyproject.toml
 
 # pytest exits 5 when it collects nothing: treat that as a failure too.
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Every multihost check (2 and 3 namespaced hosts; needs root, ip, unshare),
+# with the measured times; always leaves no namespace behind.
+test-multihost: setup
+	$(BIN)/python -m pytest -q -rs -s -m multihost tests/test_multihost.py
+	@test -z "$$(ip netns list 2>/dev/null | grep '^netp')" || { echo "namespaces left:"; ip netns list; exit 1; }
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/demo.py

@@ -146,6 +146,13 @@ class Manifest:
     ranks: list[RankFile] = field(default_factory=list)
     version: int = MANIFEST_VERSION
 
+    def files_for_rank(self, rank: int) -> list[str]:
+        """What a host running rank `rank` needs, as names inside the shard set: its rank
+        file, the manifest and the tokenizer folder (docs/design.md §9)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside the world of {self.world_size}")
+        return [self.ranks[rank].file, MANIFEST_NAME] + ([self.tokenizer] if self.tokenizer else [])
+
     def tensors_of(self, rank: int) -> list[TensorEntry]:
         """The tensors rank `rank`'s file holds, in file order."""
         return [t for t in self.tensors.values() if t.held_by(rank)]

@@ -107,6 +107,18 @@ def describe_shards(folder: Path) -> dict[str, Any]:
             "check_error": None if (error := report.error()) is None else str(error)}
 
 
+def files_for_rank(folder: Path, rank: int) -> list[Path]:
+    """The files a host running `rank` of the shard set needs (what to copy there)."""
+    from netp.formats.manifest import load_manifest
+
+    if not folder.is_dir():
+        raise NetpError(folder, "--files-for-rank needs a shard-set folder")
+    m = load_manifest(folder)
+    if not 0 <= rank < m.world_size:
+        raise NetpError(folder / MANIFEST_NAME, f"--files-for-rank {rank}: the set has ranks 0..{m.world_size - 1}")
+    return [folder / name for name in m.files_for_rank(rank)]
+
+
 def describe(path: Path) -> dict[str, Any]:
     if path.is_dir():
         if not (path / MANIFEST_NAME).exists():
@@ -141,8 +153,10 @@ def render(info: dict[str, Any]) -> str:
 @click.command("inspect", cls=NetpCommand)
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--files-for-rank", "files_rank", type=int, default=None, metavar="R",
+              help="Shard set only: print, one a line, the files the host of rank R needs (nothing else).")
 @common_options
-def inspect_command(path: Path, as_json: bool, quiet: bool, debug: bool) -> None:
+def inspect_command(path: Path, as_json: bool, files_rank: int | None, quiet: bool, debug: bool) -> None:
     """Show what an NE file, a GGUF file or a shard set holds.
 
     \b
@@ -150,7 +164,12 @@ def inspect_command(path: Path, as_json: bool, quiet: bool, debug: bool) -> None
       netp inspect ne-q4_0.bin
       netp inspect model.gguf --json
       netp inspect shards/          # also re-checks every checksum
+      netp inspect shards/ --files-for-rank 1   # what to copy to rank 1's host
     """
+    if files_rank is not None:
+        for f in run_reporting("netp inspect", debug, files_for_rank, path, files_rank):
+            click.echo(str(f))
+        return
     info = run_reporting("netp inspect", debug, describe, path)
     if as_json:
         json.dump(info, sys.stdout, indent=1, default=str)

@@ -13,6 +13,12 @@ from netp.cliutil import NetpCommand, common_options, run_reporting
 
 SEED_PROMPT = "Once upon a time, there existed a little girl,"
 
+# The default is netp.runtime.comm.DEFAULT_TIMEOUT, written out so --help needs no runtime import.
+timeout_option = click.option(
+    "--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+    help="Under MPI: a rank gives up when a collective with its peers takes longer than this (a lost host); "
+         "before the first token 10x as long, at least 120 s (loading, first compile). 0: wait forever.")
+
 
 def _prog() -> str:
     ctx = click.get_current_context()
@@ -52,10 +58,11 @@ def _threads(threads: int | None, model: Path) -> int:
               help="Accepted for old scripts; does nothing: quantized weights always stay in blocks.")
 @click.option("--verify", "verify", is_flag=True,
               help="Instead of generating, verify against the unsharded source (see `netp verify`).")
+@timeout_option
 @common_options
 def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int, ctx_size: int, seed: int,
                 threads: int | None, no_mmap: bool, top_k: int, top_p: float, temp: float, repeat_penalty: float,
-                exact: bool, low_mem: bool, verify: bool, quiet: bool, debug: bool) -> None:
+                exact: bool, low_mem: bool, verify: bool, timeout: float, quiet: bool, debug: bool) -> None:
     """Generate text from an NE file or a shard set, on 1 or N tensor-parallel ranks.
 
     \b
@@ -72,7 +79,7 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
 
         opts = VerifyOptions(target=model, prompt=prompt or SEED_PROMPT,
                              n_tokens=n_predict if n_predict > 0 else 16, threads=n_threads,
-                             use_mmap=not no_mmap, exact=exact)
+                             use_mmap=not no_mmap, exact=exact, timeout=timeout)
         raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))
     from netp.runtime.run import RunOptions, parse_ids, run
     from netp.runtime.sampling import SamplingParams
@@ -81,7 +88,8 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
         opts = RunOptions(
             model=model, prompt=prompt, ids=None if ids is None else parse_ids(ids), n_predict=n_predict,
             n_ctx=ctx_size, threads=n_threads, use_mmap=not no_mmap, exact=exact,
-            sampling=SamplingParams(top_k=top_k, top_p=top_p, temp=temp, repeat_penalty=repeat_penalty, seed=seed))
+            sampling=SamplingParams(top_k=top_k, top_p=top_p, temp=temp, repeat_penalty=repeat_penalty, seed=seed),
+            timeout=timeout)
         return run(opts, prog, debug)
 
     raise SystemExit(run_reporting(prog, debug, go))
@@ -101,9 +109,10 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
 @click.option("-t", "--threads", type=int, default=None, help="Kernel (and BLAS) threads per rank.")
 @click.option("--no_mmap", "--no-mmap", "no_mmap", is_flag=True)
 @click.option("--exact", is_flag=True, help="Both sides run the block kernels on f32 activations.")
+@timeout_option
 @common_options
 def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | None, prompt: str, n_tokens: int,
-                   threads: int | None, no_mmap: bool, exact: bool, quiet: bool, debug: bool) -> None:
+                   threads: int | None, no_mmap: bool, exact: bool, timeout: float, quiet: bool, debug: bool) -> None:
     """Prove a shard set right: logits under N ranks against the unsharded
     file, the f32 file against transformers, and quantized against f32.
 
@@ -120,5 +129,5 @@ def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | N
     from netp.runtime.verify import VerifyOptions, verify as run_verify
 
     opts = VerifyOptions(target=shards, ref=ref, f32=f32, hf=hf, prompt=prompt, n_tokens=n_tokens,
-                         threads=n_threads, use_mmap=not no_mmap, exact=exact)
+                         threads=n_threads, use_mmap=not no_mmap, exact=exact, timeout=timeout)
     raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))

@@ -14,15 +14,32 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
 from netp.errors import NetpError, error_line
 from netp.hostenv import launched_under_mpi
+
+# Deadlines of MPI collectives (docs/design.md §9): --timeout after the
+# first forward; before it (loading, numba's first compile) STARTUP_FACTOR
+# times as long, at least STARTUP_FLOOR seconds.
+DEFAULT_TIMEOUT = 30.0
+STARTUP_FACTOR, STARTUP_FLOOR = 10.0, 120.0
+# Polling a collective: Test and yield the core for SPIN_SECONDS (as MPICH's
+# blocking calls spin, MPIR_CVAR_POLLS_BEFORE_YIELD), then sleep, doubling from NAP_FIRST to NAP_MAX.
+SPIN_SECONDS, NAP_FIRST, NAP_MAX = 0.02, 1e-4, 2e-3
+ROLL_CALL_SECONDS = 2.0  # a rank giving up listens this long for the peers still alive
+ABORT_GRACE = 5  # seconds MPI_Abort may take before the rank ends itself
+LOST_TAG = 0x6E70  # point-to-point tag of the roll call (collectives use none)
+BCAST_HEAD = 256  # bytes of a broadcast's first message
+
 
 class PeerFailed(SystemExit):
     """Another rank failed and said so; this one exits non-zero without a second message."""
@@ -31,12 +48,33 @@ class PeerFailed(SystemExit):
         super().__init__(1)
 
 
+@dataclass
+class Traffic:
+    """Payload bytes this rank has sent: the all-reduce vectors it
+    contributed and the logits slices it gathered to rank 0. (On the wire an
+    all-reduce moves a multiple of its vector that depends on MPI's
+    algorithm, e.g. once per round of recursive doubling.)"""
+
+    allreduce: int = 0
+    gather: int = 0
+
+    def since(self, before: "Traffic") -> "Traffic":
+        return Traffic(self.allreduce - before.allreduce, self.gather - before.gather)
+
+
 class Comm:
     """What every back end offers. Arrays are float32."""
 
     rank: int = 0
     size: int = 1
     kind: str = "single"  # "mpi", "simulated" or "single"
+    traffic: Traffic
+
+    def __init__(self) -> None:
+        self.traffic = Traffic()
+
+    def warm(self) -> None:
+        """The first forward has run: collectives from now on get the short deadline (MPI only)."""
 
     @property
     def is_root(self) -> bool:
@@ -100,14 +138,19 @@ class SoloComm(Comm):
 # -- MPI ----------------------------------------------------------------------
 
 class MPIComm(Comm):
+    """One rank of an MPI world whose every collective runs under a deadline.
+
+    Each collective is started nonblocking and polled (docs/design.md §9): a
+    peer that died or lost its link would otherwise leave every other rank
+    blocked in MPI forever (measured: 590 s until killed). Until the first
+    forward has run, collectives wait for `startup_timeout` (the ranks load
+    their files and numba may compile); after it, `timeout`. A collective
+    that does not complete in time, or fails, ends this rank: see `_lost`.
+    """
+
     kind = "mpi"
 
-    def __init__(self) -> None:
-        # MPICH busy-waits inside collectives. Where ranks share cores with
-        # other work (or more ranks than cores run), a spinning rank starves
-        # the peer it waits for; yielding every few polls keeps latency at a
-        # few microseconds when cores are free and avoids that when not.
-        os.environ.setdefault("MPIR_CVAR_POLLS_BEFORE_YIELD", "10")
+    def __init__(self, timeout: float | None = DEFAULT_TIMEOUT, prog: str = "netp") -> None:
         try:
             from mpi4py import MPI
         except ImportError as e:
@@ -116,21 +159,97 @@ class MPIComm(Comm):
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        super().__init__()
+        self.prog = prog
+        self.timeout = timeout if timeout else None
+        self.startup_timeout = None if self.timeout is None else max(STARTUP_FACTOR * self.timeout, STARTUP_FLOOR)
+        self.warmed = False
+
+    def warm(self) -> None:
+        self.warmed = True
+
+    def _wait(self, req: Any, what: str, idle: bool = False) -> None:
+        """Poll req until it completes: spin yielding the core while a peer
+        is likely to answer soon (within one layer's work), then sleep with
+        backoff so a long wait leaves the core to the ranks it waits for."""
+        limit = self.startup_timeout if idle or not self.warmed else self.timeout
+        start = time.monotonic()
+        spin_until = start + (0.0 if idle else SPIN_SECONDS)
+        nap = NAP_FIRST
+        try:
+            while not req.Test():
+                now = time.monotonic()
+                if limit is not None and now - start > limit:
+                    self._lost(what, f"not complete after {limit:g} s (--timeout)")
+                if now < spin_until:
+                    os.sched_yield()
+                else:
+                    time.sleep(nap)
+                    nap = min(nap * 2, NAP_MAX)
+        except self.MPI.Exception as e:
+            self._lost(what, f"failed: {e.Get_error_string().strip()}")
+
+    def _lost(self, what: str, why: str) -> NoReturn:
+        """This rank gives up on a collective: name the peers not heard
+        from, print one line, exit non-zero at once. os._exit, not an
+        exception: MPI_Finalize would wait for the lost peer too. Among the
+        ranks still in touch, only the lowest prints, and it aborts the job."""
+        silent, heard = self._roll_call()
+        if not any(r < self.rank for r in heard):
+            who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent)) if silent else \
+                "a peer"
+            msg = f"lost contact with {who}: {what} {why}; this rank gives up"
+            print(error_line(self.prog, NetpError(None, msg)), file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Abort makes mpiexec end the job and return at once; without it
+            # mpiexec waits forever for an unreachable host's proxy (measured).
+            # Should Abort itself stall, SIGALRM's default action ends us.
+            signal.alarm(ABORT_GRACE)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # MPICH's own abort banner: the line above says it
+            self.comm.Abort(1)
+        sys.stdout.flush()
+        os._exit(1)
+
+    def _roll_call(self) -> tuple[list[int], set[int]]:
+        """Best effort: every rank that gives up tells every other one so,
+        and listens for ROLL_CALL_SECONDS; those it heard from are alive.
+        Of two ranks the silent one is known without asking (and sending to
+        a peer that died can crash MPICH's UCX layer: measured, SIGSEGV)."""
+        if self.size == 2:
+            return [1 - self.rank], set()
+        heard: set[int] = set()
+        sends = []  # held so the pickled messages stay alive while in flight
+        for r in range(self.size):
+            if r != self.rank:
+                with contextlib.suppress(self.MPI.Exception):
+                    sends.append(self.comm.issend(self.rank, dest=r, tag=LOST_TAG))
+        until = time.monotonic() + ROLL_CALL_SECONDS
+        status = self.MPI.Status()
+        with contextlib.suppress(self.MPI.Exception):
+            while time.monotonic() < until and len(heard) < self.size - 1:
+                if self.comm.iprobe(source=self.MPI.ANY_SOURCE, tag=LOST_TAG, status=status):
+                    heard.add(status.Get_source())
+                    self.comm.recv(source=status.Get_source(), tag=LOST_TAG)
+                else:
+                    time.sleep(0.01)
+        return [r for r in range(self.size) if r != self.rank and r not in heard], heard
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
-        self.comm.Allreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM)
+        self.traffic.allreduce += x.nbytes
+        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM), "all-reduce")
         return x.astype(np.float32, copy=False)
 
     def gather_cols(self, x: np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows = x.shape[0]
         if self.rank != 0:
-            self.comm.Gatherv(x, None, root=0)
+            self.traffic.gather += x.nbytes
+            self._wait(self.comm.Igatherv(x, None, root=0), "gather of the logits")
             return None
         counts = [rows * w for w in widths]
         flat = np.empty(sum(counts), dtype=np.float32)
-        self.comm.Gatherv(x, [flat, counts, self.MPI.FLOAT], root=0)
+        self._wait(self.comm.Igatherv(x, [flat, counts, self.MPI.FLOAT], root=0), "gather of the logits")
         parts, at = [], 0
         for w in widths:  # rank r's block is its (rows, w) slice
             parts.append(flat[at:at + rows * w].reshape(rows, w))
@@ -138,18 +257,39 @@ class MPIComm(Comm):
         return np.concatenate(parts, axis=1)
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
-        return self.comm.bcast(obj, root=root)
+        # One fixed-size broadcast carries the pickle when it fits (a token
+        # id does), a second one the rest.
+        head = np.zeros(BCAST_HEAD, dtype=np.uint8)
+        data = b""
+        if self.rank == root:
+            data = pickle.dumps(obj)
+            head[:8] = np.frombuffer(len(data).to_bytes(8, "little"), dtype=np.uint8)
+            first = data[:BCAST_HEAD - 8]
+            head[8:8 + len(first)] = np.frombuffer(first, dtype=np.uint8)
+        self._wait(self.comm.Ibcast(head, root=root), "broadcast")
+        n = int.from_bytes(head[:8].tobytes(), "little")
+        if n <= BCAST_HEAD - 8:
+            return pickle.loads(head[8:8 + n].tobytes())
+        rest = np.empty(n - (BCAST_HEAD - 8), dtype=np.uint8)
+        if self.rank == root:
+            rest[:] = np.frombuffer(data[BCAST_HEAD - 8:], dtype=np.uint8)
+        self._wait(self.comm.Ibcast(rest, root=root), "broadcast")
+        return pickle.loads(head[8:].tobytes() + rest.tobytes())
 
     def allgather(self, obj: Any) -> list[Any]:
-        return self.comm.allgather(obj)
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        sizes = np.zeros(self.size, dtype=np.int64)
+        self._wait(self.comm.Iallgather(np.array([data.size], dtype=np.int64), sizes), "all-gather")
+        flat = np.empty(int(sizes.sum()), dtype=np.uint8)
+        self._wait(self.comm.Iallgatherv(data, [flat, sizes.tolist(), self.MPI.BYTE]), "all-gather")
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        return [pickle.loads(flat[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._wait(self.comm.Ibarrier(), "barrier")
 
     def idle_barrier(self) -> None:
-        req = self.comm.Ibarrier()
-        while not req.Test():
-            time.sleep(0.002)
+        self._wait(self.comm.Ibarrier(), "wait for the ranks doing rank-0-only work", idle=True)
 
     def abort(self, code: int = 1) -> None:
         # The launcher kills every rank on Abort and may drop output still in
@@ -244,12 +384,16 @@ class SimComm(Comm):
     kind = "simulated"
 
     def __init__(self, world: SimWorld, rank: int):
+        super().__init__()
         self.world, self.rank, self.size = world, rank, world.size
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
+        self.traffic.allreduce += x.nbytes  # what this rank would send under MPI
         return self.world.exchange(self.rank, x, _sum_in_rank_order).astype(np.float32)
 
     def gather_cols(self, x: np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
+        if self.rank != 0:
+            self.traffic.gather += x.nbytes
         full = self.world.exchange(self.rank, x, lambda parts: np.concatenate(parts, axis=-1))
         return full if self.rank == 0 else None
 
@@ -265,9 +409,10 @@ class SimComm(Comm):
 
 # -- entry -----------------------------------------------------------------------
 
-def mpi_world() -> MPIComm | None:
-    """This process's MPI rank when launched under mpiexec, else None."""
-    return MPIComm() if launched_under_mpi() else None
+def mpi_world(timeout: float | None = DEFAULT_TIMEOUT, prog: str = "netp") -> MPIComm | None:
+    """This process's MPI rank when launched under mpiexec, else None.
+    timeout: each collective's deadline after the first forward (None or 0: none)."""
+    return MPIComm(timeout, prog) if launched_under_mpi() else None
 
 
 def run_world(fn: Callable[[Comm], Any], simulated_size: int = 1, comm: Comm | None = None,

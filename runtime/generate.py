@@ -6,6 +6,7 @@ bit. Stops at EOS, at -n tokens, or when the context -c is full.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -13,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from netp.errors import NetpError
+from netp.runtime.comm import Traffic
 from netp.runtime.model import RankModel
 from netp.runtime.sampling import Sampler
 
@@ -31,6 +33,7 @@ class Generation:
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0  # one-token forwards
+    decode_sent: Traffic = field(default_factory=Traffic)  # this rank's, over the decode steps
 
     @property
     def prompt_tok_s(self) -> float:
@@ -63,6 +66,7 @@ def generate(model: RankModel, prompt: Sequence[int], n_predict: int, sampler: S
     logits = model.forward(np.array(prompt), 0)
     t1 = time.perf_counter()
     gen.prompt_seconds = t1 - t0
+    sent_before = dataclasses.replace(comm.traffic)
     history = list(prompt)
     eos = model.hp.eos_token_id
     while True:
@@ -84,4 +88,5 @@ def generate(model: RankModel, prompt: Sequence[int], n_predict: int, sampler: S
         logits = model.forward(np.array([token]), len(history) - 1)
         gen.decode_steps += 1
     gen.decode_seconds = time.perf_counter() - t1
+    gen.decode_sent = comm.traffic.since(sent_before)
     return gen

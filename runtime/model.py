@@ -59,7 +59,9 @@ class RankModel:
             raise NetpError(None, f"token id {int(tokens.max() if tokens.max() >= self.hp.n_vocab else tokens.min())} "
                                   f"outside the vocabulary of {self.hp.n_vocab}")
         local = self.arch.forward(self, tokens, start, all_logits, states)
-        return self.comm.gather_cols(local, self.vocab_widths)
+        logits = self.comm.gather_cols(local, self.vocab_widths)
+        self.comm.warm()  # loaded and compiled: from now on collectives get the short deadline
+        return logits
 
     def close(self) -> None:
         self.source.close()

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from netp.errors import NetpError
 from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.tokenizer_dir import tokenizer_dir_for
-from netp.runtime.comm import Comm, mpi_world, run_world
+from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, Traffic, mpi_world, run_world
 from netp.runtime.generate import Generation, generate
 from netp.runtime.kernels import WarmUp
 from netp.runtime.model import RankModel, load_rank_model
@@ -35,6 +35,7 @@ class RunOptions:
     use_mmap: bool = True
     exact: bool = False  # f32 activations in the block kernels (default: q8_0, as ggml)
     sampling: SamplingParams = SamplingParams()
+    timeout: float | None = DEFAULT_TIMEOUT  # seconds a collective may take under MPI (docs/design.md §9)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -91,18 +92,28 @@ class TextStream:
         self.out.flush()
 
 
+def sent_text(sent: Sequence[Traffic], steps: int) -> str:
+    """Per rank, the kB it sends per decoded token: all-reduces + logits gather."""
+    if steps == 0:
+        return "n/a (no decode step)"
+    return ", ".join(f"{t.allreduce / steps / 1e3:.1f}+{t.gather / steps / 1e3:.1f}" for t in sent)
+
+
 def timing_line(gen: Generation, n_ctx: int, load_ms: float, mode: str, resident: Sequence[int], comm: Comm,
-                threads: int, warm: WarmUp | None = None) -> str:
+                threads: int, warm: WarmUp | None = None, sent: Sequence[Traffic] = ()) -> str:
     """One line: stop reason, load, prompt and decode speed, weight form, per-rank resident weight MB,
-    ranks x threads, and how the block kernels started (compiled, with its time, or loaded from the cache)."""
+    per-rank bytes sent per decoded token (several ranks), ranks x threads, and how the block kernels
+    started (compiled, with its time, or loaded from the cache)."""
     mbs = ", ".join(f"{b / 1e6:.1f}" for b in resident)
     kern = "" if warm is None else \
         f" | kernels compiled in {warm.seconds:.1f} s (first start; cached for the next)" if warm.compiled else \
         f" | kernels loaded from cache in {warm.seconds:.2f} s"
+    traffic = f"per-rank kB sent per token (all-reduce+gather): {sent_text(sent, gen.decode_steps)} | " \
+        if comm.size > 1 else ""
     return (f"stop: {gen.stop_text(n_ctx)} | load {load_ms:.0f} ms | "
             f"prompt {len(gen.prompt)} tok {gen.prompt_tok_s:.1f} tok/s | "
             f"decode {gen.decode_steps} tok {gen.decode_tok_s:.2f} tok/s | weights {mode} | "
-            f"per-rank resident weights MB: {mbs} | {comm.describe()} x {threads} thread(s){kern}")
+            f"per-rank resident weights MB: {mbs} | {traffic}{comm.describe()} x {threads} thread(s){kern}")
 
 
 def _slowest_start(starts: Sequence[WarmUp | None]) -> WarmUp | None:
@@ -141,17 +152,17 @@ def _rank_main(comm: Comm, opts: RunOptions) -> int:
             stream.write_ids(prompt)
     sampler = Sampler(opts.sampling) if comm.is_root else None
     gen = generate(model, prompt, opts.n_predict, sampler, stream)
-    stats = comm.allgather((load_ms, model.weights.resident_bytes, model.weights.kernels))
+    stats = comm.allgather((load_ms, model.weights.resident_bytes, model.weights.kernels, gen.decode_sent))
     if comm.is_root:
         assert stream is not None
         stream.finish()
         print(timing_line(gen, opts.n_ctx, max(s[0] for s in stats), model.weights.mode, [s[1] for s in stats],
-                          comm, opts.threads, _slowest_start([s[2] for s in stats])), flush=True)
+                          comm, opts.threads, _slowest_start([s[2] for s in stats]), [s[3] for s in stats]), flush=True)
     model.close()
     return 0
 
 
 def run(opts: RunOptions, prog: str = "ne-run", debug: bool = False) -> int:
-    comm = mpi_world()
+    comm = mpi_world(opts.timeout, prog)
     size = comm.size if comm is not None else (source_world_size(opts.model) or 1)
     return run_world(lambda c: _rank_main(c, opts), size, comm, prog, debug)

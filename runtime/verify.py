@@ -31,7 +31,7 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.ne import NEReader
-from netp.runtime.comm import Comm, PeerFailed, SoloComm, mpi_world, run_world
+from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, PeerFailed, SoloComm, mpi_world, run_world
 from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
 from netp.runtime.run import load_tokenizer
@@ -53,6 +53,7 @@ class VerifyOptions:
     use_mmap: bool = True
     exact: bool = False  # both sides run the block kernels on f32 activations
     bound: float = BOUND
+    timeout: float | None = DEFAULT_TIMEOUT  # seconds a collective may take under MPI (docs/design.md §9)
 
 
 @dataclass
@@ -414,7 +415,7 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> str | None:
 
 
 def verify(opts: VerifyOptions, prog: str = "netp verify", debug: bool = False) -> int:
-    comm = mpi_world()
+    comm = mpi_world(opts.timeout, prog)
 
     def rank_main(c: Comm) -> str | None:
         with c.agreeing():

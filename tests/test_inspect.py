@@ -95,3 +95,15 @@ def test_debug_shows_the_wrapped_library_error_behind_the_same_line(tmp_path):
     assert debug.returncode == 1 and debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
     # the json module's own exception, chained as the cause of netp's one-line error
     assert "json.decoder.JSONDecodeError" in debug.stderr and "direct cause" in debug.stderr, debug.stderr
+
+
+def test_files_for_rank_name_what_a_host_needs(smollm2_shards2):
+    for rank in range(2):
+        p = inspect(smollm2_shards2, "--files-for-rank", rank)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines() == [str(smollm2_shards2 / f"rank-{rank:05d}-of-00002.bin"),
+                                         str(smollm2_shards2 / "manifest.json"), str(smollm2_shards2 / "tokenizer")]
+    p = inspect(smollm2_shards2, "--files-for-rank", 2)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == f"netp inspect: error: {smollm2_shards2 / 'manifest.json'}: --files-for-rank 2: the set has " \
+                       f"ranks 0..1\n"

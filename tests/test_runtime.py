@@ -468,6 +468,15 @@ def test_mpi_generation_matches_simulated(kind, ranks, tiny_shards):
     assert sim.returncode == 0 and real.returncode == 0, real.stderr
     assert real.stdout.splitlines()[:-1] == sim.stdout.splitlines()[:-1]  # the same text
     assert f"{ranks} MPI ranks" in real.stdout.splitlines()[-1]
+    # the bytes each rank sends per token, counted alike by both: all-reduces of n_embd f64 partial
+    # sums (docs/design.md §5), 2 per layer (LLaMA: after attention, after the MLP), 1 for GPT-J's
+    # parallel residual
+    sent = [p.stdout.splitlines()[-1].split("(all-reduce+gather): ")[1].split(" | ")[0] for p in (sim, real)]
+    assert sent[0] == sent[1]
+    hp = load_manifest(shards).hparams
+    per_layer = {"gptj": 1}.get(kind, 2)
+    expect = f"{hp['n_layer'] * per_layer * hp['n_embd'] * 8 / 1e3:.1f}"
+    assert [s.split("+")[0] for s in sent[1].split(", ")] == [expect] * ranks
 
 
 @pytest.mark.mpi

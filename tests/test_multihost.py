@@ -1,0 +1,236 @@
+"""Several hosts (issue 26, docs/design.md §9): SmolLM2 q4_0 over 2 and 3
+namespaced hosts on a bridge (tests/multihost.py), each holding only its
+rank file, manifest.json and tokenizer/, talking TCP through veth pairs.
+
+Checked: the text and the verify table equal the one-host run's; the
+all-reduce traffic crosses the bridge; a host without its rank file fails
+in one line; a killed rank or a host whose link goes down ends every rank
+and mpiexec. 3 hosts and the default --timeout are slow (`make test-multihost`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from multihost import BIN, Cluster, host_files, host_name, unavailable
+
+from netp.formats.manifest import rank_file_name
+
+REASON = unavailable()
+if REASON:
+    pytest.skip(REASON, allow_module_level=True)
+
+pytestmark = pytest.mark.multihost
+PROMPT = "Once upon a time, there existed a little girl,"
+RUN_ARGS = ["--top_k", "1", "-t", "1", "-n", "16", "-p", PROMPT]
+NETP = str(BIN / "netp")
+
+
+@pytest.fixture(scope="module")
+def shard_sets(smollm2_q4_0, smollm2_shards2, tmp_path_factory):
+    """{2: the session's 2-rank SmolLM2 q4_0 set, 3: a 3-rank one} (read-only)."""
+    from netp.shard.pipeline import shard_file
+
+    three = tmp_path_factory.mktemp("mh-shards3") / "shards"
+    shard_file(smollm2_q4_0, three, 3)
+    return {2: smollm2_shards2, 3: three}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sigterm_tears_down():
+    """A SIGTERM to pytest (a CI timeout) unwinds like Ctrl-C, so the cluster finalizers still run."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """cluster(n) -> a started Cluster of n hosts; always torn down, and checked gone."""
+    made: list[Cluster] = []
+
+    def make(n: int) -> Cluster:
+        c = Cluster(n, tmp_path / f"cluster{len(made)}")
+        made.append(c)
+        return c.__enter__()
+
+    yield make
+    for c in made:
+        names = list(c.created)
+        c.close()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not any(name in left for name in names), left
+
+
+def one_host(args: list[str]) -> subprocess.CompletedProcess:
+    """The same shard set on one host, its ranks simulated in one process."""
+    return subprocess.run([NETP, *args], capture_output=True, text=True, timeout=300)
+
+
+def table(verify_out: str) -> list[str]:
+    """verify's comparison rows, without the lines naming the shard set's path and world."""
+    return [ln for ln in verify_out.splitlines() if not ln.startswith(("verify ", "== "))]
+
+
+def hparams(shards: Path) -> dict:
+    return json.loads((shards / "manifest.json").read_text())["hparams"]
+
+
+@pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_hosts_match_one_host_over_the_bridge(n, shard_sets, smollm2_q4_0, cluster):
+    shards = shard_sets[n]
+    c = cluster(n)
+    c.place(shards)
+    for r in range(n):  # each host holds its own rank file, the manifest and the tokenizer only
+        assert sorted(os.listdir(c.root / "hosts" / host_name(r))) == sorted(
+            p.name for p in host_files(shards, r))
+        assert {rank_file_name(r, n), "manifest.json", "tokenizer"} == set(os.listdir(c.root / "hosts" / host_name(r)))
+    sent_before = [c.bytes_from(r) for r in range(n)]
+    p = c.run([NETP, "run", "-m", str(c.mount), *RUN_ARGS])
+    sent = [c.bytes_from(r) - b for r, b in zip(range(n), sent_before)]
+    assert p.returncode == 0, p.stderr
+    ref = one_host(["run", "-m", str(shards), *RUN_ARGS])
+    assert ref.returncode == 0, ref.stderr
+    text, timing = p.stdout.splitlines()[0], p.stdout.splitlines()[-1]
+    assert text == ref.stdout.splitlines()[0] and len(text) > len(PROMPT) + 20
+    assert f"{n} MPI ranks" in timing
+
+    # All-reduce traffic crossed each host's veth: every rank sends at least its
+    # (T, n_embd) vector of f64 partial sums (docs/design.md §5) per all-reduce,
+    # 2 per layer, over every token fed.
+    hp = hparams(shards)
+    prompt_tok, decode_tok = (int(x) for x in re.search(r"prompt (\d+) tok .* decode (\d+) tok", timing).groups())
+    per_token = hp["n_layer"] * 2 * hp["n_embd"] * 8
+    print(f"{n} hosts: bytes each host sent into the bridge {sent}; all-reduce payload alone "
+          f"{per_token * (prompt_tok + decode_tok)} ({prompt_tok} + {decode_tok} tokens)")
+    for r in range(n):
+        assert sent[r] >= per_token * (prompt_tok + decode_tok), (r, sent)
+    # ...and the timing line states the same per-token payload for every rank
+    kb = re.search(r"kB sent per token \(all-reduce\+gather\): ([^|]+)", timing).group(1).split(", ")
+    assert [float(k.split("+")[0]) for k in kb] == [round(per_token / 1e3, 1)] * n
+    vocab_part = [float(k.split("+")[1]) for k in kb]
+    assert vocab_part[0] == 0 and all(v > 0 for v in vocab_part[1:])  # rank 0 keeps its logits slice
+
+    v = c.run([NETP, "verify", str(c.mount), "--ref", str(smollm2_q4_0), "-n", "4", "-t", "1"])
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert f"on {n} MPI ranks vs" in v.stdout and v.stdout.rstrip().endswith("verify: PASS")
+    vref = one_host(["verify", str(shards), "--ref", str(smollm2_q4_0), "-n", "4", "-t", "1"])
+    assert table(v.stdout) == table(vref.stdout)
+
+
+@pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_host_without_its_rank_file_fails_in_one_line(n, shard_sets, cluster):
+    shards = shard_sets[n]
+    c = cluster(n)
+    lacking = n - 1
+    c.place(shards, skip=[shards / rank_file_name(lacking, n)])
+    p = c.run([NETP, "run", "-m", str(c.mount), *RUN_ARGS])
+    assert p.returncode != 0 and p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"[rank {lacking}] netp run: error: ")
+    assert f"{rank_file_name(lacking, n)}: rank file of rank {lacking} is missing" in lines[0]
+
+
+class Generation:
+    """A long greedy generation over the cluster, read as it streams."""
+
+    def __init__(self, c: Cluster, timeout: float | None, options: tuple[str, ...] = ()):
+        args = [NETP, "run", "-m", str(c.mount), "--top_k", "1", "-t", "1", "-n", "400", "-p", PROMPT]
+        if timeout is not None:
+            args += ["--timeout", str(timeout)]
+        self.c, self.proc, self.out = c, c.start(args, options=options), []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while ch := self.proc.stdout.read(1):
+            self.out.append(ch)
+
+    def wait_for_tokens(self, chars: int = 30, limit: float = 180) -> dict[int, list[int]]:
+        """Block until text beyond the prompt streams; returns the rank pids per host."""
+        t0 = time.monotonic()
+        while len("".join(self.out)) < len(PROMPT) + chars:
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() - t0 < limit, "no tokens"
+            time.sleep(0.05)
+        ranks = self.c.rank_pids("netp")
+        assert sorted(ranks) == list(range(self.c.n)) and all(len(p) == 1 for p in ranks.values()), ranks
+        return ranks
+
+    def ends(self, limit: float) -> tuple[float, float | None]:
+        """Seconds until every rank process is gone, and until mpiexec returned (None: not within limit)."""
+        t0 = time.monotonic()
+        ranks_gone = mpiexec_gone = None
+        while time.monotonic() - t0 < limit:
+            now = time.monotonic() - t0
+            if ranks_gone is None and not self.c.rank_pids("netp"):
+                ranks_gone = now
+            if mpiexec_gone is None and self.proc.poll() is not None:
+                mpiexec_gone = now
+            if ranks_gone is not None and mpiexec_gone is not None:
+                break
+            time.sleep(0.05)
+        assert ranks_gone is not None, f"ranks still running after {limit} s: {self.c.rank_pids('netp')}"
+        return ranks_gone, mpiexec_gone
+
+
+def test_killed_rank_ends_every_rank(shard_sets, cluster):
+    c = cluster(2)
+    c.place(shard_sets[2])
+    g = Generation(c, timeout=None)
+    ranks = g.wait_for_tokens()
+    os.kill(ranks[1][0], signal.SIGKILL)
+    ranks_gone, mpiexec_gone = g.ends(limit=10)
+    print(f"SIGKILL of rank 1: every rank gone after {ranks_gone:.2f} s, mpiexec after {mpiexec_gone} s")
+    assert mpiexec_gone is not None and g.proc.returncode != 0
+    assert "stop:" not in "".join(g.out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 2])
+def test_killed_rank_ends_the_others_by_their_deadline(victim, shard_sets, cluster):
+    """hydra told not to clean up: the survivors end by their own deadline. (Measured: their roll
+    call then crashes in MPICH's UCX layer sending to the dead rank, SIGSEGV, so they end without
+    their line; still non-zero, within the deadline.)"""
+    c = cluster(3)
+    c.place(shard_sets[3])
+    g = Generation(c, timeout=5, options=("-disable-auto-cleanup",))
+    ranks = g.wait_for_tokens()
+    os.kill(ranks[victim][0], signal.SIGKILL)
+    ranks_gone, mpiexec_gone = g.ends(limit=10)
+    print(f"SIGKILL of rank {victim}, no hydra cleanup: ranks gone after {ranks_gone:.2f} s, "
+          f"mpiexec after {mpiexec_gone} s")
+    assert mpiexec_gone is not None and g.proc.returncode != 0
+
+
+@pytest.mark.parametrize("n,victim,timeout", [(2, 1, 5), pytest.param(3, 0, None, marks=pytest.mark.slow)])
+def test_host_link_down_ends_every_rank_and_mpiexec(n, victim, timeout, shard_sets, cluster):
+    c = cluster(n)
+    c.place(shard_sets[n])
+    g = Generation(c, timeout=timeout)
+    g.wait_for_tokens()
+    c.link_down(victim)
+    ranks_gone, mpiexec_gone = g.ends(limit=60)
+    print(f"link of host {victim} of {n} down (--timeout {timeout or 'default'}): every rank gone after "
+          f"{ranks_gone:.2f} s, mpiexec after {mpiexec_gone} s")
+    assert mpiexec_gone is not None, "mpiexec did not return within 60 s"
+    assert g.proc.returncode != 0 and "stop:" not in "".join(g.out)
+    lines = g.proc.stderr.read().strip().splitlines()
+    assert len(lines) == 1, lines
+    # reported by the lowest rank still in touch with the others, naming the lost one
+    reporter = 1 if victim == 0 else 0
+    waited = f"{timeout or 30:g} s (--timeout)"
+    assert re.fullmatch(rf"\[rank {reporter}\] netp run: error: lost contact with rank {victim}: "
+                        rf"\S[^:]* not complete after {re.escape(waited)}; this rank gives up", lines[0]), lines[0]
