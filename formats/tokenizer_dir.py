@@ -71,10 +71,33 @@ def _write_new(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _checkpoint_place(folder: Path) -> Path:
+    """Where a checkpoint's own links may lead: its folder, or for a Hugging Face
+    cache snapshot (`<repo>/snapshots/<rev>/`) the repo's cache folder, whose
+    blobs/ the snapshot's files link to."""
+    real = Path(os.path.realpath(folder))
+    return real.parent.parent if real.parent.name == "snapshots" else real
+
+
+def _checkpoint_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` if present. Its bytes will travel into outputs, so a link must
+    stay inside the checkpoint's place: a link to a private file elsewhere is refused."""
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink():
+        place, target = _checkpoint_place(folder), Path(os.path.realpath(path))
+        if place not in target.parents:
+            raise NetpError(path, f"is a symlink to {target}, outside the checkpoint's folder; netp copies "
+                                  "tokenizer files into its outputs and does not follow links elsewhere")
+    return path
+
+
 def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
     for name in names:
-        if (src / name).exists():
-            _write_new(dst / name, checked_bytes(src / name))
+        path = _checkpoint_file(src, name)
+        if path is not None:
+            _write_new(dst / name, checked_bytes(path))
 
 
 def _own_files(src: Path) -> list[Path]:
@@ -128,15 +151,16 @@ _CONFIG_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", 
 
 def write_folder_tokenizer(folder: Path, out: Path) -> None:
     """Write the tokenizer of HF model folder `folder` into the (empty) folder `out`."""
-    if (folder / "tokenizer.json").exists():
+    if _checkpoint_file(folder, "tokenizer.json") is not None:
         _copy_files(folder, out, ("tokenizer.json",) + OPTIONAL_FILES)
-        if (folder / "tokenizer_config.json").exists():
+        if _checkpoint_file(folder, "tokenizer_config.json") is not None:
             _copy_files(folder, out, ("tokenizer_config.json",))
         else:  # tokenizer.json alone is a complete tokenizer; say which class reads it
             (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    elif (folder / "tokenizer.model").exists():
-        config = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
-        write_sentencepiece_tokenizer(folder / "tokenizer.model", config, out)
+    elif (model := _checkpoint_file(folder, "tokenizer.model")) is not None:
+        config_path = _checkpoint_file(folder, "tokenizer_config.json")
+        config = read_json_object(config_path) if config_path is not None else {}
+        write_sentencepiece_tokenizer(model, config, out)
         _copy_files(folder, out, OPTIONAL_FILES)
     else:
         raise NetpError(folder, "has no tokenizer (neither tokenizer.json nor tokenizer.model)")
