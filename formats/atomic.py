@@ -124,7 +124,7 @@ def atomic_dir(target: str | os.PathLike, may_replace: Callable[[Path], None] | 
         if may_replace is False or not (target.is_dir() and any(target.iterdir())):
             claim(tmp, target)
             return
-        if callable(may_replace) and may_replace is not True:
+        if callable(may_replace):
             may_replace(target)
         replace(tmp, target)
     except OSError as e:

@@ -136,7 +136,9 @@ def copy_tokenizer_dir(src_ne: str | os.PathLike, dst: str | os.PathLike) -> Pat
 
 
 def copy_tokenizer_folder(src: Path, target: Path) -> Path:
-    """Copy the files of tokenizer folder `src` into a new folder `target`, atomically."""
+    """Copy tokenizer folder `src` (one netp wrote) into a new folder `target`, atomically:
+    only KNOWN_FILES, each checked and written anew; a link or special file is refused."""
+    files = _own_files(src)
     with atomic_dir(target) as tmp:
         for f in files:
             _write_new(tmp / f.name, checked_bytes(f))
