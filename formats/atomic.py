@@ -96,10 +96,10 @@ def claim(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
     except OSError as e:
         if e.errno == errno.ENOTDIR:
-            raise NetpError(target, "exists and is not a folder") from None
+            raise NetpError(target, "exists and is not a folder") from e
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise NetpError(target, "was filled by someone else while this run wrote it (another run "
-                                    "into the same folder?); nothing was replaced") from None
+                                    "into the same folder?); nothing was replaced") from e
         raise
     fsync_dir(target.parent if str(target.parent) else Path("."))
 

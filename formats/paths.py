@@ -50,10 +50,10 @@ def regular_file(path: str | os.PathLike, what: str = "a file") -> os.stat_resul
     Called before opening, so a FIFO or device is never read."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise NetpError(path, "no such file") from None
+    except FileNotFoundError as e:
+        raise NetpError(path, "no such file") from e
     except OSError as e:
-        raise NetpError(path, f"cannot read it ({e.strerror})") from None
+        raise NetpError(path, f"cannot read it ({e.strerror})") from e
     if stat.S_ISDIR(st.st_mode):
         raise NetpError(path, f"is a directory, not {what}")
     if not stat.S_ISREG(st.st_mode):
@@ -81,7 +81,7 @@ def read_capped(path: str | os.PathLike, cap: int, what: str = "a file") -> byte
         with open(path, "rb") as f:
             data = f.read(cap + 1)
     except OSError as e:
-        raise NetpError(path, f"cannot read it ({e.strerror})") from None
+        raise NetpError(path, f"cannot read it ({e.strerror})") from e
     if len(data) > cap:
         raise NetpError(path, f"grew past the {cap >> 20} MiB {what} may hold while being read")
     return data
@@ -92,12 +92,12 @@ def read_json(path: str | os.PathLike, cap: int = SIDE_JSON_CAP, what: str = "a 
     raw = read_capped(path, cap, what)
     try:
         return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise NetpError(path, "is not UTF-8 text (corrupt JSON)") from None
+    except UnicodeDecodeError as e:
+        raise NetpError(path, "is not UTF-8 text (corrupt JSON)") from e
     except json.JSONDecodeError as e:
-        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
-    except RecursionError:
-        raise NetpError(path, "is not usable JSON: nested too deeply") from None
+        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from e
+    except RecursionError as e:
+        raise NetpError(path, "is not usable JSON: nested too deeply") from e
 
 
 def _resolved(path: Path) -> Path:

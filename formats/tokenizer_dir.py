@@ -16,7 +16,7 @@ Where it comes from:
   from gguf-py and is grouped here exactly as transformers'
   `get_gguf_tokenizer` groups it (a test holds the two together).
 Every folder is written under a temporary name and renamed when complete.
-It carries only the files netp knows (KNOWN_FILES), each read up to a size
+It carries only the files netp knows (KNOWN_TOKENIZER_FILES), each read up to a size
 cap, checked to be what its name says (JSON, UTF-8 text) and written as a
 new regular file: a folder netp wrote holds no links, so a link or a FIFO
 in one is refused rather than followed (an HF checkpoint's own files may be
@@ -33,13 +33,11 @@ from typing import Any, Iterator, Mapping
 from netp.errors import NetpError
 from netp.formats.atomic import atomic_dir
 from netp.formats.hf import read_json_object
-from netp.formats.names import SHARD_TOKENIZER_DIR, TOKENIZER_SUFFIX
+from netp.formats.names import (
+    KNOWN_TOKENIZER_FILES, OPTIONAL_TOKENIZER_FILES, SHARD_TOKENIZER_DIR, TOKENIZER_FILES, TOKENIZER_SUFFIX,
+)
 from netp.formats.paths import TOKENIZER_JSON_CAP, read_capped
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Copied too when a checkpoint has them (transformers 5 keeps chat templates apart).
-OPTIONAL_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
-KNOWN_FILES = TOKENIZER_FILES + OPTIONAL_FILES
 
 
 def tokenizer_dir_for(ne_path: str | os.PathLike) -> Path:
@@ -56,12 +54,12 @@ def checked_bytes(path: Path) -> bytes:
         text = data.decode("utf-8")
         if path.suffix == ".json" and not isinstance(json.loads(text), dict):
             raise NetpError(path, "does not hold a JSON object")
-    except UnicodeDecodeError:
-        raise NetpError(path, "is not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise NetpError(path, "is not UTF-8 text") from e
     except json.JSONDecodeError as e:
-        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
-    except RecursionError:
-        raise NetpError(path, "is not usable JSON: nested too deeply") from None
+        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from e
+    except RecursionError as e:
+        raise NetpError(path, "is not usable JSON: nested too deeply") from e
     return data
 
 
@@ -105,7 +103,7 @@ def _own_files(src: Path) -> list[Path]:
     if src.is_symlink():
         raise NetpError(src, "tokenizer folder is a symlink; netp writes it as a real folder and does not follow it")
     found = []
-    for name in KNOWN_FILES:
+    for name in KNOWN_TOKENIZER_FILES:
         f = src / name
         try:
             mode = os.lstat(f).st_mode
@@ -120,7 +118,7 @@ def _own_files(src: Path) -> list[Path]:
 
 
 def copy_tokenizer_dir(src_ne: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy the tokenizer folder of NE file `src_ne`, atomically: only KNOWN_FILES,
+    """Copy the tokenizer folder of NE file `src_ne`, atomically: only KNOWN_TOKENIZER_FILES,
     each checked and written anew (unknown files stay behind).
 
     dst: an NE file path (-> its `<stem>.tokenizer/` beside it) or an existing
@@ -154,7 +152,7 @@ _CONFIG_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", 
 def write_folder_tokenizer(folder: Path, out: Path) -> None:
     """Write the tokenizer of HF model folder `folder` into the (empty) folder `out`."""
     if _checkpoint_file(folder, "tokenizer.json") is not None:
-        _copy_files(folder, out, ("tokenizer.json",) + OPTIONAL_FILES)
+        _copy_files(folder, out, ("tokenizer.json",) + OPTIONAL_TOKENIZER_FILES)
         if _checkpoint_file(folder, "tokenizer_config.json") is not None:
             _copy_files(folder, out, ("tokenizer_config.json",))
         else:  # tokenizer.json alone is a complete tokenizer; say which class reads it
@@ -163,7 +161,7 @@ def write_folder_tokenizer(folder: Path, out: Path) -> None:
         config_path = _checkpoint_file(folder, "tokenizer_config.json")
         config = read_json_object(config_path) if config_path is not None else {}
         write_sentencepiece_tokenizer(model, config, out)
-        _copy_files(folder, out, OPTIONAL_FILES)
+        _copy_files(folder, out, OPTIONAL_TOKENIZER_FILES)
     else:
         raise NetpError(folder, "has no tokenizer (neither tokenizer.json nor tokenizer.model)")
 

@@ -47,6 +47,10 @@ def parse_ids(text: str) -> list[int]:
 def load_tokenizer(model: Path) -> Any:
     folder = tokenizer_dir(model)
     path = None if folder is None else folder / "tokenizer.json"
+    if path is not None and model.is_dir():  # a shard set's tokenizer is the one its manifest checksums
+        from netp.shard.check import load_shard_manifest, tokenizer_file
+
+        path = tokenizer_file(model, load_shard_manifest(model), "tokenizer.json")
     if path is None or not path.is_file():
         expected = model / SHARD_TOKENIZER_DIR if model.is_dir() else tokenizer_dir_for(model)
         raise NetpError(model, f"no tokenizer found (expected {expected}/tokenizer.json); "

@@ -220,7 +220,7 @@ def check_replaceable(outdir: Path) -> None:
         manifest = load_manifest(outdir)
     except NetpError as e:
         raise NetpError(outdir, f"is not a netp shard set ({e.message}); --force replaces only a shard set "
-                                "or an empty folder") from None
+                                "or an empty folder") from e
     own = {MANIFEST_NAME, *(r.file for r in manifest.ranks), *([manifest.tokenizer] if manifest.tokenizer else [])}
     stray = sorted(p.name for p in outdir.iterdir() if p.name not in own)
     if stray:

@@ -272,7 +272,9 @@ def test_check_detects_a_flipped_byte_and_a_missing_file(sources, tmp_path, caps
     outdir = tmp_path / "s"
     assert run_shard(["--ranks", "2", "--quiet", str(src), str(outdir)], capsys)[0] == 0
     code, out, err = run_shard(["--check", str(outdir)], capsys)
-    assert code == 0 and out.count(": ok") == 2 and "all checksums match" in out, out + err
+    # two rank files and the two tokenizer files the manifest checksums
+    assert code == 0 and out.count(": ok") == 4 and "all checksums match" in out, out + err
+    assert "tokenizer/tokenizer.json: ok" in out
 
     victim = outdir / rank_file_name(1, 2)
     data = bytearray(victim.read_bytes())
