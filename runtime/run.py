@@ -63,12 +63,22 @@ def load_tokenizer(model: Path) -> Any:
         raise NetpError(path, f"cannot read the tokenizer: {e}") from e
 
 
+def check_prompt(prompt: str) -> str:
+    """The prompt, refused when it is not text (bytes that are not UTF-8 reach Python as
+    lone surrogates, which no tokenizer can encode)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise NetpError(None, f"-p: the prompt is not valid UTF-8 text (byte {e.start} cannot be read)") from e
+    return prompt
+
+
 def encode_prompt(model: Path, prompt: str | None, ids: Sequence[int] | None) -> list[int]:
     if ids is not None:
         return list(ids)
     if prompt is None:
         raise NetpError(None, "no prompt: give one with -p TEXT or token ids with --ids")
-    return load_tokenizer(model).encode(prompt).ids
+    return load_tokenizer(model).encode(check_prompt(prompt)).ids
 
 
 class TextStream:

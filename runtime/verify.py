@@ -34,7 +34,7 @@ from netp.formats.ne import NEReader
 from netp.runtime.comm import Comm, PeerFailed, SoloComm, mpi_world, run_world
 from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
-from netp.runtime.run import load_tokenizer
+from netp.runtime.run import check_prompt, load_tokenizer
 from netp.runtime.sources import check_world_size, tokenizer_dir
 from netp.shard.check import load_shard_manifest
 
@@ -125,8 +125,31 @@ def resolve(opts: VerifyOptions, comm_size: int | None) -> Plan:
         raise NetpError(target, "nothing to verify against: pass --ref (the unsharded file) and/or --f32")
     if opts.hf is not None and f32 is None:
         raise NetpError(opts.hf, "--hf is compared with the f32 NE file: pass --f32 too")
+    _check_provenance(target, None if ref is None else Path(ref), None if f32 is None else Path(f32))
     return Plan(target, world, None if ref is None else Path(ref), None if f32 is None else Path(f32),
                 opts.hf, notes)
+
+
+def _check_provenance(target: Path, ref: Path | None, f32: Path | None) -> None:
+    """Refuse files of another model before any runs (docs/design.md §8): a shard set's --ref
+    must be its source, and --f32 the file the quantized one was made from."""
+    from netp.runtime.provenance import check_derived_from, check_ref_is_source
+
+    manifest = load_shard_manifest(target) if target.is_dir() else None
+    if manifest is not None and ref is not None:
+        check_ref_is_source(ref, manifest, target)
+    if f32 is None:
+        return
+    if ref is not None and ref != f32:
+        with NEReader(ref) as other:
+            check_derived_from(f32, other)
+    elif manifest is not None and ref is None:  # no --ref: prove --f32 against rank 0's file
+        from netp.shard.check import open_rank_file
+
+        rows = {t.name: None if t.axis is None else t.ranges[0] if t.axis == 0 else "cut"
+                for t in manifest.tensors.values()}
+        with open_rank_file(target, manifest, 0) as rank0:
+            check_derived_from(f32, rank0, {t.name: t.shape for t in manifest.tensors.values()}, rows)
 
 
 def _tokenizer_for(plan: Plan) -> Path:
@@ -323,7 +346,7 @@ def _reference(comm: Comm, opts: VerifyOptions, plan: Plan) -> tuple[Any, list[i
     with comm.agreeing(idle=True):
         if comm.is_root:
             tokenizer = load_tokenizer(_tokenizer_for(plan))
-            prompt = tokenizer.encode(opts.prompt).ids
+            prompt = tokenizer.encode(check_prompt(opts.prompt)).ids
             if not prompt:
                 raise NetpError(None, "the prompt encodes to no tokens")
             print(f"verify {plan.target}: prompt {len(prompt)} tokens + {opts.n_tokens} greedy tokens of the "
