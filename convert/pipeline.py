@@ -13,6 +13,7 @@ last, so a crash never leaves an NE file without its tokenizer.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def open_hf_folder(folder: Path) -> Source:
     from netp.models import by_hf_config
 
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         ggufs = sorted(p.name for p in folder.glob("*.gguf"))
         hint = f"; it holds {ggufs[0]}: pass that file" if len(ggufs) == 1 else ""
         raise NetpError(folder, f"no config.json: not a Hugging Face model folder{hint}")
@@ -265,6 +266,7 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *,
                     del data
                     if on_progress is not None:
                         on_progress(1, len(tensors))
+                writer.sync()  # a full disk fails here, before the tokenizer folder goes into place
             except BaseException:
                 writer.abort()
                 raise

@@ -258,13 +258,14 @@ def _index_files(folder: Path, index: Path) -> tuple[list[Path], dict[str, str]]
 
 def open_checkpoint(folder: Path) -> Checkpoint:
     """The weights of an HF model folder: safetensors first (like transformers), then .bin."""
-    if (folder / SAFETENSORS_INDEX).is_file():
+    # lexists: a FIFO or device under a checkpoint's name is refused by name, not skipped
+    if os.path.lexists(folder / SAFETENSORS_INDEX):
         files, weight_map = _index_files(folder, folder / SAFETENSORS_INDEX)
         return SafetensorsCheckpoint(folder, files, weight_map)
     singles = sorted(folder.glob("*.safetensors"))
     if singles:
         return SafetensorsCheckpoint(folder, singles)
-    if (folder / BIN_INDEX).is_file():
+    if os.path.lexists(folder / BIN_INDEX):
         files, _ = _index_files(folder, folder / BIN_INDEX)
         return TorchBinCheckpoint(folder, files)
     bins = sorted(folder.glob("pytorch_model*.bin"))

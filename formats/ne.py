@@ -481,12 +481,21 @@ class NEWriter:
         if self._pending is not None:
             raise ValueError(f"{name}: {self._pending[1]} bytes missing")
 
-    def commit(self) -> None:
+    def sync(self) -> None:
+        """Flush and fsync the temporary file: after this only the rename is left, so a
+        companion (the tokenizer folder) may go into place first. A full disk fails here."""
         if self._pending is not None:
             raise RuntimeError(f"tensor {self._pending[0]} is not complete")
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
+        except OSError as e:
+            self.abort()
+            raise atomic.write_error(self.path, e) from e
+
+    def commit(self) -> None:
+        self.sync()
+        try:
             self._f.close()
             atomic.replace(self.tmp_path, self.path)
         except OSError as e:

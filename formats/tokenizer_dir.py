@@ -78,16 +78,17 @@ def _checkpoint_place(folder: Path) -> Path:
 
 
 def _checkpoint_file(folder: Path, name: str) -> Path | None:
-    """`folder/name` if present. Its bytes will travel into outputs, so a link must
-    stay inside the checkpoint's place: a link to a private file elsewhere is refused."""
+    """`folder/name` if present. A checkpoint's own files may be links (the Hugging Face
+    cache, a folder of links to a shared copy), but these bytes travel into outputs: a link
+    that leaves the checkpoint's place must reach a file others may read, never a private one."""
     path = folder / name
     if not os.path.lexists(path):
         return None
     if path.is_symlink():
         place, target = _checkpoint_place(folder), Path(os.path.realpath(path))
-        if place not in target.parents:
-            raise NetpError(path, f"is a symlink to {target}, outside the checkpoint's folder; netp copies "
-                                  "tokenizer files into its outputs and does not follow links elsewhere")
+        if place not in target.parents and os.path.exists(target) and not os.stat(target).st_mode & stat.S_IROTH:
+            raise NetpError(path, f"is a symlink to the private file {target}, outside the checkpoint's folder; "
+                                  "netp copies tokenizer files into its outputs and will not publish it")
     return path
 
 

@@ -13,6 +13,7 @@ score i (sentencepiece) or -i (byte-level BPE, whose rule is -i).
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -199,8 +200,8 @@ def vocab_from_gguf(meta: Mapping[str, Any], n_vocab: int, path: Any) -> Vocab:
 def vocab_for_folder(folder: Path, n_vocab: int) -> Vocab:
     """The vocab of an HF model folder: tokenizer.model's pieces and scores when
     there is one (sentencepiece), else tokenizer.json."""
-    if (folder / "tokenizer.model").is_file():
+    if os.path.lexists(folder / "tokenizer.model"):  # a FIFO there is refused by name, not skipped
         return vocab_from_sentencepiece(folder / "tokenizer.model", n_vocab)
-    if (folder / "tokenizer.json").is_file():
+    if os.path.lexists(folder / "tokenizer.json"):
         return vocab_from_tokenizer_json(folder / "tokenizer.json", n_vocab)
     raise NetpError(folder, "has no tokenizer (neither tokenizer.json nor tokenizer.model)")

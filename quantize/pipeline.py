@@ -155,7 +155,8 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGM
             for done in _Streamer(reader, writer, nthread).run(_chunks(reader, plan)):
                 if on_progress is not None:
                     on_progress(done, total)
-            # Tokenizer folder first, the NE file renamed into place last.
+            # Tokenizer folder first, once the NE file's bytes are on disk; the NE file renamed into place last.
+            writer.sync()
             tokenizer = copy_tokenizer(src, dst)
 
     return QuantizeResult(

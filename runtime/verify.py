@@ -22,6 +22,7 @@ other ranks wait idle; the target runs on every rank.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.ne import NEReader
+from netp.formats.paths import regular_file
 from netp.runtime.comm import Comm, PeerFailed, SoloComm, mpi_world, run_world
 from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
@@ -110,14 +112,15 @@ def resolve(opts: VerifyOptions, comm_size: int | None) -> Plan:
             if ref is None:
                 notes.append(f"the manifest's source {manifest.source.name} was not found beside the shard set; "
                              f"pass --ref to compare with it")
-    elif target.is_file():
+    elif os.path.lexists(target):
+        regular_file(target, "an NE file or a shard set")
         world = comm_size or 1
         ref = ref or target
     else:
         raise NetpError(target, "no such file or shard set")
     for p in (ref, opts.f32):
-        if p is not None and not Path(p).is_file():
-            raise NetpError(p, "no such file")
+        if p is not None:
+            regular_file(p, "an NE file")
     f32 = opts.f32
     if f32 is None and ref is not None and _is_f32(Path(ref)):
         f32 = ref
