@@ -166,6 +166,8 @@ def _rank_main(comm: Comm, opts: RunOptions) -> int:
 
 
 def run(opts: RunOptions, prog: str = "ne-run", debug: bool = False) -> int:
+    if opts.prompt is not None:
+        check_prompt(opts.prompt)  # before any model loads
     comm = mpi_world()
     size = comm.size if comm is not None else (source_world_size(opts.model) or 1)
     return run_world(lambda c: _rank_main(c, opts), size, comm, prog, debug)

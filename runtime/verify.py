@@ -143,6 +143,8 @@ def _check_provenance(target: Path, ref: Path | None, f32: Path | None) -> None:
         check_ref_is_source(ref, manifest, target)
     if f32 is None:
         return
+    if not _is_f32(f32):
+        raise NetpError(f32, "is not an f32 NE file (its header's ftype is not f32): --f32 takes the f32 source")
     if ref is not None and ref != f32:
         with NEReader(ref) as other:
             check_derived_from(f32, other)
@@ -440,6 +442,7 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> str | None:
 
 
 def verify(opts: VerifyOptions, prog: str = "netp verify", debug: bool = False) -> int:
+    check_prompt(opts.prompt)  # before any model loads
     comm = mpi_world()
 
     def rank_main(c: Comm) -> str | None:
