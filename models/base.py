@@ -294,8 +294,8 @@ def _check_value(key: str, value: Any, kind: str, path: str) -> None:
     else:
         ok = isinstance(value, str)
     if not ok:
-        want = {"count": f"a whole number 1 .. {_INT32_MAX}", "token": "a token id", "real": "a finite number", "bool": "true or false",
-                "str": "a string"}[kind]
+        want = {"count": f"a whole number 1 .. {_INT32_MAX}", "token": "a token id", "real": "a finite number",
+                "bool": "true or false", "str": "a string"}[kind]
         raise NetpError(path, f"{key} is {value!r:.60}, expected {want}")
 
 

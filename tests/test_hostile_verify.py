@@ -66,6 +66,6 @@ def test_verify_refuses_another_model(models, args, bad, needle):
 
 
 def test_verify_of_the_true_pair_passes(models):
-    out = attack(["verify", str(models["shards"]), "--ref", str(models["q4_0"]), "--f32", str(models["f32"]), "-n", "2"],
-                 [models["f32"].parent], ok=True)
+    out = attack(["verify", str(models["shards"]), "--ref", str(models["q4_0"]), "--f32", str(models["f32"]),
+                  "-n", "2"], [models["f32"].parent], ok=True)
     assert out.rstrip().endswith("verify: PASS") and "KL divergence" in out
