@@ -25,11 +25,11 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats import atomic
-from netp.formats.paths import regular_file
 from netp.formats.constants import (
     FTYPE_OF_TYPE, GGMLType, NE_ALIGNMENT, NE_FILE_VERSION, NE_HEADER_FIELDS, NE_HEADER_STRUCT,
     NE_MAGIC, NE_MAX_DIMS, NE_TENSOR_HEAD, SUPPORTED_TYPES, block_geometry,
 )
+from netp.formats.paths import regular_file
 
 NEHeader = make_dataclass(
     "NEHeader",

@@ -61,16 +61,6 @@ def regular_file(path: str | os.PathLike, what: str = "a file") -> os.stat_resul
     return st
 
 
-def refuse_special(path: str | os.PathLike, what: str = "a file") -> None:
-    """Refuse `path` if it exists and is neither a regular file nor a folder."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return  # missing: the caller says so in its own words
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        raise NetpError(path, f"is {_kind(st.st_mode)}, not {what}; netp reads regular files only")
-
-
 def read_capped(path: str | os.PathLike, cap: int, what: str = "a file") -> bytes:
     """The bytes of regular file `path`, refused when larger than `cap` (checked
     before and while reading: the file may grow)."""
@@ -142,5 +132,5 @@ def refuse_indirect_dir(path: str | os.PathLike, what: str) -> None:
         raise NetpError(path, f"{what} is a symlink; give the real folder")
 
 
-__all__ = ["SIDE_JSON_CAP", "TOKENIZER_JSON_CAP", "plain_name", "regular_file", "refuse_special", "read_capped",
+__all__ = ["SIDE_JSON_CAP", "TOKENIZER_JSON_CAP", "plain_name", "regular_file", "read_capped",
            "read_json", "check_output_place", "refuse_indirect_dir"]

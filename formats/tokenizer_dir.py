@@ -136,7 +136,7 @@ def copy_tokenizer_dir(src_ne: str | os.PathLike, dst: str | os.PathLike) -> Pat
 
 def copy_tokenizer_folder(src: Path, target: Path) -> Path:
     """Copy tokenizer folder `src` (one netp wrote) into a new folder `target`, atomically:
-    only KNOWN_FILES, each checked and written anew; a link or special file is refused."""
+    only KNOWN_TOKENIZER_FILES, each checked and written anew; a link or special file is refused."""
     files = _own_files(src)
     with atomic_dir(target) as tmp:
         for f in files:

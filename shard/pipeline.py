@@ -202,6 +202,8 @@ def check_outdir(src: Path, outdir: Path, force: bool) -> None:
     """Refuse an OUTDIR that is not a plain folder name, that is or holds an input,
     or that is not empty, unless --force and it is a netp shard set (docs/design.md §8)."""
     refuse_indirect_dir(outdir, "OUTDIR")
+    if outdir.resolve() == src.resolve() or outdir.resolve() in src.resolve().parents:
+        raise NetpError(outdir, f"holds the input {src.name}; --force would delete it")
     check_output_place(outdir, [src, tokenizer_dir_for(src)], "OUTDIR")
     if outdir.exists() and not outdir.is_dir():
         raise NetpError(outdir, "exists and is not a folder")
