@@ -32,7 +32,7 @@ def manifest_world_size(model: str | os.PathLike) -> int:
 
     try:  # capped, FIFOs refused: this runs before the error handler, so nothing here may hang or raise
         world = read_json(os.path.join(model, MANIFEST_NAME)).get("world_size", 1)
-        return max(1, min(int(world), cpu_count())) if isinstance(world, int) else 1
+        return max(1, world) if isinstance(world, int) else 1
     except Exception:  # noqa: BLE001 - not a shard set, or a broken one: the loader reports it properly
         return 1
 

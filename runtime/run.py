@@ -78,7 +78,7 @@ def encode_prompt(model: Path, prompt: str | None, ids: Sequence[int] | None) ->
         return list(ids)
     if prompt is None:
         raise NetpError(None, "no prompt: give one with -p TEXT or token ids with --ids")
-    return load_tokenizer(model).encode(check_prompt(prompt)).ids
+    return load_tokenizer(model).encode(prompt).ids
 
 
 class TextStream:

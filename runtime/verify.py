@@ -351,7 +351,7 @@ def _reference(comm: Comm, opts: VerifyOptions, plan: Plan) -> tuple[Any, list[i
     with comm.agreeing(idle=True):
         if comm.is_root:
             tokenizer = load_tokenizer(_tokenizer_for(plan))
-            prompt = tokenizer.encode(check_prompt(opts.prompt)).ids
+            prompt = tokenizer.encode(opts.prompt).ids
             if not prompt:
                 raise NetpError(None, "the prompt encodes to no tokens")
             print(f"verify {plan.target}: prompt {len(prompt)} tokens + {opts.n_tokens} greedy tokens of the "
