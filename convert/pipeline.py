@@ -14,10 +14,11 @@ last, so a crash never leaves an NE file without its tokenizer.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -26,9 +27,10 @@ from netp.formats.atomic import atomic_dir
 from netp.formats.constants import FTYPE_OF_TYPE, GGMLType
 from netp.formats.hf import Checkpoint, open_checkpoint, read_json_object
 from netp.formats.ne import NEHeader, NEWriter
+from netp.formats.paths import check_output_place, regular_file
 from netp.formats.tokenizer_dir import check_tokenizer_files, tokenizer_dir_for
 from netp.formats.vocab import Vocab
-from netp.models.base import Architecture, HParams
+from netp.models.base import Architecture, HParams, check_hparams, check_source_values
 from netp.sizes import human_size
 
 OUT_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16}
@@ -78,14 +80,20 @@ def open_hf_folder(folder: Path) -> Source:
     from netp.models import by_hf_config
 
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         ggufs = sorted(p.name for p in folder.glob("*.gguf"))
         hint = f"; it holds {ggufs[0]}: pass that file" if len(ggufs) == 1 else ""
         raise NetpError(folder, f"no config.json: not a Hugging Face model folder{hint}")
     config = read_json_object(config_path)
     arch = by_hf_config(config, str(config_path))
+    check_source_values(arch, config, str(config_path))
     hp = arch.hparams_from_hf(config, str(config_path))
     tensors = open_checkpoint(folder)
+    try:  # every count against the tensors the checkpoint really holds, before anything is built from it
+        check_hparams(hp, str(config_path), n_tensors=len(tensors.names()))
+    except BaseException:
+        tensors.close()
+        raise
     return Source(folder, arch, hp, tensors, arch.ne_names_from_hf, transform=True, tie_output=hp.tie_embeddings,
                   vocab=lambda: vocab_for_folder(folder, hp.n_vocab),
                   write_tokenizer=lambda out: write_folder_tokenizer(folder, out))
@@ -100,7 +108,9 @@ def open_gguf(path: Path) -> Source:
     g = GGUFFile(path)
     try:
         arch = by_gguf_architecture(g.architecture, str(path))
+        check_source_values(arch, g.metadata, str(path), gguf=True)
         hp = arch.hparams_from_gguf(g.metadata, str(path), g.names())
+        check_hparams(hp, str(path), n_tensors=len(g.names()), source="GGUF metadata")
     except BaseException:
         g.close()
         raise
@@ -113,6 +123,7 @@ def open_gguf(path: Path) -> Source:
 def open_source(path: Path) -> Source:
     if path.is_dir():
         return open_hf_folder(path)
+    regular_file(path, "a Hugging Face model folder or GGUF file")  # a FIFO would block the read below
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
@@ -232,11 +243,15 @@ def check_outfile(outfile: Path) -> None:
         raise NetpError(outfile, f"folder {parent} does not exist")
 
 
-def open_model(model: str) -> Source:
-    """MODEL as the user names it (HF folder, cached hub id, .gguf), opened."""
+def open_model(model: str, outputs: Sequence[Path] = ()) -> Source:
+    """MODEL as the user names it (HF folder, cached hub id, .gguf), opened; `outputs`: the
+    paths about to be written, refused when over, into or in place of it (docs/design.md §8)."""
     from netp.convert.resolve import resolve_model
 
-    return open_source(resolve_model(model))
+    path = resolve_model(model)
+    for out in outputs:
+        check_output_place(out, [path], "output")
+    return open_source(path)
 
 
 def out_type_of(outtype: str) -> GGMLType:
@@ -254,13 +269,11 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *,
     outfile = Path(outfile)
     check_outfile(outfile)
 
-    src = open_model(model)
+    tok_target = tokenizer_dir_for(outfile)
+    src = open_model(model, [outfile, tok_target])
     try:
-        if outfile.exists() and outfile.resolve() == src.path.resolve():
-            raise NetpError(outfile, "is the input; choose another --outfile")
         tensors = ne_tensors(plan_tensors(src), out_type)
         vocab = src.vocab()
-        tok_target = tokenizer_dir_for(outfile)
         with atomic_dir(tok_target) as tok_tmp:
             src.write_tokenizer(tok_tmp)
             check_tokenizer_files(tok_tmp, tok_target)
@@ -275,6 +288,7 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *,
                     del data
                     if on_progress is not None:
                         on_progress(1, len(tensors))
+                writer.sync()  # a full disk fails here, before the tokenizer folder goes into place
             except BaseException:
                 writer.abort()
                 raise

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from netp.errors import NetpError
+from netp.formats.paths import regular_file
 
 
 def open_gguf_reader(path: Path) -> Any:
@@ -27,6 +28,7 @@ def open_gguf_reader(path: Path) -> Any:
     which here becomes "truncated or corrupt"."""
     import gguf
 
+    regular_file(path, "a GGUF file")  # a FIFO or device is refused before it is opened
     try:
         return gguf.GGUFReader(path)
     except Exception as e:
@@ -50,8 +52,6 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise NetpError(self.path, "no such file")
         self._reader = open_gguf_reader(self.path)
         self.metadata: dict[str, Any] = {name: field_value(self._reader, name, self.path)
                                          for name in self._reader.fields if not name.startswith("GGUF.")}

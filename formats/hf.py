@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from netp.errors import NetpError
+from netp.formats.paths import plain_name, read_json, regular_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -34,11 +35,9 @@ _CHUNK_BYTES = 16 << 20  # raw bytes widened per step when the source is not f32
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file holding an object (config.json, tokenizer_config.json), or a NetpError naming it."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise NetpError(path, f"not readable JSON ({type(e).__name__}: {e})") from e
+    """A JSON file holding an object (config.json, tokenizer_config.json), read up to
+    formats.paths' size cap, or a NetpError naming it."""
+    value = read_json(path)
     if not isinstance(value, dict):
         raise NetpError(path, "does not hold a JSON object")
     return value
@@ -96,6 +95,7 @@ class SafetensorsFile:
         from safetensors import SafetensorError, safe_open
 
         self.path = path
+        regular_file(path, "a safetensors file")  # before safe_open opens it: a FIFO would block
         try:
             with safe_open(path, framework="numpy") as f:
                 names = list(f.keys())
@@ -203,6 +203,7 @@ class TorchBinCheckpoint:
         self._torch = torch
         self._tensors: dict[str, Any] = {}
         for f in files:
+            regular_file(f, "a PyTorch checkpoint")
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except pickle.UnpicklingError as e:  # weights_only met something other than tensors
@@ -239,26 +240,32 @@ class TorchBinCheckpoint:
 
 
 def _index_files(folder: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NetpError(index, f"not a readable checkpoint index ({type(e).__name__}: {e})") from e
+    """The shard files an index names: plain names inside `folder` only (an entry
+    `../x.safetensors` or `/abs/x` is refused, not followed; the named file may be
+    a symlink, as every file of a Hugging Face cache snapshot is)."""
+    data = read_json(index, what="a checkpoint index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise NetpError(index, "not a checkpoint index: no \"weight_map\" object of tensor -> file")
+    for name, file_name in weight_map.items():
+        plain_name(file_name, index, f"entry for tensor {name:.80}: file")
     files = [folder / f for f in dict.fromkeys(weight_map.values())]
     for f in files:
-        if not f.is_file():
+        if not f.exists():
             raise NetpError(index, f"names shard {f.name}, which is not in {folder}")
     return files, weight_map
 
 
 def open_checkpoint(folder: Path) -> Checkpoint:
     """The weights of an HF model folder: safetensors first (like transformers), then .bin."""
-    if (folder / SAFETENSORS_INDEX).is_file():
+    # lexists: a FIFO or device under a checkpoint's name is refused by name, not skipped
+    if os.path.lexists(folder / SAFETENSORS_INDEX):
         files, weight_map = _index_files(folder, folder / SAFETENSORS_INDEX)
         return SafetensorsCheckpoint(folder, files, weight_map)
     singles = sorted(folder.glob("*.safetensors"))
     if singles:
         return SafetensorsCheckpoint(folder, singles)
-    if (folder / BIN_INDEX).is_file():
+    if os.path.lexists(folder / BIN_INDEX):
         files, _ = _index_files(folder, folder / BIN_INDEX)
         return TorchBinCheckpoint(folder, files)
     bins = sorted(folder.glob("pytorch_model*.bin"))

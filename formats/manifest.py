@@ -42,6 +42,11 @@ and how to check it. Schema (format version 1), JSON:
   ],
   "ranks": [                      per rank, in rank order
     {"file": "rank-00000-of-00002.bin", "size": 1234, "sha256": "<64 hex>"}, ...
+  ],
+  "tokenizer_files": [            the files of the tokenizer folder (absent or
+                                  empty when tokenizer is null), checked like
+                                  rank files: plain names netp knows
+    {"file": "tokenizer.json", "size": 2104, "sha256": "<64 hex>"}, ...
   ]
 }
 ```
@@ -50,11 +55,13 @@ Each rank file is a complete NE file: the source's header and vocab
 unchanged, then only that rank's tensors (a subset of `tensors`, same order),
 each with its local shape: the global shape with `axis` cut to stop - start.
 `load_manifest` validates all of this (a NetpError naming the manifest
-otherwise); checking the rank files' bytes is `netp shard --check`.
+otherwise), reading the file up to a size cap and refusing a FIFO or device
+(docs/design.md §8); checking the files' bytes is `netp shard --check`.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -66,7 +73,8 @@ from netp.formats import atomic
 from netp.formats.constants import (
     BLOCK_SIZE, NE_HEADER_FIELDS, QUANTIZED_TYPES, SPLIT_AXIS, SPLIT_KINDS, SPLIT_UNITS, TYPE_NAMES, type_from_name,
 )
-from netp.formats.names import MANIFEST_NAME
+from netp.formats.names import KNOWN_TOKENIZER_FILES, MANIFEST_NAME, TOKENIZER_FILES
+from netp.formats.paths import plain_name, read_json
 
 __all__ = [
     "MANIFEST_NAME", "MANIFEST_FORMAT", "MANIFEST_VERSION", "SPLIT_KINDS", "SPLIT_UNITS",
@@ -145,6 +153,7 @@ class Manifest:
     tensors: dict[str, TensorEntry]  # file order
     ranks: list[RankFile] = field(default_factory=list)
     version: int = MANIFEST_VERSION
+    tokenizer_files: list[RankFile] = field(default_factory=list)  # name, size, sha256 inside `tokenizer`
 
     def files_for_rank(self, rank: int) -> list[str]:
         """What a host running rank `rank` needs, as names inside the shard set: its rank
@@ -171,6 +180,7 @@ class Manifest:
             "tokenizer": self.tokenizer,
             "tensors": [t.to_json() for t in self.tensors.values()],
             "ranks": [{"file": r.file, "size": r.size, "sha256": r.sha256} for r in self.ranks],
+            "tokenizer_files": [{"file": f.file, "size": f.size, "sha256": f.sha256} for f in self.tokenizer_files],
         }
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -202,18 +212,9 @@ def load_manifest(folder: str | os.PathLike, architectures: Collection[str] | No
     path = Path(folder)
     if path.is_dir() or not path.name.endswith(".json"):
         path = path / MANIFEST_NAME
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as e:
-        raise NetpError(path, "no such file (not a shard set?)") from e
-    except IsADirectoryError as e:
-        raise NetpError(path, "is a directory, not a manifest") from e
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise NetpError(path, "is not UTF-8 text (corrupt manifest)") from e
-    except json.JSONDecodeError as e:
-        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from e
+    if not os.path.lexists(path):
+        raise NetpError(path, "no such file (not a shard set?)")
+    data = read_json(path, what="a manifest")  # capped; a FIFO or /dev/zero is refused unread
     return _Validator(path, architectures).manifest(data)
 
 
@@ -258,8 +259,10 @@ class _Validator:
             newer = " (written by a newer netp)" if version > MANIFEST_VERSION else ""
             raise self.bad(f"version {version} is not supported{newer}; this netp reads version {MANIFEST_VERSION}")
         src = self._get(data, "source", dict, "")
-        source = SourceInfo(self._get(src, "name", str, "source."), self._int(src, "size", "source."),
-                            self._sha(src, "source."))
+        source_name = self._get(src, "name", str, "source.")
+        if not _plain_name(source_name):  # verify looks for it beside the set: never elsewhere
+            raise self.bad(f"source.name {source_name!r:.60} is not a plain file name (no folders or '..')")
+        source = SourceInfo(source_name, self._int(src, "size", "source."), self._sha(src, "source."))
         world = self._int(data, "world_size", "", minimum=1)
         if world > _MAX_WORLD:
             raise self.bad(f"world_size {world} is more than {_MAX_WORLD}")
@@ -283,13 +286,41 @@ class _Validator:
         for r in range(world):
             if not any(t.held_by(r) for t in tensors.values()):
                 raise self.bad(f"rank {r} holds no tensor")
-        return Manifest(source, world, arch, hparams, tokenizer, tensors, ranks, version)
+        tokenizer_files = self.tokenizer_files(data.get("tokenizer_files"), tokenizer)
+        return Manifest(source, world, arch, hparams, tokenizer, tensors, ranks, version, tokenizer_files)
+
+    def tokenizer_files(self, items: Any, tokenizer: str | None) -> list[RankFile]:
+        """The tokenizer folder's files: required with a tokenizer, plain names netp knows."""
+        if tokenizer is None:
+            if items:
+                raise self.bad("tokenizer_files listed without a tokenizer folder")
+            return []
+        if not isinstance(items, list):
+            raise self.bad(f"tokenizer_files is {items!r:.60}, expected a list of the tokenizer folder's files")
+        out: list[RankFile] = []
+        for i, item in enumerate(items):
+            where = f"tokenizer_files[{i}]."
+            if not isinstance(item, dict):
+                raise self.bad(f"tokenizer_files[{i}] is not an object")
+            name = self._get(item, "file", str, where)
+            if name not in KNOWN_TOKENIZER_FILES or name in (f.file for f in out):
+                raise self.bad(f"{where}file is {name!r:.60}, not one of the tokenizer files netp knows "
+                               f"({', '.join(KNOWN_TOKENIZER_FILES)}) listed once")
+            out.append(RankFile(name, self._int(item, "size", where), self._sha(item, where)))
+        missing = [f for f in TOKENIZER_FILES if f not in (e.file for e in out)]
+        if missing:
+            raise self.bad(f"tokenizer_files lacks {missing[0]}")
+        return out
 
     def hparams(self, obj: dict[str, Any]) -> dict[str, int | float]:
         out: dict[str, int | float] = {}
         for name, fmt, _ in NE_HEADER_FIELDS:
             kinds = int if fmt == "i" else (int, float)
             value = self._get(obj, name, kinds, "hparams.")
+            if fmt == "i" and not -(1 << 31) <= value < 1 << 31:
+                raise self.bad(f"hparams.{name} is {value}, which the NE header's int32 cannot hold")
+            if fmt == "f" and not math.isfinite(value):
+                raise self.bad(f"hparams.{name} is {value}, not a finite number")
             out[name] = int(value) if fmt == "i" else float(value)
         extra = set(obj) - set(out)
         if extra:
@@ -407,7 +438,7 @@ def _to_text(data: dict[str, Any]) -> str:
     """JSON with one line per tensor and per rank file (readable, diffable)."""
     parts = []
     for key, value in data.items():
-        if key in ("tensors", "ranks"):
+        if key in ("tensors", "ranks", "tokenizer_files"):
             items = ",\n".join("  " + json.dumps(v, separators=(", ", ": ")) for v in value)
             parts.append(f" {json.dumps(key)}: [\n{items}\n ]")
         else:
@@ -422,7 +453,11 @@ def _kind_names(kinds: type | tuple[type, ...]) -> str:
 
 
 def _plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+    try:
+        plain_name(name, None, "name")
+    except NetpError:
+        return False
+    return True
 
 
 def local_nbytes(entry: TensorEntry, rank: int) -> int:

@@ -29,6 +29,7 @@ from netp.formats.constants import (
     FTYPE_OF_TYPE, GGMLType, NE_ALIGNMENT, NE_FILE_VERSION, NE_HEADER_FIELDS, NE_HEADER_STRUCT,
     NE_MAGIC, NE_MAX_DIMS, NE_TENSOR_HEAD, SUPPORTED_TYPES, block_geometry,
 )
+from netp.formats.paths import regular_file
 
 NEHeader = make_dataclass(
     "NEHeader",
@@ -43,7 +44,21 @@ _VOCAB_SCORE = struct.Struct("<f")
 _MAX_NAME = 4096
 
 
-def header_to_bytes(header: Any) -> bytes:
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def header_to_bytes(header: Any, path: str | os.PathLike | None = None) -> bytes:
+    """The magic and header; a value its int32/f32 field cannot hold is a NetpError
+    naming `path` and the field (struct would raise, or silently round to inf)."""
+    for name, fmt, _ in NE_HEADER_FIELDS:
+        value = getattr(header, name)
+        if fmt == "i" and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                           or not _INT32[0] <= value <= _INT32[1]):
+            raise NetpError(path, f"header field {name} = {value!r:.40} does not fit the NE header's int32")
+        if fmt == "f" and (not isinstance(value, (int, float, np.floating)) or not math.isfinite(value)
+                           or abs(value) > _F32_MAX):
+            raise NetpError(path, f"header field {name} = {value!r:.40} is not a finite float32")
     return NE_MAGIC + NE_HEADER_STRUCT.pack(*dataclasses.astuple(header))
 
 
@@ -112,12 +127,8 @@ class NEReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._mmap: mmap.mmap | None = None
-        try:
-            self._file: BinaryIO = open(self.path, "rb")
-        except IsADirectoryError as e:
-            raise NetpError(self.path, "is a directory, not an NE file") from e
-        except FileNotFoundError as e:
-            raise NetpError(self.path, "no such file") from e
+        regular_file(self.path, "an NE file")  # a FIFO or device is refused before it is opened
+        self._file: BinaryIO = open(self.path, "rb")
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
             self._parse()
@@ -360,6 +371,8 @@ class NEWriter:
     and renamed to `path`; on an exception the temporary file is removed, so
     `path` never holds a half-written model. `hasher` (anything with
     .update) sees every byte written, for checksums computed on the way.
+    The header is checked before the file is created, and a failed write
+    (ENOSPC, EIO) is a NetpError naming `path` (docs/design.md §8).
     """
 
     def __init__(self, path: str | os.PathLike, header: Any, vocab: Sequence[tuple[bytes, float]],
@@ -367,19 +380,29 @@ class NEWriter:
         self.path = Path(path)
         if len(vocab) != header.n_vocab:
             raise ValueError(f"vocab has {len(vocab)} entries, header says {header.n_vocab}")
+        head = header_to_bytes(header, self.path) + vocab_to_bytes(vocab)
         atomic.clean_stale_partials(self.path)
         self.tmp_path = atomic.partial_name(self.path)
-        self._f: BinaryIO = open(self.tmp_path, "wb", buffering=1 << 20)
         self._hasher = hasher
         self._pos = 0
         self._pending: tuple[str, int] | None = None  # tensor being streamed: name, bytes left
         self.names: list[str] = []
-        self._write(header_to_bytes(header))
-        self._write(vocab_to_bytes(vocab))
+        try:
+            self._f: BinaryIO = open(self.tmp_path, "wb", buffering=1 << 20)
+        except OSError as e:
+            raise atomic.write_error(self.path, e) from e
+        try:
+            self._write(head)
+        except BaseException:
+            self.abort()
+            raise
 
     def _write(self, b: Any) -> None:
         mv = memoryview(b).cast("B")
-        self._f.write(mv)
+        try:
+            self._f.write(mv)
+        except OSError as e:
+            raise atomic.write_error(self.path, e) from e
         if self._hasher is not None:
             self._hasher.update(mv)
         self._pos += mv.nbytes
@@ -398,6 +421,8 @@ class NEWriter:
         block, _ = block_geometry(ggml_type)
         if shape[-1] % block:
             raise ValueError(f"{name}: row length {shape[-1]} is not a multiple of the {ggml_type.name} block")
+        if not all(0 < int(d) <= _INT32[1] for d in shape):
+            raise NetpError(self.path, f"tensor {name}: shape {list(shape)} does not fit the NE format's int32 sizes")
         self._write(tensor_record(name, ggml_type, shape, self._pos))
         self._pending = (name, tensor_nbytes(ggml_type, shape))
         self.names.append(name)
@@ -422,7 +447,10 @@ class NEWriter:
             raise ValueError(f"copy_from: {nbytes} bytes do not fit the tensor being written")
         done = 0
         if self._hasher is None and hasattr(os, "copy_file_range"):
-            self._f.flush()
+            try:
+                self._f.flush()
+            except OSError as e:
+                raise atomic.write_error(self.path, e) from e
             out = self._f.fileno()
             try:
                 while done < nbytes:
@@ -430,8 +458,10 @@ class NEWriter:
                     if n <= 0:
                         raise EOFError(f"source ends {nbytes - done} bytes short")
                     done += n
-            except OSError:
-                pass  # e.g. a filesystem without it: the rest goes through a buffer below
+            except OSError as e:
+                if e.errno in atomic.WRITE_ERRNOS:
+                    raise atomic.write_error(self.path, e) from e
+                # else e.g. a filesystem without it: the rest goes through a buffer below
             finally:
                 self._pos += done
                 self._f.seek(self._pos)  # resync the buffered writer with the advanced fd
@@ -451,17 +481,36 @@ class NEWriter:
         if self._pending is not None:
             raise ValueError(f"{name}: {self._pending[1]} bytes missing")
 
-    def commit(self) -> None:
+    def sync(self) -> None:
+        """Flush and fsync the temporary file: after this only the rename is left, so a
+        companion (the tokenizer folder) may go into place first. A full disk fails here."""
         if self._pending is not None:
             raise RuntimeError(f"tensor {self._pending[0]} is not complete")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        atomic.replace(self.tmp_path, self.path)
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            self.abort()
+            raise atomic.write_error(self.path, e) from e
+
+    def commit(self) -> None:
+        self.sync()
+        try:
+            self._f.close()
+            atomic.replace(self.tmp_path, self.path)
+        except OSError as e:
+            self.abort()
+            raise atomic.write_error(self.path, e) from e
 
     def abort(self) -> None:
-        self._f.close()
-        self.tmp_path.unlink(missing_ok=True)
+        """Drop the temporary file. Closing flushes the buffer, which fails on a
+        full disk: the unlink must happen all the same."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "NEWriter":
         return self

@@ -16,23 +16,28 @@ Where it comes from:
   from gguf-py and is grouped here exactly as transformers'
   `get_gguf_tokenizer` groups it (a test holds the two together).
 Every folder is written under a temporary name and renamed when complete.
+It carries only the files netp knows (KNOWN_TOKENIZER_FILES), each read up to a size
+cap, checked to be what its name says (JSON, UTF-8 text) and written as a
+new regular file: a folder netp wrote holds no links, so a link or a FIFO
+in one is refused rather than followed (an HF checkpoint's own files may be
+links: the Hugging Face cache links them to blobs) (docs/design.md §8).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from netp.errors import NetpError
 from netp.formats.atomic import atomic_dir
 from netp.formats.hf import read_json_object
-from netp.formats.names import SHARD_TOKENIZER_DIR, TOKENIZER_SUFFIX
+from netp.formats.names import (
+    KNOWN_TOKENIZER_FILES, OPTIONAL_TOKENIZER_FILES, SHARD_TOKENIZER_DIR, TOKENIZER_FILES, TOKENIZER_SUFFIX,
+)
+from netp.formats.paths import TOKENIZER_JSON_CAP, read_capped
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Copied too when a checkpoint has them (transformers 5 keeps chat templates apart).
-OPTIONAL_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
 def tokenizer_dir_for(ne_path: str | os.PathLike) -> Path:
@@ -41,32 +46,101 @@ def tokenizer_dir_for(ne_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + TOKENIZER_SUFFIX)
 
 
+def checked_bytes(path: Path) -> bytes:
+    """The bytes of known tokenizer file `path`, read up to the cap and checked to be
+    what its name says: a JSON object for *.json, UTF-8 text for a template."""
+    data = read_capped(path, TOKENIZER_JSON_CAP, "a tokenizer file")
+    try:
+        text = data.decode("utf-8")
+        if path.suffix == ".json" and not isinstance(json.loads(text), dict):
+            raise NetpError(path, "does not hold a JSON object")
+    except UnicodeDecodeError as e:
+        raise NetpError(path, "is not UTF-8 text") from e
+    except json.JSONDecodeError as e:
+        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from e
+    except RecursionError as e:
+        raise NetpError(path, "is not usable JSON: nested too deeply") from e
+    return data
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """A new regular file with the process's normal permissions (never a source's mode)."""
+    with open(path, "xb") as f:
+        f.write(data)
+
+
+def _checkpoint_place(folder: Path) -> Path:
+    """Where a checkpoint's own links may lead: its folder, or for a Hugging Face
+    cache snapshot (`<repo>/snapshots/<rev>/`) the repo's cache folder, whose
+    blobs/ the snapshot's files link to."""
+    real = Path(os.path.realpath(folder))
+    return real.parent.parent if real.parent.name == "snapshots" else real
+
+
+def _checkpoint_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` if present. A checkpoint's own files may be links (the Hugging Face
+    cache, a folder of links to a shared copy), but these bytes travel into outputs: a link
+    that leaves the checkpoint's place must reach a file others may read, never a private one."""
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink():
+        place, target = _checkpoint_place(folder), Path(os.path.realpath(path))
+        if place not in target.parents and os.path.exists(target) and not os.stat(target).st_mode & stat.S_IROTH:
+            raise NetpError(path, f"is a symlink to the private file {target}, outside the checkpoint's folder; "
+                                  "netp copies tokenizer files into its outputs and will not publish it")
+    return path
+
+
 def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
     for name in names:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+        path = _checkpoint_file(src, name)
+        if path is not None:
+            _write_new(dst / name, checked_bytes(path))
+
+
+def _own_files(src: Path) -> list[Path]:
+    """The known files of a tokenizer folder netp wrote: regular files, no links."""
+    if src.is_symlink():
+        raise NetpError(src, "tokenizer folder is a symlink; netp writes it as a real folder and does not follow it")
+    found = []
+    for name in KNOWN_TOKENIZER_FILES:
+        f = src / name
+        try:
+            mode = os.lstat(f).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            what = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            raise NetpError(f, f"is {what}; a tokenizer folder holds regular files only, and netp does not "
+                               "follow links out of it")
+        found.append(f)
+    return found
 
 
 def copy_tokenizer_dir(src_ne: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy the tokenizer folder of NE file `src_ne`, atomically.
+    """Copy the tokenizer folder of NE file `src_ne`, atomically: only KNOWN_TOKENIZER_FILES,
+    each checked and written anew (unknown files stay behind).
 
     dst: an NE file path (-> its `<stem>.tokenizer/` beside it) or an existing
     folder such as a shard set being written (-> `dst/tokenizer/`).
     Returns the folder written.
     """
     src = tokenizer_dir_for(src_ne)
-    if not all((src / f).is_file() for f in TOKENIZER_FILES):
+    files = _own_files(src) if src.is_dir() or src.is_symlink() else []
+    if not all(src / f in files for f in TOKENIZER_FILES):
         raise NetpError(src_ne, f"no tokenizer folder beside it ({src} with {' and '.join(TOKENIZER_FILES)})")
     dst = Path(dst)
     return copy_tokenizer_folder(src, dst / SHARD_TOKENIZER_DIR if dst.is_dir() else tokenizer_dir_for(dst))
 
 
 def copy_tokenizer_folder(src: Path, target: Path) -> Path:
-    """Copy the files of tokenizer folder `src` into a new folder `target`, atomically."""
+    """Copy tokenizer folder `src` (one netp wrote) into a new folder `target`, atomically:
+    only KNOWN_TOKENIZER_FILES, each checked and written anew; a link or special file is refused."""
+    files = _own_files(src)
     with atomic_dir(target) as tmp:
-        for f in sorted(src.iterdir()):
-            if f.is_file():
-                shutil.copyfile(f, tmp / f.name)
+        for f in files:
+            _write_new(tmp / f.name, checked_bytes(f))
     return target
 
 
@@ -78,16 +152,17 @@ _CONFIG_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", 
 
 def write_folder_tokenizer(folder: Path, out: Path) -> None:
     """Write the tokenizer of HF model folder `folder` into the (empty) folder `out`."""
-    if (folder / "tokenizer.json").is_file():
-        _copy_files(folder, out, ("tokenizer.json",) + OPTIONAL_FILES)
-        if (folder / "tokenizer_config.json").is_file():
-            shutil.copyfile(folder / "tokenizer_config.json", out / "tokenizer_config.json")
+    if _checkpoint_file(folder, "tokenizer.json") is not None:
+        _copy_files(folder, out, ("tokenizer.json",) + OPTIONAL_TOKENIZER_FILES)
+        if _checkpoint_file(folder, "tokenizer_config.json") is not None:
+            _copy_files(folder, out, ("tokenizer_config.json",))
         else:  # tokenizer.json alone is a complete tokenizer; say which class reads it
             (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    elif (folder / "tokenizer.model").is_file():
-        config = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-        write_sentencepiece_tokenizer(folder / "tokenizer.model", config, out)
-        _copy_files(folder, out, OPTIONAL_FILES)
+    elif (model := _checkpoint_file(folder, "tokenizer.model")) is not None:
+        config_path = _checkpoint_file(folder, "tokenizer_config.json")
+        config = read_json_object(config_path) if config_path is not None else {}
+        write_sentencepiece_tokenizer(model, config, out)
+        _copy_files(folder, out, OPTIONAL_TOKENIZER_FILES)
     else:
         raise NetpError(folder, "has no tokenizer (neither tokenizer.json nor tokenizer.model)")
 
@@ -126,7 +201,7 @@ def sentencepiece_model_facts(path: Path) -> tuple[int, list[int]]:
     2 unknown, 3 control, 4 user defined, 5 unused, 6 byte) from the model's protobuf."""
     model_type, piece_types = 1, []
     try:
-        for field, value in _proto_fields(path.read_bytes()):
+        for field, value in _proto_fields(read_capped(path, TOKENIZER_JSON_CAP, "a sentencepiece model")):
             if field == 1:  # ModelProto.pieces: SentencePiece {piece = 1, score = 2, type = 3}
                 piece_types.append(next((v for f, v in _proto_fields(value) if f == 3), 1))
             elif field == 2:  # ModelProto.trainer_spec: TrainerSpec {model_type = 3}

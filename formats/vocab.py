@@ -13,7 +13,7 @@ score i (sentencepiece) or -i (byte-level BPE, whose rule is -i).
 from __future__ import annotations
 
 import functools
-import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -91,11 +91,17 @@ def _has_byte_level(component: Any) -> bool:
 
 
 def vocab_from_tokenizer_json(path: Path, n_vocab: int) -> Vocab:
+    from netp.formats.paths import TOKENIZER_JSON_CAP, read_json
+
+    spec = read_json(path, TOKENIZER_JSON_CAP, "a tokenizer.json")
     try:
-        spec = json.loads(Path(path).read_text(encoding="utf-8"))
-        model = spec["model"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return _vocab_from_spec(spec, path, n_vocab)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a field of the wrong JSON type
         raise NetpError(path, f"not a readable tokenizer.json ({type(e).__name__}: {e})") from e
+
+
+def _vocab_from_spec(spec: Any, path: Path, n_vocab: int) -> Vocab:
+    model = spec["model"]
     added = {int(a["id"]): a for a in spec.get("added_tokens") or ()}
     kind = model.get("type")
     if kind == "BPE":
@@ -137,6 +143,9 @@ def vocab_from_tokenizer_json(path: Path, n_vocab: int) -> Vocab:
 def load_sentencepiece(path: Path) -> Any:
     import sentencepiece
 
+    from netp.formats.paths import regular_file
+
+    regular_file(path, "a sentencepiece model")
     try:
         return sentencepiece.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
@@ -191,8 +200,8 @@ def vocab_from_gguf(meta: Mapping[str, Any], n_vocab: int, path: Any) -> Vocab:
 def vocab_for_folder(folder: Path, n_vocab: int) -> Vocab:
     """The vocab of an HF model folder: tokenizer.model's pieces and scores when
     there is one (sentencepiece), else tokenizer.json."""
-    if (folder / "tokenizer.model").is_file():
+    if os.path.lexists(folder / "tokenizer.model"):  # a FIFO there is refused by name, not skipped
         return vocab_from_sentencepiece(folder / "tokenizer.model", n_vocab)
-    if (folder / "tokenizer.json").is_file():
+    if os.path.lexists(folder / "tokenizer.json"):
         return vocab_from_tokenizer_json(folder / "tokenizer.json", n_vocab)
     raise NetpError(folder, "has no tokenizer (neither tokenizer.json nor tokenizer.model)")

@@ -16,13 +16,25 @@ from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 import click
 
-from netp.errors import error_line, rank_prefix
+from netp.errors import NetpError, error_line, rank_prefix
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def said_by_another_rank(exc: BaseException | None = None) -> bool:
+    """Under MPI, whether this rank keeps quiet about an error every rank meets alike:
+    one about the command line (a NetpError naming no file, a usage error) is the same
+    on every rank, so rank 0 alone prints it (one line per failure, docs/design.md §8)."""
+    from netp.hostenv import env_rank, env_world_size
+
+    alike = exc is None or (isinstance(exc, NetpError) and exc.path is None)
+    return alike and env_world_size() > 1 and env_rank() not in (None, "0")
+
+
 def fail(prog: str, exc: BaseException, debug: bool = False) -> NoReturn:
     """Print exc as the one error line (after its traceback with --debug) and exit 1."""
+    if said_by_another_rank(exc):
+        raise SystemExit(1)
     if debug:
         import traceback
 
@@ -38,8 +50,21 @@ def report_errors(prog: str, debug: bool = False) -> Iterator[None]:
         yield
     except (SystemExit, KeyboardInterrupt):
         raise
+    except BrokenPipeError:
+        stdout_closed()
     except BaseException as exc:  # noqa: BLE001 - every failure ends in one line
         fail(prog, exc, debug)
+
+
+def stdout_closed() -> NoReturn:
+    """The reader of stdout went away (`ne-run ... | head -1`): end quietly, as cat does.
+    stdout goes to /dev/null first, so the interpreter's final flush cannot complain."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(141)  # 128 + SIGPIPE, what a shell reports for a writer killed by the pipe
 
 
 class OneLineErrors:
@@ -62,6 +87,8 @@ class OneLineErrors:
             # The command that refused the arguments: `netp convert`, not `netp`,
             # so its --help is the one that lists the flag that was wrong.
             where = e.ctx.command_path if e.ctx is not None else prog
+            if said_by_another_rank():
+                raise SystemExit(2) from None
             print(f"{rank_prefix()}{where}: error: {text} (see {where} --help)", file=sys.stderr)
             raise SystemExit(2) from None
         if isinstance(rv, int) and rv:

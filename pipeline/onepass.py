@@ -183,7 +183,7 @@ def run_pipeline(model: str, outdir: str | os.PathLike, outtype: str, world_size
             check_outdir(src.path, outdir, force)
             manifest = write_shard_set(stream, name or source_name(outtype), outdir, arch, entries,
                                        lambda tmp: build_tokenizer_dir(tmp / SHARD_TOKENIZER_DIR, src.write_tokenizer),
-                                       on_progress)
+                                       on_progress, force=force)
         finally:
             rows.close()
     finally:

@@ -25,6 +25,7 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats.constants import FTYPE_OF_TYPE, QUANTIZED_TYPES, TYPE_NAMES, GGMLType, block_geometry
 from netp.formats.ne import NEReader, NEWriter, TensorInfo, tensor_nbytes
+from netp.formats.paths import check_output_place
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
 from netp.hostenv import cpu_count
 from netp.sizes import human_size
@@ -105,8 +106,10 @@ def _nonfinite_row(reader: NEReader, name: str, row: int) -> NetpError:
 # -- the pipeline ---------------------------------------------------------------
 
 def check_paths(src: Path, dst: Path) -> None:
-    if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise NetpError(dst, "output is the input file; choose another output name")
+    """Nothing is written over, into or in place of an input (docs/design.md §8)."""
+    inputs = [src, tokenizer_dir_for(src)]
+    check_output_place(dst, inputs, "output name")
+    check_output_place(tokenizer_dir_for(dst), inputs, "output name (its tokenizer folder)")
     if not (dst.parent if str(dst.parent) else Path(".")).is_dir():
         raise NetpError(dst, f"output folder {dst.parent} does not exist")
     if dst.is_dir():
@@ -152,7 +155,8 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGM
             for done in _Streamer(reader, writer, nthread).run(_chunks(reader, plan)):
                 if on_progress is not None:
                     on_progress(done, total)
-            # Tokenizer folder first, the NE file renamed into place last.
+            # Tokenizer folder first, once the NE file's bytes are on disk; the NE file renamed into place last.
+            writer.sync()
             tokenizer = copy_tokenizer(src, dst)
 
     return QuantizeResult(

@@ -28,13 +28,13 @@ def default_threads(simulated_ranks: int = 1) -> int:
 
 def manifest_world_size(model: str | os.PathLike) -> int:
     """A shard set's world size read from its manifest as plain JSON (no numpy yet); 1 otherwise."""
-    import json
+    from netp.formats.paths import read_json
 
-    try:
-        with open(os.path.join(model, MANIFEST_NAME), encoding="utf-8") as f:
-            return max(1, int(json.load(f).get("world_size", 1)))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 1  # not a shard set, or a broken one: the loader reports it properly
+    try:  # capped, FIFOs refused: this runs before the error handler, so nothing here may hang or raise
+        world = read_json(os.path.join(model, MANIFEST_NAME)).get("world_size", 1)
+        return max(1, world) if isinstance(world, int) else 1
+    except Exception:  # noqa: BLE001 - not a shard set, or a broken one: the loader reports it properly
+        return 1
 
 
 def set_blas_threads(n: int) -> None:

@@ -296,6 +296,10 @@ class MPIComm(Comm):
         # its pipes: give our one-line error a moment to reach the user first.
         sys.stderr.flush()
         time.sleep(0.5)
+        # MPICH prints its own "application called MPI_Abort" line on this rank's stderr:
+        # one failure is one line (docs/design.md §8), so stderr goes to /dev/null first.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         self.comm.Abort(code)
         os._exit(code)  # Abort may return before the launcher kills us: never report twice
 

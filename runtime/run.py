@@ -48,6 +48,10 @@ def parse_ids(text: str) -> list[int]:
 def load_tokenizer(model: Path) -> Any:
     folder = tokenizer_dir(model)
     path = None if folder is None else folder / "tokenizer.json"
+    if path is not None and model.is_dir():  # a shard set's tokenizer is the one its manifest checksums
+        from netp.shard.check import load_shard_manifest, tokenizer_file
+
+        path = tokenizer_file(model, load_shard_manifest(model), "tokenizer.json")
     if path is None or not path.is_file():
         expected = model / SHARD_TOKENIZER_DIR if model.is_dir() else tokenizer_dir_for(model)
         raise NetpError(model, f"no tokenizer found (expected {expected}/tokenizer.json); "
@@ -58,6 +62,16 @@ def load_tokenizer(model: Path) -> Any:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises its own Exception type
         raise NetpError(path, f"cannot read the tokenizer: {e}") from e
+
+
+def check_prompt(prompt: str) -> str:
+    """The prompt, refused when it is not text (bytes that are not UTF-8 reach Python as
+    lone surrogates, which no tokenizer can encode)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise NetpError(None, f"-p: the prompt is not valid UTF-8 text (byte {e.start} cannot be read)") from e
+    return prompt
 
 
 def encode_prompt(model: Path, prompt: str | None, ids: Sequence[int] | None) -> list[int]:
@@ -163,6 +177,8 @@ def _rank_main(comm: Comm, opts: RunOptions) -> int:
 
 
 def run(opts: RunOptions, prog: str = "ne-run", debug: bool = False) -> int:
+    if opts.prompt is not None:
+        check_prompt(opts.prompt)  # before any model loads
     comm = mpi_world(opts.timeout, prog)
     size = comm.size if comm is not None else (source_world_size(opts.model) or 1)
     return run_world(lambda c: _rank_main(c, opts), size, comm, prog, debug)

@@ -7,10 +7,13 @@ temperature, and a draw from a numpy Generator seeded by --seed. Only rank
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from netp.errors import NetpError
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,18 @@ class SamplingParams:
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     seed: int = -1  # < 0: a fresh seed from the OS
+
+    def __post_init__(self) -> None:
+        # Refused by name: a NaN temperature or a zero penalty would sample garbage (docs/design.md §8).
+        for option, value, ok, want in (
+                ("--temp", self.temp, math.isfinite(self.temp) and self.temp >= 0, "a finite number >= 0"),
+                ("--top_p", self.top_p, 0 <= self.top_p <= 1, "in [0, 1]"),
+                ("--repeat_penalty", self.repeat_penalty,
+                 math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0, "a finite number > 0"),
+                ("--top_k", self.top_k, self.top_k >= 0, "0 (all) or more"),
+                ("repeat_last_n", self.repeat_last_n, self.repeat_last_n >= 0, "0 or more")):
+            if not ok:
+                raise NetpError(None, f"{option} {value}: must be {want}")
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,7 @@ other ranks wait idle; the target runs on every rank.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,10 +32,11 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.ne import NEReader
+from netp.formats.paths import regular_file
 from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, PeerFailed, SoloComm, mpi_world, run_world
 from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
-from netp.runtime.run import load_tokenizer
+from netp.runtime.run import check_prompt, load_tokenizer
 from netp.runtime.sources import check_world_size, tokenizer_dir
 from netp.shard.check import load_shard_manifest
 
@@ -111,14 +113,15 @@ def resolve(opts: VerifyOptions, comm_size: int | None) -> Plan:
             if ref is None:
                 notes.append(f"the manifest's source {manifest.source.name} was not found beside the shard set; "
                              f"pass --ref to compare with it")
-    elif target.is_file():
+    elif os.path.lexists(target):
+        regular_file(target, "an NE file or a shard set")
         world = comm_size or 1
         ref = ref or target
     else:
         raise NetpError(target, "no such file or shard set")
     for p in (ref, opts.f32):
-        if p is not None and not Path(p).is_file():
-            raise NetpError(p, "no such file")
+        if p is not None:
+            regular_file(p, "an NE file")
     f32 = opts.f32
     if f32 is None and ref is not None and _is_f32(Path(ref)):
         f32 = ref
@@ -126,8 +129,33 @@ def resolve(opts: VerifyOptions, comm_size: int | None) -> Plan:
         raise NetpError(target, "nothing to verify against: pass --ref (the unsharded file) and/or --f32")
     if opts.hf is not None and f32 is None:
         raise NetpError(opts.hf, "--hf is compared with the f32 NE file: pass --f32 too")
+    _check_provenance(target, None if ref is None else Path(ref), None if f32 is None else Path(f32))
     return Plan(target, world, None if ref is None else Path(ref), None if f32 is None else Path(f32),
                 opts.hf, notes)
+
+
+def _check_provenance(target: Path, ref: Path | None, f32: Path | None) -> None:
+    """Refuse files of another model before any runs (docs/design.md §8): a shard set's --ref
+    must be its source, and --f32 the file the quantized one was made from."""
+    from netp.runtime.provenance import check_derived_from, check_ref_is_source
+
+    manifest = load_shard_manifest(target) if target.is_dir() else None
+    if manifest is not None and ref is not None:
+        check_ref_is_source(ref, manifest, target)
+    if f32 is None:
+        return
+    if not _is_f32(f32):
+        raise NetpError(f32, "is not an f32 NE file (its header's ftype is not f32): --f32 takes the f32 source")
+    if ref is not None and ref != f32:
+        with NEReader(ref) as other:
+            check_derived_from(f32, other)
+    elif manifest is not None and ref is None:  # no --ref: prove --f32 against rank 0's file
+        from netp.shard.check import open_rank_file
+
+        rows = {t.name: None if t.axis is None else t.ranges[0] if t.axis == 0 else "cut"
+                for t in manifest.tensors.values()}
+        with open_rank_file(target, manifest, 0) as rank0:
+            check_derived_from(f32, rank0, {t.name: t.shape for t in manifest.tensors.values()}, rows)
 
 
 def _tokenizer_for(plan: Plan) -> Path:
@@ -415,6 +443,7 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> str | None:
 
 
 def verify(opts: VerifyOptions, prog: str = "netp verify", debug: bool = False) -> int:
+    check_prompt(opts.prompt)  # before any model loads
     comm = mpi_world(opts.timeout, prog)
 
     def rank_main(c: Comm) -> str | None:

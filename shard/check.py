@@ -8,21 +8,25 @@
   ones the manifest gives this rank, in order, with the local shapes and
   types it says. The shard stage, `shard --check`, `netp inspect` and the
   runtime all use it.
+- `tokenizer_file`: one file of the tokenizer folder, checked against the
+  manifest's size and sha256 before anything reads it (docs/design.md §8).
 - `check_shard_set` (`netp shard --check`): the above for every rank plus
   the sha256 of every file, hashed two files at a time (hashlib releases
-  the GIL), reading into a reused buffer.
+  the GIL), reading into a reused buffer; and every tokenizer file.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from netp.errors import NetpError
 from netp.formats.constants import TYPE_NAMES
-from netp.formats.manifest import Manifest, load_manifest
+from netp.formats.manifest import Manifest, RankFile, load_manifest
+from netp.formats.names import MANIFEST_NAME
 from netp.formats.ne import NEReader
 from netp.models import architecture_names
 from netp.shard.hashing import sha256_file
@@ -71,6 +75,37 @@ def _check_tensors(reader: NEReader, manifest: Manifest, rank: int) -> None:
         if TYPE_NAMES[info.ggml_type] != entry.type or info.shape != entry.local_shape(rank):
             raise NetpError(reader.path, f"tensor {info.name} is {TYPE_NAMES[info.ggml_type]} {list(info.shape)}, "
                                          f"the manifest says {entry.type} {list(entry.local_shape(rank) or ())}")
+
+
+def _tokenizer_problem(folder: Path, manifest: Manifest, entry: RankFile) -> str:
+    """What is wrong with one listed tokenizer file ('' when it matches)."""
+    path = folder / str(manifest.tokenizer) / entry.file
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "is a symlink or special file, not the regular file the manifest lists"
+    if st.st_size != entry.size:
+        return f"is {st.st_size} bytes, the manifest says {entry.size} (replaced?)"
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        return f"sha256 mismatch: {digest[:16]}..., the manifest says {entry.sha256[:16]}... (replaced?)"
+    return ""
+
+
+def tokenizer_file(folder: str | os.PathLike, manifest: Manifest, name: str) -> Path:
+    """Path of tokenizer file `name` of a shard set, after checking it is the one the
+    manifest lists (size, sha256, a regular file); NetpError otherwise."""
+    folder = Path(folder)
+    entry = next((f for f in manifest.tokenizer_files if f.file == name), None)
+    if manifest.tokenizer is None or entry is None:
+        raise NetpError(folder / MANIFEST_NAME, f"lists no tokenizer file {name}")
+    path = folder / manifest.tokenizer / name
+    problem = _tokenizer_problem(folder, manifest, entry)
+    if problem:
+        raise NetpError(path, problem)
+    return path
 
 
 @dataclass(frozen=True)
@@ -132,4 +167,11 @@ def check_shard_set(folder: str | os.PathLike) -> CheckReport:
         files = list(pool.map(lambda r: _check_rank(folder, manifest, r), range(manifest.world_size)))
     if manifest.tokenizer is not None and not (folder / manifest.tokenizer).is_dir():
         files.append(FileCheck(manifest.tokenizer + "/", False, "tokenizer folder named by the manifest is missing"))
+    elif manifest.tokenizer is not None:
+        for entry in manifest.tokenizer_files:
+            problem = _tokenizer_problem(folder, manifest, entry)
+            files.append(FileCheck(f"{manifest.tokenizer}/{entry.file}", not problem, problem))
+        listed = {f.file for f in manifest.tokenizer_files}
+        for extra in sorted(p.name for p in (folder / manifest.tokenizer).iterdir() if p.name not in listed):
+            files.append(FileCheck(f"{manifest.tokenizer}/{extra}", False, "not listed by the manifest"))
     return CheckReport(folder, manifest, files)

@@ -30,11 +30,12 @@ from netp.formats.constants import TYPE_NAMES, block_geometry
 from netp.formats.manifest import Manifest, RankFile, SourceInfo, TensorEntry, rank_file_name
 from netp.formats.ne import NEReader, NEWriter, TensorInfo
 from netp.formats.names import SHARD_TOKENIZER_DIR
+from netp.formats.paths import check_output_place, refuse_indirect_dir
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
 from netp.models import ne_model
 from netp.models.base import Architecture, HParams
 from netp.models.mapping import Mapping, SplitError
-from netp.shard.hashing import HashPool, QueuedSha256
+from netp.shard.hashing import HashPool, QueuedSha256, sha256_file
 from netp.sizes import human_size
 
 CHUNK_BYTES = 8 << 20  # per read buffer; 3 slots x (read + gather) = 48 MiB
@@ -198,13 +199,35 @@ class _Copier:
 
 # -- the stage ------------------------------------------------------------------
 def check_outdir(src: Path, outdir: Path, force: bool) -> None:
+    """Refuse an OUTDIR that is not a plain folder name, that is or holds an input,
+    or that is not empty, unless --force and it is a netp shard set (docs/design.md §8)."""
+    refuse_indirect_dir(outdir, "OUTDIR")
+    if outdir.resolve() == src.resolve() or outdir.resolve() in src.resolve().parents:
+        raise NetpError(outdir, f"holds the input {src.name}; --force would delete it")
+    check_output_place(outdir, [src, tokenizer_dir_for(src)], "OUTDIR")
     if outdir.exists() and not outdir.is_dir():
         raise NetpError(outdir, "exists and is not a folder")
     if outdir.is_dir() and any(outdir.iterdir()):
         if not force:
             raise NetpError(outdir, "exists and is not empty (use --force to replace it)")
-        if outdir.resolve() == src.resolve() or outdir.resolve() in src.resolve().parents:
-            raise NetpError(outdir, f"holds the input {src.name}; --force would delete it")
+        check_replaceable(outdir)
+
+
+def check_replaceable(outdir: Path) -> None:
+    """What --force may remove: a netp shard set (a valid manifest, and nothing but
+    its files), never any other folder."""
+    from netp.formats.manifest import MANIFEST_NAME, load_manifest
+
+    try:
+        manifest = load_manifest(outdir)
+    except NetpError as e:
+        raise NetpError(outdir, f"is not a netp shard set ({e.message}); --force replaces only a shard set "
+                                "or an empty folder") from e
+    own = {MANIFEST_NAME, *(r.file for r in manifest.ranks), *([manifest.tokenizer] if manifest.tokenizer else [])}
+    stray = sorted(p.name for p in outdir.iterdir() if p.name not in own)
+    if stray:
+        raise NetpError(outdir, f"holds {stray[0]}, which is not part of its shard set; --force replaces only "
+                                "a shard set's own files")
 
 
 Progress = Callable[[int, int], None]  # (bytes just copied, total bytes); the CLI draws the bar
@@ -226,24 +249,27 @@ def shard_file(src: str | Path, outdir: str | Path, world_size: int, *, force: b
         check_outdir(src, outdir, force)
         # A source without `<stem>.tokenizer/` still shards (token ids work; prompts need a tokenizer).
         tokenizer = (lambda tmp: copy_tokenizer_dir(src, tmp)) if tokenizer_dir_for(src).is_dir() else None
-        manifest = write_shard_set(reader, src.name, outdir, arch, entries, tokenizer, on_progress)
+        manifest = write_shard_set(reader, src.name, outdir, arch, entries, tokenizer, on_progress,
+                                   force=force)
     return ShardResult(outdir, manifest, time.perf_counter() - t0, sum(r.size for r in manifest.ranks))
 
 
 def write_shard_set(reader: Any, source_name: str, outdir: Path, arch: Architecture, entries: list[TensorEntry],
                     tokenizer: Callable[[Path], Any] | None, on_progress: Progress | None = None,
-                    expect_source: SourceInfo | None = None) -> Manifest:
+                    expect_source: SourceInfo | None = None, force: bool = False) -> Manifest:
     """Stream `reader`'s tensors (an NEReader, or anything with its header, vocab,
     tensors, file_size and read_into) into a shard set at `outdir`, atomically.
     `tokenizer(folder)` writes `folder/tokenizer/`; None: the set has none.
-    `expect_source`: refuse (leaving nothing) unless the streamed source hashes to it."""
+    `expect_source`: refuse (leaving nothing) unless the streamed source hashes to it.
+    The set is renamed onto an absent or empty OUTDIR in one rename(2), so of two runs into
+    one empty folder the second is refused; `force` replaces a shard set, re-checked then."""
     world_size = len(entries[0].ranges)
     infos = [reader.tensors[e.name] for e in entries]
     total = sum(i.nbytes for i in infos)
     buf_bytes = max(CHUNK_BYTES, *(i.nbytes if len(i.shape) == 1 else i.row_nbytes for i in infos))
     names = [rank_file_name(r, world_size) for r in range(world_size)]
     # atomic_dir removes the temporary folder on any error and renames it into place on success.
-    with atomic.atomic_dir(outdir) as tmp:
+    with atomic.atomic_dir(outdir, check_replaceable if force else False) as tmp:
         if tokenizer is not None:
             tokenizer(tmp)  # -> tmp/tokenizer (SHARD_TOKENIZER_DIR), first: a bad one fails before the long copy
         with HashPool() as worker:
@@ -265,9 +291,18 @@ def write_shard_set(reader: Any, source_name: str, outdir: Path, arch: Architect
         manifest = Manifest(
             source=source, world_size=world_size, architecture=arch.name,
             hparams=dataclasses.asdict(reader.header), tokenizer=SHARD_TOKENIZER_DIR if tokenizer is not None else None,
-            tensors={e.name: e for e in entries}, ranks=ranks)
+            tensors={e.name: e for e in entries}, ranks=ranks, tokenizer_files=_tokenizer_files(tmp, tokenizer))
         _finish(tmp, manifest)
     return manifest
+
+
+def _tokenizer_files(tmp: Path, tokenizer: Any) -> list[RankFile]:
+    """The tokenizer folder's files, checksummed like the rank files (docs/design.md §8):
+    a swapped tokenizer.json fails --check and run."""
+    if tokenizer is None:
+        return []
+    folder = tmp / SHARD_TOKENIZER_DIR
+    return [RankFile(f.name, f.stat().st_size, sha256_file(f)) for f in sorted(folder.iterdir())]
 
 
 def _finish(tmp: Path, manifest: Manifest) -> None:

@@ -102,7 +102,7 @@ def reshard(shards: str | os.PathLike, outdir: str | os.PathLike, world_size: in
         tokenizer = None if manifest.tokenizer is None else functools.partial(_copy_tokenizer,
                                                                               shards / manifest.tokenizer)
         new = write_shard_set(stream, manifest.source.name, outdir, arch, entries, tokenizer, on_progress,
-                              expect_source=manifest.source)
+                              expect_source=manifest.source, force=force)
     finally:
         for r in readers:
             r.close()

@@ -166,3 +166,12 @@ def smollm2_shards2(smollm2_q4_0: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("smollm2-shards2") / "shards"
     shard_file(smollm2_q4_0, out, 2)
     return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The number of hostile-input attacks run (tests/hostile.py), for the issue's note."""
+    import sys
+
+    hostile = sys.modules.get("hostile")
+    if hostile is not None and hostile.ATTACKS:
+        terminalreporter.write_line(f"hostile-input attacks run: {len(hostile.ATTACKS)}")

@@ -272,7 +272,9 @@ def test_check_detects_a_flipped_byte_and_a_missing_file(sources, tmp_path, caps
     outdir = tmp_path / "s"
     assert run_shard(["--ranks", "2", "--quiet", str(src), str(outdir)], capsys)[0] == 0
     code, out, err = run_shard(["--check", str(outdir)], capsys)
-    assert code == 0 and out.count(": ok") == 2 and "all checksums match" in out, out + err
+    # two rank files and the two tokenizer files the manifest checksums
+    assert code == 0 and out.count(": ok") == 4 and "all checksums match" in out, out + err
+    assert "tokenizer/tokenizer.json: ok" in out
 
     victim = outdir / rank_file_name(1, 2)
     data = bytearray(victim.read_bytes())
@@ -300,9 +302,14 @@ def test_existing_outdir_needs_force(sources, tmp_path, capsys):
     code, out, err = run_shard(["--ranks", "2", str(src), str(outdir)], capsys)
     assert code != 0 and len(err.strip().splitlines()) == 1 and "--force" in err
     assert [p.name for p in outdir.iterdir()] == ["old.txt"]
+    # --force replaces only a netp shard set (docs/design.md §8): never a folder of other files
+    code, _, err = run_shard(["--ranks", "2", "--force", str(src), str(outdir)], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "not a netp shard set" in err
+    assert [p.name for p in outdir.iterdir()] == ["old.txt"]
+    (outdir / "old.txt").unlink()
+    assert run_shard(["--ranks", "1", "--quiet", str(src), str(outdir)], capsys)[0] == 0
     code, _, err = run_shard(["--ranks", "2", "--force", str(src), str(outdir)], capsys)
     assert code == 0, err
-    assert not (outdir / "old.txt").exists()
     assert_shard_set_is_source(src, outdir, 2)
     # an empty existing folder is fine without --force
     empty = tmp_path / "empty"
