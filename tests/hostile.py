@@ -16,6 +16,8 @@ import stat
 from pathlib import Path
 from typing import Iterable
 
+import pytest
+
 from fuzz_harness import ERROR_LINE, run_command
 
 ATTACKS: list[list[str]] = []  # every attack run this session, counted in the terminal summary (conftest.py)
@@ -132,3 +134,26 @@ def tiny_gguf(path: Path, **values) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- the tiny inputs the attacks start from (fixtures: test modules import them by name) --------------------
+
+@pytest.fixture()
+def ne_f32(tmp_path: Path) -> Path:
+    """A tiny f32 NE file with its stub tokenizer folder."""
+    from conftest import write_stub_tokenizer
+    from test_fuzz import write_tiny_ne
+
+    path = tmp_path / "a.bin"
+    write_tiny_ne(path)
+    write_stub_tokenizer(path)
+    return path
+
+
+@pytest.fixture()
+def shard_set(ne_f32: Path, tmp_path: Path) -> Path:
+    """That file cut for 2 ranks."""
+    from netp.shard.pipeline import shard_file
+
+    shard_file(ne_f32, tmp_path / "s", 2)
+    return tmp_path / "s"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_stub_tokenizer
 from hostile import attack
-from test_fuzz import write_tiny_hf, write_tiny_ne
+from hostile import ne_f32  # noqa: F401  (fixtures)
+from test_fuzz import write_tiny_hf
 
 
 @pytest.fixture()
@@ -101,14 +101,6 @@ def test_hub_cache_links_still_convert(victim, tmp_path, monkeypatch):
 
 
 # -- quantize ---------------------------------------------------------------------
-@pytest.fixture()
-def ne_f32(tmp_path) -> Path:
-    path = tmp_path / "a.bin"
-    write_tiny_ne(path)
-    write_stub_tokenizer(path)
-    return path
-
-
 @pytest.mark.parametrize("out, needle", [
     ("a.bin", "is the input"),
     ("a.tokenizer/q.bin", "lies inside the input folder"),

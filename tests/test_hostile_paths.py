@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_stub_tokenizer
 from hostile import attack
-from test_fuzz import write_tiny_hf, write_tiny_ne
+from hostile import ne_f32, shard_set  # noqa: F401  (fixtures)
+from test_fuzz import write_tiny_hf
 
 
 @pytest.fixture()
@@ -81,14 +81,6 @@ def test_hf_tokenizer_files_are_checked(tmp_path, content):
 
 
 # -- netp's own tokenizer folders (quantize and shard copy them) ------------------------
-@pytest.fixture()
-def ne_f32(tmp_path) -> Path:
-    path = tmp_path / "a.bin"
-    write_tiny_ne(path)
-    write_stub_tokenizer(path)
-    return path
-
-
 def _quantize_args(src, tmp_path):
     return ["quantize", str(src), str(tmp_path / "q.bin")]
 
@@ -147,14 +139,6 @@ def test_netp_tokenizer_files_are_checked(ne_f32, tmp_path, content):
 
 
 # -- names inside a manifest -----------------------------------------------------------
-@pytest.fixture()
-def shard_set(ne_f32, tmp_path) -> Path:
-    from netp.shard.pipeline import shard_file
-
-    shard_file(ne_f32, tmp_path / "s", 2)
-    return tmp_path / "s"
-
-
 def _edit_manifest(folder: Path, edit) -> None:
     path = folder / "manifest.json"
     data = json.loads(path.read_text())

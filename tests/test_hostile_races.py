@@ -14,19 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_stub_tokenizer
 from hostile import ATTACKS
-from test_fuzz import write_tiny_ne
+from hostile import ne_f32  # noqa: F401  (fixtures)
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture()
-def ne_f32(tmp_path) -> Path:
-    path = tmp_path / "a.bin"
-    write_tiny_ne(path)
-    write_stub_tokenizer(path)
-    return path
 
 
 @pytest.mark.parametrize("force", [False, True])

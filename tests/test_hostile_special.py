@@ -12,25 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_stub_tokenizer
 from hostile import attack
-from test_fuzz import write_tiny_hf, write_tiny_ne
-
-
-@pytest.fixture()
-def ne_f32(tmp_path) -> Path:
-    path = tmp_path / "a.bin"
-    write_tiny_ne(path)
-    write_stub_tokenizer(path)
-    return path
-
-
-@pytest.fixture()
-def shard_set(ne_f32, tmp_path) -> Path:
-    from netp.shard.pipeline import shard_file
-
-    shard_file(ne_f32, tmp_path / "s", 2)
-    return tmp_path / "s"
+from hostile import ne_f32, shard_set  # noqa: F401  (fixtures)
+from test_fuzz import write_tiny_hf
 
 
 def _fifo(path: Path) -> Path:
