@@ -79,7 +79,8 @@ class _Buffer:
         return self._data[:n]
 
 
-def _preadv_exact(fd: int, out: memoryview, offset: int, path: Path, name: str) -> None:
+def preadv_exact(fd: int, out: memoryview, offset: int, path: Path, name: str) -> None:
+    """Fill `out` from `fd` at `offset` (preadv may return short); a file that ends first is named."""
     done = 0
     while done < out.nbytes:
         got = os.preadv(fd, [out[done:]], offset + done)
@@ -126,13 +127,13 @@ class SafetensorsFile:
         count = (end - begin) // raw_dtype.itemsize
         out = buffer.get(count)
         if raw_dtype == np.float32:
-            _preadv_exact(self._fd, memoryview(out).cast("B"), begin, self.path, name)
+            preadv_exact(self._fd, memoryview(out).cast("B"), begin, self.path, name)
         else:
             step = _CHUNK_BYTES // raw_dtype.itemsize
             raw = np.empty(min(step, count), dtype=raw_dtype)
             for start in range(0, count, step):
                 part = raw[: min(step, count - start)]
-                _preadv_exact(self._fd, memoryview(part).cast("B"), begin + start * raw_dtype.itemsize, self.path, name)
+                preadv_exact(self._fd, memoryview(part).cast("B"), begin + start * raw_dtype.itemsize, self.path, name)
                 if dtype_name == "BF16":
                     bf16_bits_to_f32(part, out[start:start + part.size])
                 else:

@@ -81,9 +81,16 @@ def read_json(path: str | os.PathLike, cap: int = SIDE_JSON_CAP, what: str = "a 
     """A JSON file read up to `cap` bytes, as UTF-8; every failure one NetpError naming it."""
     raw = read_capped(path, cap, what)
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise NetpError(path, "is not UTF-8 text (corrupt JSON)") from e
+    return parse_json(path, text)
+
+
+def parse_json(path: str | os.PathLike, text: str) -> Any:
+    """JSON text parsed; a syntax error or too deep a nesting is one NetpError naming the file."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from e
     except RecursionError as e:

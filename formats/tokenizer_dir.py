@@ -36,7 +36,7 @@ from netp.formats.hf import read_json_object
 from netp.formats.names import (
     KNOWN_TOKENIZER_FILES, OPTIONAL_TOKENIZER_FILES, SHARD_TOKENIZER_DIR, TOKENIZER_FILES, TOKENIZER_SUFFIX,
 )
-from netp.formats.paths import TOKENIZER_JSON_CAP, read_capped
+from netp.formats.paths import TOKENIZER_JSON_CAP, parse_json, read_capped
 
 
 
@@ -52,14 +52,10 @@ def checked_bytes(path: Path) -> bytes:
     data = read_capped(path, TOKENIZER_JSON_CAP, "a tokenizer file")
     try:
         text = data.decode("utf-8")
-        if path.suffix == ".json" and not isinstance(json.loads(text), dict):
-            raise NetpError(path, "does not hold a JSON object")
     except UnicodeDecodeError as e:
         raise NetpError(path, "is not UTF-8 text") from e
-    except json.JSONDecodeError as e:
-        raise NetpError(path, f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from e
-    except RecursionError as e:
-        raise NetpError(path, "is not usable JSON: nested too deeply") from e
+    if path.suffix == ".json" and not isinstance(parse_json(path, text), dict):
+        raise NetpError(path, "does not hold a JSON object")
     return data
 
 

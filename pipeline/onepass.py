@@ -34,6 +34,7 @@ from netp.convert.pipeline import (
 )
 from netp.errors import NetpError
 from netp.formats.constants import QUANTIZED_TYPES, TYPE_NAMES, GGMLType, type_from_name
+from netp.formats.hf import preadv_exact
 from netp.formats.manifest import Manifest
 from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.ne import StreamedNE, TensorInfo
@@ -92,7 +93,7 @@ class _ConvertedRows:
         if self._buffers[slot].size < n * row_len:
             self._buffers[slot] = np.empty(n * row_len, dtype=np.float32)
         x = self._buffers[slot][:n * row_len]
-        _pread_exact(extent.fd, x, extent.offset + row0 * row_len * 4, self.src.path, t.source_name)
+        preadv_exact(extent.fd, memoryview(x).cast("B"), extent.offset + row0 * row_len * 4, self.src.path, t.source_name)
         return x.reshape(n, row_len)
 
     def _rows(self, t: NETensor, data: np.ndarray | Extent, row0: int, n: int) -> np.ndarray:
@@ -121,7 +122,7 @@ class _ConvertedRows:
         row_len = t.shape[-1]
         n = out.nbytes // (info.nbytes if len(info.shape) == 1 else info.row_nbytes)
         if isinstance(data, Extent) and out_type == GGMLType.F32 and not self.quantizing:
-            _pread_exact(data.fd, out, data.offset + row0 * row_len * 4, self.src.path, t.source_name)
+            preadv_exact(data.fd, memoryview(out).cast("B"), data.offset + row0 * row_len * 4, self.src.path, t.source_name)
             return
         x = self._rows(t, data, row0, n)
         if not self.quantizing:  # convert's conversion: no finiteness check, as convert has none
@@ -133,16 +134,6 @@ class _ConvertedRows:
         except NonFiniteRow as e:
             raise NetpError(self.src.path, f"tensor {t.source_name} ({info.name}): NaN or inf in row {row0 + e.row}; "
                                            "refusing to quantize a broken weight") from e
-
-
-def _pread_exact(fd: int, out: np.ndarray, offset: int, path: Path, name: str) -> None:
-    view = memoryview(out).cast("B")
-    done = 0
-    while done < view.nbytes:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise NetpError(path, f"truncated: tensor {name} ends early")
-        done += got
 
 
 def run_pipeline(model: str, outdir: str | os.PathLike, outtype: str, world_size: int, *,
