@@ -114,7 +114,7 @@ def write_ne(path: Path, tensors: dict[str, np.ndarray]) -> None:
     models); the tensors it lacks, or holds trimmed, are filled with random values."""
     from netp.formats.ne import NEHeader, NEWriter
     from netp.models import by_name
-    from netp.models.base import HParams
+    from netp.models.hparams import HParams
 
     arch = by_name("llama")
     n_ff = tensors["feed_forward.w1"].shape[0] if "feed_forward.w1" in tensors else 11008

@@ -26,7 +26,7 @@ import numpy as np
 from netp.formats.constants import GGMLType
 from netp.formats.ne import NEHeader, NEWriter
 from netp.models import by_name
-from netp.models.base import HParams
+from netp.models.hparams import HParams
 
 BIN = Path(sys.executable).parent
 

@@ -30,7 +30,9 @@ from netp.formats.ne import NEHeader, NEWriter
 from netp.formats.paths import check_output_place, regular_file
 from netp.formats.tokenizer_dir import check_tokenizer_files, tokenizer_dir_for
 from netp.formats.vocab import Vocab
-from netp.models.base import Architecture, HParams, check_hparams, check_source_values
+from netp.models.architecture import Architecture
+from netp.models.checks import check_hparams, check_source_values
+from netp.models.hparams import HParams
 from netp.sizes import human_size
 
 OUT_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16}
@@ -151,16 +153,16 @@ def plan_tensors(src: Source) -> dict[str, tuple[str | None, tuple[int, ...]]]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise NetpError(src.path, f"missing tensor {missing[0]}{more} of a {src.arch.name} model "
                                   f"with {src.hp.n_layer} layers")
-    plan = {}
+    plan: dict[str, tuple[str | None, tuple[int, ...]]] = {}
     for ne, shape in expected.items():
-        name = found[ne]
-        if name is not None:
-            parts = src.ne_names(name)
+        source = found[ne]
+        if source is not None:
+            parts = src.ne_names(source) or ()
             want = (sum(expected[p][0] for p in parts), *shape[1:]) if len(parts) > 1 else shape  # fused: parts' rows
-            got = src.tensors.shape(name)
+            got = src.tensors.shape(source)
             if tuple(got) != tuple(want):
-                raise NetpError(src.path, f"tensor {name} has shape {list(got)}; this config needs {list(want)}")
-        plan[ne] = (name, tuple(shape))
+                raise NetpError(src.path, f"tensor {source} has shape {list(got)}; this config needs {list(want)}")
+        plan[ne] = (source, tuple(shape))
     return plan
 
 
@@ -209,8 +211,8 @@ def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NE
         if t.source_name is None:
             yield t, generated[t.name]
             continue
-        copyable = t.ggml_type == GGMLType.F32 and extent_of is not None and not src.transforms(t.name)
-        extent = extent_of(t.source_name) if copyable else None
+        copyable = t.ggml_type == GGMLType.F32 and not src.transforms(t.name)
+        extent = extent_of(t.source_name) if copyable and extent_of is not None else None
         if extent is not None:
             yield t, Extent(*extent)
             continue

@@ -100,7 +100,7 @@ class GGUFFile:
         self._tensors.clear()
         data = getattr(self._reader, "data", None)
         raw = getattr(data, "_mmap", None)
-        self._reader = None  # type: ignore[assignment]
+        self._reader = None
         if raw is not None:
             with contextlib.suppress(BufferError, ValueError):
                 raw.close()

@@ -24,13 +24,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from netp.errors import NetpError
+from netp.formats.fileio import read_exact_at
 from netp.formats.paths import plain_name, read_json, regular_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 # safetensors dtype -> numpy dtype of the raw little-endian values; BF16 is read as uint16 bits.
-_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
+_SAFETENSORS_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
 _CHUNK_BYTES = 16 << 20  # raw bytes widened per step when the source is not f32
 
 
@@ -79,14 +80,9 @@ class _Buffer:
         return self._data[:n]
 
 
-def preadv_exact(fd: int, out: memoryview, offset: int, path: Path, name: str) -> None:
-    """Fill `out` from `fd` at `offset` (preadv may return short); a file that ends first is named."""
-    done = 0
-    while done < out.nbytes:
-        got = os.preadv(fd, [out[done:]], offset + done)
-        if got <= 0:
-            raise NetpError(path, f"truncated: file ends inside tensor {name}")
-        done += got
+def read_tensor_bytes(fd: int, out: np.ndarray, offset: int, path: Path, name: str | None) -> None:
+    """Fill `out` with the bytes of tensor `name` from `offset` of `fd`; a file that ends first is named."""
+    read_exact_at(fd, out, offset, path, f"truncated: file ends inside tensor {name}")
 
 
 class SafetensorsFile:
@@ -127,13 +123,13 @@ class SafetensorsFile:
         count = (end - begin) // raw_dtype.itemsize
         out = buffer.get(count)
         if raw_dtype == np.float32:
-            preadv_exact(self._fd, memoryview(out).cast("B"), begin, self.path, name)
+            read_tensor_bytes(self._fd, out, begin, self.path, name)
         else:
             step = _CHUNK_BYTES // raw_dtype.itemsize
             raw = np.empty(min(step, count), dtype=raw_dtype)
             for start in range(0, count, step):
                 part = raw[: min(step, count - start)]
-                preadv_exact(self._fd, memoryview(part).cast("B"), begin + start * raw_dtype.itemsize, self.path, name)
+                read_tensor_bytes(self._fd, part, begin + start * raw_dtype.itemsize, self.path, name)
                 if dtype_name == "BF16":
                     bf16_bits_to_f32(part, out[start:start + part.size])
                 else:

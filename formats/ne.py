@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -29,13 +29,24 @@ from netp.formats.constants import (
     FTYPE_OF_TYPE, GGMLType, NE_ALIGNMENT, NE_FILE_VERSION, NE_HEADER_FIELDS, NE_HEADER_STRUCT,
     NE_MAGIC, NE_MAX_DIMS, NE_TENSOR_HEAD, SUPPORTED_TYPES, block_geometry,
 )
+from netp.formats.fileio import read_exact_at
 from netp.formats.paths import regular_file
 
-NEHeader = make_dataclass(
-    "NEHeader",
-    [(name, int if fmt == "i" else float, field(default=default)) for name, fmt, default in NE_HEADER_FIELDS],
-)
-NEHeader.__doc__ = "The NE header after the magic; fields as in constants.NE_HEADER_FIELDS."
+if TYPE_CHECKING:
+    class NEHeader:
+        """What the type checker knows of the dataclass made below from the field table."""
+
+        __dataclass_fields__: ClassVar[dict[str, Any]]
+
+        def __init__(self, *values: Any, **fields: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    NEHeader = make_dataclass(
+        "NEHeader",
+        [(name, int if fmt == "i" else float, field(default=default)) for name, fmt, default in NE_HEADER_FIELDS],
+    )
+    NEHeader.__doc__ = "The NE header after the magic; fields as in constants.NE_HEADER_FIELDS."
 
 Vocab = list[tuple[bytes, float]]  # (token bytes, score) per token id
 
@@ -45,7 +56,7 @@ _MAX_NAME = 4096
 
 
 _INT32 = (-(1 << 31), (1 << 31) - 1)
-_F32_MAX = float(np.finfo(np.float32).max)
+_F32_MAX: float = float(np.finfo(np.float32).max)
 
 
 def header_to_bytes(header: Any, path: str | os.PathLike | None = None) -> bytes:
@@ -57,13 +68,13 @@ def header_to_bytes(header: Any, path: str | os.PathLike | None = None) -> bytes
                            or not _INT32[0] <= value <= _INT32[1]):
             raise NetpError(path, f"header field {name} = {value!r:.40} does not fit the NE header's int32")
         if fmt == "f" and (not isinstance(value, (int, float, np.floating)) or not math.isfinite(value)
-                           or abs(value) > _F32_MAX):
+                           or abs(float(value)) > _F32_MAX):
             raise NetpError(path, f"header field {name} = {value!r:.40} is not a finite float32")
     return NE_MAGIC + NE_HEADER_STRUCT.pack(*dataclasses.astuple(header))
 
 
 def vocab_to_bytes(vocab: Sequence[tuple[bytes, float]]) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     for text, score in vocab:
         parts += (_INT.pack(len(text)), text, _VOCAB_SCORE.pack(score))
     return b"".join(parts)
@@ -111,7 +122,25 @@ class TensorInfo:
         return self.ggml_type not in (GGMLType.F32, GGMLType.F16)
 
 
-_NUMPY_DTYPE = {GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2")}
+class NEContents(Protocol):
+    """An NE file as the stages that stream one read it: an NEReader, or a StreamedNE
+    (an NE file that exists only as bytes in flight)."""
+
+    path: Path
+    header: Any
+    vocab: Vocab
+    tensors: dict[str, TensorInfo]
+    file_size: int
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        """Fill `out` (uint8) with the file's bytes from `offset`."""
+        ...
+
+
+_NUMPY_DTYPE: dict[GGMLType, np.dtype] = {GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2")}
 
 
 class NEReader:
@@ -292,12 +321,7 @@ class NEReader:
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
         """Fill `out` (a writable uint8 buffer) with file bytes from `offset`."""
-        got = os.preadv(self._file.fileno(), [memoryview(out).cast("B")], offset) if hasattr(os, "preadv") else None
-        if got is None:
-            self._file.seek(offset)
-            got = self._file.readinto(memoryview(out).cast("B"))
-        if got != out.nbytes:
-            raise NetpError(self.path, f"truncated: short read at offset {offset}")
+        read_exact_at(self._file.fileno(), out, offset, self.path, f"truncated: short read at offset {offset}")
 
     def close(self) -> None:
         if self._mmap is not None:

@@ -28,7 +28,7 @@ SIDE_JSON_CAP = 16 << 20
 TOKENIZER_JSON_CAP = 128 << 20
 
 
-def plain_name(name: Any, source: str | os.PathLike, what: str) -> str:
+def plain_name(name: Any, source: str | os.PathLike | None, what: str) -> str:
     """`name` if it is a plain file name (inside its folder), else a NetpError naming `source`."""
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
             or "\0" in name):

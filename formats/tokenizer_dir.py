@@ -174,9 +174,10 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
     """(field number, value) of a protobuf message: varints as int, length-delimited as bytes."""
     pos = 0
+    value: int | bytes
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7

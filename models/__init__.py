@@ -6,7 +6,10 @@ import pkgutil
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-from netp.models.base import (  # noqa: E402, F401
-    Architecture, HParams, SplitRule, TensorSpec, all_architectures, architecture_names, by_gguf_architecture,
-    by_hf_config, by_name, by_ne_tensors, by_ns_model_name, ne_model, supported_names,
+from netp.models.architecture import Architecture, SplitRule, TensorSpec  # noqa: E402, F401
+from netp.models.hparams import HParams  # noqa: E402, F401
+from netp.models.ne_header import ne_model  # noqa: E402, F401
+from netp.models.registry import (  # noqa: E402, F401
+    all_architectures, architecture_names, by_gguf_architecture, by_hf_config, by_name, by_ne_tensors,
+    by_ns_model_name, supported_names,
 )

@@ -15,9 +15,12 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import numpy as np
 
-from netp.models.base import (
-    Architecture, GGUFMeta, HParams, refuse, rope_from_hf, rope_scaling_from_hf, token_id,
-)
+from netp.models.architecture import Architecture
+from netp.models.checks import refuse
+from netp.models.context import ForwardTrace, RankContext
+from netp.models.gguf_meta import GGUFMeta
+from netp.models.hparams import HParams, token_id
+from netp.models.rope import rope_from_hf, rope_scaling_from_hf
 from netp.models.layers import linear, rms_norm, rotate_halves, rotate_pairs, self_attention, silu
 
 ROPE_FREQS = "rope_freqs.weight"
@@ -132,13 +135,13 @@ class Decoder(Architecture):
         return out
 
     # -- runtime -------------------------------------------------------------------
-    def forward(self, m: Any, tokens: np.ndarray, start: int, all_logits: bool = False,
-                states: list | None = None) -> np.ndarray:
+    def forward(self, m: RankContext, tokens: np.ndarray, start: int, all_logits: bool = False,
+                trace: ForwardTrace | None = None) -> np.ndarray:
         hp, allreduce, rotate = m.hp, m.comm.allreduce, type(self).rotate
         x = m.weights.embed(tokens)  # (T, n_embd), replicated on every rank
         for i in range(hp.n_layer):
-            if states is not None:
-                states.append(x.copy())
+            if trace is not None:
+                trace.states.append(x.copy())
             w = m.weights.layer(i)
             h = rms_norm(x, w["attention_norm"], hp.norm_eps)
             qkv = linear(h, w["wqkv"])  # (T, (nq + 2 nkv) hd): this rank's heads
@@ -150,8 +153,8 @@ class Decoder(Architecture):
             gate_up = linear(h, w["w13"])  # (T, 2 f): this rank's slice of the MLP width
             f = gate_up.shape[1] // 2
             x = x + allreduce(linear(silu(gate_up[:, :f]) * gate_up[:, f:], w["w2"]))
-        if states is not None:
-            states.append(x.copy())
+        if trace is not None:
+            trace.states.append(x.copy())
         if not all_logits:
             x = x[-1:]
         g = m.weights.globals

@@ -16,10 +16,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from netp.models.base import (
-    RANK0, REPLICATED, Architecture, HParams, SplitRule, TensorSpec, refuse, register, rope_from_hf, token_id,
-)
+from netp.models.architecture import RANK0, REPLICATED, Architecture, SplitRule, TensorSpec
+from netp.models.checks import refuse
+from netp.models.context import ForwardTrace, RankContext, Tensors
+from netp.models.hparams import HParams, token_id
 from netp.models.layers import gelu, layer_norm, linear, rotate_halves, self_attention
+from netp.models.registry import register
+from netp.models.rope import rope_from_hf
 
 _L = "gpt_neox.layers.{i}."
 
@@ -141,15 +144,15 @@ class GPTNeoX(Architecture):
             "fc_out_bias": (p + "mlp.dense_4h_to_h.bias",),  # rank 0 only (None elsewhere)
         }
 
-    def forward(self, m: Any, tokens: np.ndarray, start: int, all_logits: bool = False,
-                states: list | None = None) -> np.ndarray:
+    def forward(self, m: RankContext, tokens: np.ndarray, start: int, all_logits: bool = False,
+                trace: ForwardTrace | None = None) -> np.ndarray:
         hp, allreduce = m.hp, m.comm.allreduce
         hd, eps = hp.head_dim, hp.norm_eps
         x = m.weights.embed(tokens)  # (T, n_embd), replicated on every rank
         T = x.shape[0]
         for i in range(hp.n_layer):
-            if states is not None:
-                states.append(x.copy())
+            if trace is not None:
+                trace.states.append(x.copy())
             w = m.weights.layer(i)
             qkv = linear(layer_norm(x, w["ln_1"], w["ln_1_bias"], eps), w["wqkv"]) + w["wqkv_bias"]
             # (T, nq [q|k|v] hd) per head -> (T, [nq q | nq k | nq v] hd), the shared helper's layout
@@ -162,8 +165,8 @@ class GPTNeoX(Architecture):
             else:  # x += attn(ln1 x); x += mlp(ln2 x): two
                 x = x + allreduce(part)
                 x = x + allreduce(_mlp(layer_norm(x, w["ln_2"], w["ln_2_bias"], eps), w))
-        if states is not None:
-            states.append(x.copy())
+        if trace is not None:
+            trace.states.append(x.copy())
         if not all_logits:
             x = x[-1:]
         g = m.weights.globals
@@ -177,6 +180,6 @@ def _plus_rank0_bias(part: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     return part
 
 
-def _mlp(h: np.ndarray, w: Mapping[str, Any]) -> np.ndarray:
+def _mlp(h: np.ndarray, w: Tensors) -> np.ndarray:
     """This rank's partial sum of the MLP: its slice of the width, gelu, its columns of dense_4h_to_h."""
     return _plus_rank0_bias(linear(gelu(linear(h, w["fc_in"]) + w["fc_in_bias"]), w["fc_out"]), w["fc_out_bias"])

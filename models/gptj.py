@@ -9,10 +9,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from netp.models.architecture import RANK0, REPLICATED, Architecture, SplitRule, TensorSpec
+from netp.models.checks import refuse
+from netp.models.context import ForwardTrace, RankContext
+from netp.models.hparams import HParams, token_id
 from netp.models.layers import gelu_new, layer_norm, linear, self_attention
-from netp.models.base import (
-    RANK0, REPLICATED, Architecture, HParams, SplitRule, TensorSpec, refuse, register, token_id,
-)
+from netp.models.registry import register
 
 _L = "transformer.h.{i}."
 
@@ -105,13 +107,13 @@ class GPTJ(Architecture):
             "fc_out_bias": (p + "mlp.fc_out.bias",),  # rank 0 only (None elsewhere)
         }
 
-    def forward(self, m: Any, tokens: np.ndarray, start: int, all_logits: bool = False,
-                states: list | None = None) -> np.ndarray:
+    def forward(self, m: RankContext, tokens: np.ndarray, start: int, all_logits: bool = False,
+                trace: ForwardTrace | None = None) -> np.ndarray:
         hp = m.hp
         x = m.weights.embed(tokens)  # (T, n_embd), replicated on every rank
         for i in range(hp.n_layer):
-            if states is not None:
-                states.append(x.copy())
+            if trace is not None:
+                trace.states.append(x.copy())
             w = m.weights.layer(i)
             h = layer_norm(x, w["ln_1"], w["ln_1_bias"], hp.norm_eps)  # attention and MLP both read h
             attn = self_attention(m, i, linear(h, w["wqkv"]), start)  # (T, nq hd)
@@ -120,8 +122,8 @@ class GPTJ(Architecture):
             if w["fc_out_bias"] is not None:  # rank 0 adds it, so the sum counts it once
                 part += w["fc_out_bias"]
             x = x + m.comm.allreduce(part)  # parallel residual: one all-reduce per layer
-        if states is not None:
-            states.append(x.copy())
+        if trace is not None:
+            trace.states.append(x.copy())
         if not all_logits:
             x = x[-1:]
         g = m.weights.globals

@@ -1,19 +1,29 @@
 """numpy building blocks the per-architecture forwards share.
 
 Everything is float32 and rank-local: a forward sees only its rank's heads
-and slices (see netp.runtime.model.RankModel for what it is handed). Shapes
+and slices (models/context.py: what it is handed). Shapes
 in comments: T = tokens in this step, S = positions attended to, nq / nkv =
 this rank's query / KV heads, hd = head dim.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
+from netp.models.context import RankContext
 
-def linear(x: np.ndarray, w: Any) -> np.ndarray:
+
+class Matrix(Protocol):
+    """A weight matrix kept in another form than a dense array (the runtime's quantized blocks)."""
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """x (T, in) times the matrix: (T, out)."""
+        ...
+
+
+def linear(x: np.ndarray, w: np.ndarray | Matrix) -> np.ndarray:
     """x (T, in) times a weight of out rows: a dense f32 array stored
     transposed, (in, out) C-contiguous, or anything with .apply(x) (the
     runtime's quantized matrices in block form, docs/design.md §5). Returns (T, out).
@@ -174,7 +184,7 @@ def head_rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(var + np.float32(eps))) * weight
 
 
-def self_attention(m: Any, layer: int, qkv: np.ndarray, start: int,
+def self_attention(m: RankContext, layer: int, qkv: np.ndarray, start: int,
                    rotate: Callable[[np.ndarray, np.ndarray, np.ndarray], None] = rotate_pairs,
                    q_norm: np.ndarray | None = None, k_norm: np.ndarray | None = None) -> np.ndarray:
     """The attention of one layer from the fused q|k|v projection of this rank.
@@ -189,7 +199,7 @@ def self_attention(m: Any, layer: int, qkv: np.ndarray, start: int,
     T = qkv.shape[0]
     nq, nkv, hd = m.n_q, m.n_kv, m.hp.head_dim
     heads = qkv.reshape(T, nq + 2 * nkv, hd)
-    if q_norm is not None:
+    if q_norm is not None and k_norm is not None:
         heads[:, :nq] = head_rms_norm(heads[:, :nq], q_norm, m.hp.norm_eps)
         heads[:, nq:nq + nkv] = head_rms_norm(heads[:, nq:nq + nkv], k_norm, m.hp.norm_eps)
     cos, sin = m.rope_cos[start:start + T], m.rope_sin[start:start + T]

@@ -9,12 +9,15 @@ forward rotates adjacent pairs. GGUF files are already permuted.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 
-from netp.models.base import REPLICATED, HParams, SplitRule, TensorSpec, refuse, register
+from netp.models.architecture import REPLICATED, SplitRule, TensorSpec
+from netp.models.checks import refuse
 from netp.models.decoder import ROPE_FREQS, Decoder
+from netp.models.hparams import HParams
+from netp.models.registry import register
 
 
 def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -67,9 +70,9 @@ def llama_tensors(qkv: tuple[str, str, str] | None = None, gate_up: str | None =
 @register
 class Llama(Decoder):
     name = "llama"
-    hf_model_types = ("llama",)
-    gguf_architectures = ("llama",)
-    ns_model_names = ("llama", "llama2", "llama3", "mistral", "phi3")  # Mistral and Phi-3 convert to this layout
+    hf_model_types: ClassVar[tuple[str, ...]] = ("llama",)
+    gguf_architectures: ClassVar[tuple[str, ...]] = ("llama",)
+    ns_model_names: ClassVar[tuple[str, ...]] = ("llama", "llama2", "llama3", "mistral", "phi3")  # Mistral and Phi-3 convert to this layout
     # LlamaConfig's defaults (tests hold these against transformers).
     hf_defaults = {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
@@ -79,8 +82,8 @@ class Llama(Decoder):
     }
     tensors = llama_tensors()
     hf_dropped = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
-    recognised_by = ("tok_embeddings.weight", "layers.0.attention.wq.weight")
-    rope_scalings = ("linear", "llama3")
+    recognised_by: ClassVar[tuple[str, ...]] = ("tok_embeddings.weight", "layers.0.attention.wq.weight")
+    rope_scalings: ClassVar[tuple[str, ...]] = ("linear", "llama3")
     rope_freqs_name = ROPE_FREQS
 
     def check_hf(self, config: Mapping[str, Any], path: str) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netp.formats.constants import BLOCK_SIZE
-from netp.models.base import Architecture, HParams, SplitRule
+from netp.models.architecture import Architecture, SplitRule
+from netp.models.hparams import HParams
 
 
 class SplitError(ValueError):
@@ -108,19 +109,10 @@ class Mapping:
             return TensorSlice(rule, None, 0, shape[0])
         if rule.kind == "rank0":
             return TensorSlice(rule, None, 0, shape[0], held=rank == 0)
+        assert rule.axis is not None and rule.unit is not None  # a rows/cols rule (SplitRule checks)
         # A 1-D tensor split "by rows" (a bias) is cut along its only axis.
         axis = min(rule.axis, len(shape) - 1)
         start, stop = self.unit_range(rule.unit, rank)
         if stop > shape[axis]:
             raise SplitError(f"{ne_name}: range {start}:{stop} exceeds axis {axis} of shape {shape}")
         return TensorSlice(rule, axis, start, stop)
-
-    def local_shape(self, ne_name: str, shape: tuple[int, ...], rank: int | None = None) -> tuple[int, ...] | None:
-        s = self.slice_of(ne_name, shape, rank)
-        if not s.held:
-            return None
-        if s.axis is None:
-            return tuple(shape)
-        out = list(shape)
-        out[s.axis] = s.stop - s.start
-        return tuple(out)

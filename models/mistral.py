@@ -3,8 +3,8 @@ sliding attention window, written in the LLaMA layout as neural-speed's
 convert_mistral does; netp reads its files back as `llama`."""
 from __future__ import annotations
 
-from netp.models.base import register
 from netp.models.llama import Llama
+from netp.models.registry import register
 
 
 @register

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from netp.models.base import HParams, refuse, register
+from netp.models.checks import refuse
+from netp.models.hparams import HParams
 from netp.models.llama import _HF, Llama, llama_tensors
+from netp.models.registry import register
 
 
 @register

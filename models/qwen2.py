@@ -11,11 +11,14 @@ loader takes no grouped KV heads.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
-from netp.models.base import REPLICATED, HParams, SplitRule, TensorSpec, refuse, register
+from netp.models.architecture import REPLICATED, SplitRule, TensorSpec
+from netp.models.checks import refuse
 from netp.models.decoder import Decoder
+from netp.models.hparams import HParams
 from netp.models.layers import rotate_halves
+from netp.models.registry import register
 
 _L = "model.layers.{i}."
 Q_HEADS, KV_HEADS, FFN = SplitRule("rows", "q_heads"), SplitRule("rows", "kv_heads"), SplitRule("rows", "ffn")
@@ -61,9 +64,9 @@ def qwen_tensors(biases: bool, qk_norms: bool) -> tuple[TensorSpec, ...]:
 @register
 class Qwen2(Decoder):
     name = "qwen2"
-    hf_model_types = ("qwen2",)
-    gguf_architectures = ("qwen2",)
-    ns_model_names = ("qwen2", "qwen")
+    hf_model_types: ClassVar[tuple[str, ...]] = ("qwen2",)
+    gguf_architectures: ClassVar[tuple[str, ...]] = ("qwen2",)
+    ns_model_names: ClassVar[tuple[str, ...]] = ("qwen2", "qwen")
     # Qwen2Config's defaults (tests hold these against transformers).
     hf_defaults = {
         "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
@@ -72,7 +75,7 @@ class Qwen2(Decoder):
     }
     tensors = qwen_tensors(biases=True, qk_norms=False)
     hf_dropped = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
-    recognised_by = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias")
+    recognised_by: ClassVar[tuple[str, ...]] = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias")
     rotate = staticmethod(rotate_halves)
     n_mult = None
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from netp.models.base import HParams, refuse, register
+from netp.models.checks import refuse
+from netp.models.hparams import HParams
 from netp.models.qwen2 import Qwen2, qwen_tensors
+from netp.models.registry import register
 
 
 @register

@@ -67,14 +67,14 @@ def stdout_closed() -> NoReturn:
     raise SystemExit(141)  # 128 + SIGPIPE, what a shell reports for a writer killed by the pipe
 
 
-class OneLineErrors:
-    """Mixin for click commands and groups: usage errors become one line."""
+class OneLineErrors(click.Command):
+    """Base of netp's click commands and groups: usage errors become one line."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:
+    def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
         prog = prog_name or self.name or "netp"
         try:
-            rv = super().main(args=args, prog_name=prog, **kwargs)  # type: ignore[misc]
+            rv = super().main(args=args, prog_name=prog, **kwargs)
         except click.exceptions.Exit as e:
             raise SystemExit(e.exit_code) from None
         except click.Abort:
@@ -96,7 +96,7 @@ class OneLineErrors:
         return rv
 
 
-class NetpCommand(OneLineErrors, click.Command):
+class NetpCommand(OneLineErrors):
     """A stage command. Subclasses may override `usage_hint` to add a corrected line."""
 
     def usage_hint(self, e: click.UsageError) -> str:

@@ -33,7 +33,9 @@ def _tensor_rows(tensors: list[dict[str, Any]]) -> list[str]:
 
 
 def _totals(tensors: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    count, size, params = Counter(), Counter(), Counter()
+    count: Counter[str] = Counter()
+    size: Counter[str] = Counter()
+    params: Counter[str] = Counter()
     for t in tensors:
         count[t["type"]] += 1
         size[t["type"]] += t["nbytes"]

@@ -34,7 +34,7 @@ from netp.convert.pipeline import (
 )
 from netp.errors import NetpError
 from netp.formats.constants import QUANTIZED_TYPES, TYPE_NAMES, GGMLType, type_from_name
-from netp.formats.hf import preadv_exact
+from netp.formats.hf import read_tensor_bytes
 from netp.formats.manifest import Manifest
 from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.ne import StreamedNE, TensorInfo
@@ -93,7 +93,7 @@ class _ConvertedRows:
         if self._buffers[slot].size < n * row_len:
             self._buffers[slot] = np.empty(n * row_len, dtype=np.float32)
         x = self._buffers[slot][:n * row_len]
-        preadv_exact(extent.fd, memoryview(x).cast("B"), extent.offset + row0 * row_len * 4, self.src.path, t.source_name)
+        read_tensor_bytes(extent.fd, x, extent.offset + row0 * row_len * 4, self.src.path, t.source_name)
         return x.reshape(n, row_len)
 
     def _rows(self, t: NETensor, data: np.ndarray | Extent, row0: int, n: int) -> np.ndarray:
@@ -122,7 +122,7 @@ class _ConvertedRows:
         row_len = t.shape[-1]
         n = out.nbytes // (info.nbytes if len(info.shape) == 1 else info.row_nbytes)
         if isinstance(data, Extent) and out_type == GGMLType.F32 and not self.quantizing:
-            preadv_exact(data.fd, memoryview(out).cast("B"), data.offset + row0 * row_len * 4, self.src.path, t.source_name)
+            read_tensor_bytes(data.fd, out, data.offset + row0 * row_len * 4, self.src.path, t.source_name)
             return
         x = self._rows(t, data, row0, n)
         if not self.quantizing:  # convert's conversion: no finiteness check, as convert has none

@@ -33,7 +33,7 @@ from netp.quantize import rules
 from netp.quantize.codecs import NonFiniteError, quantize_rows
 
 if TYPE_CHECKING:
-    from netp.models.base import Architecture
+    from netp.models.architecture import Architecture
 
 __all__ = ["QuantizeResult", "quantize_file", "encode_rows", "NonFiniteRow", "CHUNK_BYTES"]
 
@@ -209,7 +209,7 @@ def check_finite(x: np.ndarray) -> None:
         raise NonFiniteRow(int(np.argmin(finite)))
 
 
-_NUMPY_DTYPES = {GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2")}
+_NUMPY_DTYPES: dict[GGMLType, np.dtype] = {GGMLType.F32: np.dtype("<f4"), GGMLType.F16: np.dtype("<f2")}
 
 
 @dataclass(frozen=True)
@@ -253,6 +253,7 @@ class _Streamer:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="netp-read") as reads:
             pending = reads.submit(self._read, chunks[0], 0) if chunks else None
             for i, c in enumerate(chunks):
+                assert pending is not None  # submitted for every chunk
                 raw = pending.result()
                 if i + 1 < len(chunks):
                     pending = reads.submit(self._read, chunks[i + 1], (i + 1) % 2)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from netp.formats.constants import BLOCK_SIZE, FTYPE_OF_TYPE, QUANTIZED_TYPES, GGMLType
 
 if TYPE_CHECKING:
-    from netp.models.base import Architecture
+    from netp.models.architecture import Architecture
 
 __all__ = ["target_type", "header_ftype", "tensor_types", "type_overrides", "OVERRIDE_TYPES"]
 

@@ -7,8 +7,8 @@
   simulated run computes exactly what its ranks would.
 - `SoloComm`: one rank, every collective the identity.
 
-`run_world(n, fn)` runs fn(comm) on every rank of whichever applies:
-the MPI world it was launched in, else n simulated ranks.
+`run_world(fn, n, comm)` runs fn(comm) on every rank of whichever applies:
+the MPI world it was launched in (comm), else n simulated ranks.
 """
 from __future__ import annotations
 
@@ -284,9 +284,6 @@ class MPIComm(Comm):
         self._wait(self.comm.Iallgatherv(data, [flat, sizes.tolist(), self.MPI.BYTE]), "all-gather")
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         return [pickle.loads(flat[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def barrier(self) -> None:
-        self._wait(self.comm.Ibarrier(), "barrier")
 
     def idle_barrier(self) -> None:
         self._wait(self.comm.Ibarrier(), "wait for the ranks doing rank-0-only work", idle=True)

@@ -70,7 +70,10 @@ def generate(model: RankModel, prompt: Sequence[int], n_predict: int, sampler: S
     history = list(prompt)
     eos = model.hp.eos_token_id
     while True:
-        token = sampler(logits[-1], history) if comm.is_root else None
+        token = None
+        if comm.is_root:
+            assert sampler is not None and logits is not None  # rank 0 samples from the gathered logits
+            token = sampler(logits[-1], history)
         token = int(comm.bcast(token))
         gen.tokens.append(token)
         history.append(token)

@@ -1,4 +1,4 @@
-"""A rank's model: what the per-architecture forward is handed (`m` in models/)."""
+"""A rank's model: what the per-architecture forward is handed (models.context.RankContext)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from netp.errors import NetpError
+from netp.models.context import ForwardTrace
 from netp.models.layers import rotary_tables
 from netp.runtime.comm import Comm
 from netp.runtime.kvcache import KVCache
@@ -15,7 +16,8 @@ from netp.runtime.weights import RankWeights
 
 
 class RankModel:
-    """One rank: hparams, communicator, weights, KV cache and the head layout.
+    """One rank: hparams, communicator, weights, KV cache and the head layout
+    (models.context.RankContext, what the forward reads).
 
     n_q / n_kv: this rank's query / KV heads. The KV cache holds one head per
     local KV head, each serving cache_group consecutive query heads; when a
@@ -36,6 +38,7 @@ class RankModel:
         k0, k1 = mp.kv_heads()
         group = hp.n_head // hp.n_head_kv
         self.n_q, self.n_kv = q1 - q0, k1 - k0
+        self.cache_of_kv: np.ndarray | None
         if q0 % group == 0 and q1 % group == 0:  # whole groups
             self.cache_of_kv, self.cache_group, n_cache = None, group, self.n_kv
         else:
@@ -49,7 +52,7 @@ class RankModel:
         self.vocab_widths = [b - a for a, b in (mp.vocab(r) for r in range(mp.world_size))]
 
     def forward(self, tokens: Any, start: int, all_logits: bool = False,
-                states: list | None = None) -> np.ndarray | None:
+                trace: ForwardTrace | None = None) -> np.ndarray | None:
         """Logits (T', n_vocab) on rank 0 (None on other ranks) of tokens at
         positions [start, start + T), the last one only unless all_logits."""
         tokens = np.asarray(tokens, dtype=np.intp).reshape(-1)
@@ -58,7 +61,7 @@ class RankModel:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.hp.n_vocab):
             raise NetpError(None, f"token id {int(tokens.max() if tokens.max() >= self.hp.n_vocab else tokens.min())} "
                                   f"outside the vocabulary of {self.hp.n_vocab}")
-        local = self.arch.forward(self, tokens, start, all_logits, states)
+        local = self.arch.forward(self, tokens, start, all_logits, trace)
         logits = self.comm.gather_cols(local, self.vocab_widths)
         self.comm.warm()  # loaded and compiled: from now on collectives get the short deadline
         return logits

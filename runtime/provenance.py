@@ -53,13 +53,14 @@ def _derived_bytes(f32: NEReader, info: TensorInfo, rows: tuple[int, int] | None
 def check_derived_from(f32_path: Path, other: NEReader, global_shapes: dict[str, tuple[int, ...]] | None = None,
                        rows_of: dict[str, tuple[int, int] | None] | None = None) -> None:
     """Refuse an --f32 file that `other` (a quantized file, or a shard set's rank 0 file with
-    the set's global shapes and this rank's row ranges) was not made from."""
+    the set's global shapes and, for each tensor it holds whole or cut by rows, its row
+    range: None for whole; a tensor missing from rows_of is cut by columns) was not made from."""
     with NEReader(f32_path) as f32:
         shapes = global_shapes if global_shapes is not None else other.shapes
         if f32.shapes != shapes or _header_but_ftype(f32) != _header_but_ftype(other):
             raise NetpError(f32_path, f"is not the f32 source of {other.path}: another model (tensor names, "
                                       "shapes or header fields differ)")
-        whole = [t for t in other.tensors.values() if rows_of is None or rows_of.get(t.name, "cut") != "cut"]
+        whole = [t for t in other.tensors.values() if rows_of is None or t.name in rows_of]
         quantized = [t for t in whole if t.ggml_type != GGMLType.F32]  # q4_0, q4_1, q8_0, f16
         plain = [t for t in whole if t.ggml_type == GGMLType.F32]
         for info in [min(group, key=lambda t: t.nbytes) for group in (quantized, plain) if group]:

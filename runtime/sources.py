@@ -25,7 +25,8 @@ from netp.formats.manifest import MANIFEST_NAME, Manifest
 from netp.formats.ne import NEReader
 from netp.formats.tokenizer_dir import tokenizer_dir_for
 from netp.models import ne_model
-from netp.models.base import Architecture, HParams
+from netp.models.architecture import Architecture
+from netp.models.hparams import HParams
 from netp.models.mapping import Mapping, SplitError
 from netp.shard.check import load_shard_manifest, open_rank_file
 from netp.shard.hashing import sha256_file

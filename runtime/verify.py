@@ -33,6 +33,7 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats.ne import NEReader
 from netp.formats.paths import regular_file
+from netp.models.context import ForwardTrace
 from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, PeerFailed, SoloComm, mpi_world, run_world
 from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
@@ -152,8 +153,7 @@ def _check_provenance(target: Path, ref: Path | None, f32: Path | None) -> None:
     elif manifest is not None and ref is None:  # no --ref: prove --f32 against rank 0's file
         from netp.shard.check import open_rank_file
 
-        rows = {t.name: None if t.axis is None else t.ranges[0] if t.axis == 0 else "cut"
-                for t in manifest.tensors.values()}
+        rows = {t.name: None if t.axis is None else t.ranges[0] for t in manifest.tensors.values() if t.axis != 1}
         with open_rank_file(target, manifest, 0) as rank0:
             check_derived_from(f32, rank0, {t.name: t.shape for t in manifest.tensors.values()}, rows)
 
@@ -172,13 +172,19 @@ def teacher_forced(model: RankModel, tokens: Sequence[int], n_prompt: int) -> np
     rows = [model.forward(np.asarray(tokens[:n_prompt]), 0, all_logits=True)]
     for pos in range(n_prompt, len(tokens)):
         rows.append(model.forward(np.asarray(tokens[pos:pos + 1]), pos))
-    return np.concatenate(rows) if model.comm.is_root else None
+    return np.concatenate([r for r in rows if r is not None]) if model.comm.is_root else None  # rank 0 has all
 
 
 def batch_states(model: RankModel, tokens: Sequence[int]) -> list[np.ndarray]:
-    states: list[np.ndarray] = []
-    model.forward(np.asarray(tokens), 0, states=states)
-    return states
+    trace = ForwardTrace()
+    model.forward(np.asarray(tokens), 0, trace=trace)
+    return trace.states
+
+
+def _solo_forward(model: RankModel, tokens: Sequence[int], start: int, all_logits: bool = False) -> np.ndarray:
+    logits = model.forward(np.asarray(tokens), start, all_logits)
+    assert logits is not None  # one rank: rank 0
+    return logits
 
 
 def reference_pass(path: Path, prompt: list[int], n_tokens: int, opts: VerifyOptions) -> tuple[list[int], Pass]:
@@ -187,10 +193,10 @@ def reference_pass(path: Path, prompt: list[int], n_tokens: int, opts: VerifyOpt
                             nthread=opts.threads, exact=opts.exact)
     try:
         tokens = list(prompt)
-        rows = [model.forward(np.asarray(prompt), 0, all_logits=True)]
+        rows = [_solo_forward(model, prompt, 0, all_logits=True)]
         for _ in range(n_tokens):
             tokens.append(int(np.argmax(rows[-1][-1])))
-            rows.append(model.forward(np.asarray(tokens[-1:]), len(tokens) - 1))
+            rows.append(_solo_forward(model, tokens[-1:], len(tokens) - 1))
         return tokens, Pass(path.name, np.concatenate(rows)[: len(tokens)], batch_states(model, tokens))
     finally:
         model.close()
@@ -385,7 +391,7 @@ def _compare_target(comm: Comm, opts: VerifyOptions, plan: Plan, tokenizer: Any,
         if need_states:  # find the first diverging layer: every rank takes part
             states = batch_states(model, tokens)
             if root:
-                assert comparison is not None and ref is not None
+                assert comparison is not None and ref is not None and logits is not None
                 comparison = compare_logits(comparison.title, ref, Pass(str(plan.target), logits, states),
                                             tokens, opts.bound, tokenizer)
         if root:
@@ -407,13 +413,13 @@ def _compare_f32(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[i
     if plan.hf is not None and f32 is not None:
         hf = transformers_pass(plan.hf, tokens, opts.threads)
         # transformers' last hidden state is after the final norm: compare the ones before it
-        c = compare_logits(f"{plan.f32.name} (1 rank) vs transformers {plan.hf}", hf, f32, tokens,
+        c = compare_logits(f"{f32.name} (1 rank) vs transformers {plan.hf}", hf, f32, tokens,
                            opts.bound, tokenizer, n_states=len(hf.states or []) - 1)
         print_comparison(c)
         if not c.ok:
             failure = c.failure
     if f32 is not None and plan.ref is not None and f32 is not ref:
-        print_comparison(kl_table(f"{plan.ref.name} (quantized) vs {plan.f32.name}: KL divergence",
+        print_comparison(kl_table(f"{ref.name} (quantized) vs {f32.name}: KL divergence",
                                   f32, ref, tokens, tokenizer))
     return failure
 

@@ -22,6 +22,7 @@ from netp.formats.constants import GGMLType, block_geometry
 from netp.models.layers import linear
 from netp.quantize.codecs import dequantize_rows
 from netp.runtime import kernels
+from netp.runtime.sources import RankSource
 
 _CHUNK_VALUES = 1 << 20  # f16 widening: values per piece (4 MB of f32, cache-friendly)
 
@@ -63,20 +64,19 @@ class RankWeights:
     """One rank's weights, by the forward's names (Architecture.runtime_tensors).
 
     resident_bytes: the weights this rank holds in its own memory (tiles,
-    f32 matrices, norms; the embedding table too under --no_mmap);
-    quantized_bytes: the file bytes of the rank's quantized matrix slices."""
+    f32 matrices, norms; the embedding table too under --no_mmap)."""
 
-    def __init__(self, source: Any, use_mmap: bool = True, nthread: int = 1, exact: bool = False):
+    def __init__(self, source: RankSource, use_mmap: bool = True, nthread: int = 1, exact: bool = False):
         self.source, self.use_mmap, self.nthread, self.exact = source, use_mmap, nthread, exact
         arch = source.arch
         self.resident_bytes = 0
-        self.quantized_bytes = 0
         self.matrix_types: set[str] = set()
         self.kernels: kernels.WarmUp | None = None  # set when a quantized matrix needed the kernels
         emb_name = arch.embedding_name
         if not source.has(emb_name):
             raise NetpError(source.path, f"missing tensor {emb_name}")
         emb = source.part(emb_name, mapped=use_mmap)
+        assert emb is not None  # replicated: every rank holds it
         self.embedding = EmbeddingTable(emb, source.type_of(emb_name))
         if not use_mmap:
             self.resident_bytes += emb.nbytes  # --no_mmap: the table is read into memory
@@ -114,24 +114,25 @@ class RankWeights:
         out: dict[str, Any] = {}
         for key, names in layout.items():
             # blocks are repacked from the mapping (or a read under --no_mmap); dense ones are read as today
-            parts = [self._part(n, mapped=self.use_mmap) for n in names]
-            if all(p is None for p in parts):
+            found = [self._part(n, mapped=self.use_mmap) for n in names]
+            parts = [p for p in found if p is not None]
+            if not parts:
                 out[key] = None  # a rank-0-only bias on another rank
                 continue
-            if any(p is None for p in parts):
+            if len(parts) < len(found):
                 raise NetpError(self.source.path, f"{', '.join(names)}: held only partly by this rank")
             if parts[0][0].ndim == 1:  # norms and biases: small, f32
-                value = np.concatenate([dequantize_rows(raw, t).astype(np.float32, copy=False)
-                                        for raw, t in parts])
-                self.resident_bytes += value.nbytes
-                out[key] = value
+                vector = np.concatenate([dequantize_rows(raw, t).astype(np.float32, copy=False)
+                                         for raw, t in parts])
+                self.resident_bytes += vector.nbytes
+                out[key] = vector
                 continue
             self.matrix_types.update(t.name.lower() for _, t in parts)
             partial = self.source.arch.split_rule(names[0]).kind == "cols"  # its products get all-reduced
             groups = [self._matrix(group, partial) for group in _runs_of_one_form(parts)]
-            value = groups[0] if len(groups) == 1 else StackedMatrix(groups)
-            self.resident_bytes += value.nbytes
-            out[key] = value
+            matrix = groups[0] if len(groups) == 1 else StackedMatrix(groups)
+            self.resident_bytes += matrix.nbytes
+            out[key] = matrix
         return out
 
     def _matrix(self, parts: list[tuple[np.ndarray, GGMLType]], partial: bool) -> Any:
@@ -141,7 +142,6 @@ class RankWeights:
             return _dense_transposed(parts, n_in, self.nthread)
         if self.kernels is None:
             self.kernels = kernels.warm_up()
-        self.quantized_bytes += sum(raw.nbytes for raw, _ in parts)
         return BlockMatrix(kernels.tile([raw for raw, _ in parts], t), self.exact, self.nthread, partial)
 
 

@@ -28,12 +28,13 @@ from netp.errors import NetpError
 from netp.formats import atomic
 from netp.formats.constants import TYPE_NAMES, block_geometry
 from netp.formats.manifest import Manifest, RankFile, SourceInfo, TensorEntry, rank_file_name
-from netp.formats.ne import NEReader, NEWriter, TensorInfo
+from netp.formats.ne import NEContents, NEReader, NEWriter, TensorInfo
 from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.paths import check_output_place, refuse_indirect_dir
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
 from netp.models import ne_model
-from netp.models.base import Architecture, HParams
+from netp.models.architecture import Architecture
+from netp.models.hparams import HParams
 from netp.models.mapping import Mapping, SplitError
 from netp.shard.hashing import HashPool, QueuedSha256, sha256_file
 from netp.sizes import human_size
@@ -51,7 +52,7 @@ class ShardResult:
 
 
 # -- planning -------------------------------------------------------------------
-def plan_tensors(reader: NEReader, world_size: int) -> tuple[Architecture, HParams, list[TensorEntry]]:
+def plan_tensors(reader: NEContents, world_size: int) -> tuple[Architecture, HParams, list[TensorEntry]]:
     """Architecture, hparams and every tensor's per-rank ranges; refuses what cannot be cut."""
     path = reader.path
     arch, hp = ne_model(reader.header, reader.shapes, str(path))
@@ -135,7 +136,7 @@ class _Slot:
 class _Copier:
     """Reads the source in file order into a ring of buffers and feeds the writers."""
 
-    def __init__(self, reader: NEReader, worker: HashPool, source_hash: QueuedSha256, buf_bytes: int,
+    def __init__(self, reader: NEContents, worker: HashPool, source_hash: QueuedSha256, buf_bytes: int,
                  on_bytes: Callable[[int], None]):
         self.reader, self.worker, self.source_hash = reader, worker, source_hash
         self.slots = [_Slot(buf_bytes) for _ in range(RING)]
@@ -168,8 +169,9 @@ class _Copier:
         self.hash_source_upto(info.offset)
         n_rows, row_bytes, cuts = _byte_cuts(entry, info)
         for rank, (w, cut) in enumerate(zip(writers, cuts)):
-            if cut is not None:
-                w.begin_tensor(entry.name, info.ggml_type, entry.local_shape(rank))
+            shape = entry.local_shape(rank)
+            if cut is not None and shape is not None:
+                w.begin_tensor(entry.name, info.ggml_type, shape)
         rows_per_chunk = max(1, self.slots[0].read.size // row_bytes)
         for r0 in range(0, n_rows, rows_per_chunk):
             r1 = min(n_rows, r0 + rows_per_chunk)
@@ -254,11 +256,10 @@ def shard_file(src: str | Path, outdir: str | Path, world_size: int, *, force: b
     return ShardResult(outdir, manifest, time.perf_counter() - t0, sum(r.size for r in manifest.ranks))
 
 
-def write_shard_set(reader: Any, source_name: str, outdir: Path, arch: Architecture, entries: list[TensorEntry],
+def write_shard_set(reader: NEContents, source_name: str, outdir: Path, arch: Architecture, entries: list[TensorEntry],
                     tokenizer: Callable[[Path], Any] | None, on_progress: Progress | None = None,
                     expect_source: SourceInfo | None = None, force: bool = False) -> Manifest:
-    """Stream `reader`'s tensors (an NEReader, or anything with its header, vocab,
-    tensors, file_size and read_into) into a shard set at `outdir`, atomically.
+    """Stream `reader`'s tensors (an NEReader or a StreamedNE) into a shard set at `outdir`, atomically.
     `tokenizer(folder)` writes `folder/tokenizer/`; None: the set has none.
     `expect_source`: refuse (leaving nothing) unless the streamed source hashes to it.
     The set is renamed onto an absent or empty OUTDIR in one rename(2), so of two runs into

@@ -23,7 +23,7 @@ from netp.formats.constants import GGMLType
 from netp.formats.ne import NEHeader, NEReader, NEWriter
 from netp.formats.tokenizer_dir import tokenizer_dir_for
 from netp.models import by_name
-from netp.models.base import HParams
+from netp.models.hparams import HParams
 
 TINY = HParams(arch="llama", n_vocab=64, n_embd=64, n_head=2, n_head_kv=1, n_layer=1, n_ff=64, n_rot=32,
                norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)

@@ -125,7 +125,7 @@ def test_no_import_cycle():
 def test_the_walk_sees_real_edges():
     # The checks above mean something only if the graph holds the imports known to exist.
     assert "netp.formats.ne" in IMPORTS["netp.shard.check"]
-    assert "netp.models.base" in IMPORTS["netp.models.mapping"]
+    assert "netp.models.architecture" in IMPORTS["netp.models.mapping"]
     assert "click" in IMPORTS["netp.shard.cli"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from netp.models import by_name
-from netp.models.base import HParams
+from netp.models.hparams import HParams
 from netp.models.mapping import Mapping, SplitError
 
 

@@ -106,7 +106,7 @@ def _tiny_llama(path, **header_changes):
     import dataclasses
 
     from netp.models import by_name
-    from netp.models.base import HParams
+    from netp.models.hparams import HParams
 
     arch = by_name("llama")
     hp = HParams(arch="llama", n_vocab=8, n_embd=64, n_head=4, n_head_kv=2, n_layer=2, n_ff=96, n_rot=16,
@@ -143,3 +143,28 @@ def test_header_must_match_the_tensors(tmp_path, changes, needle):
         with pytest.raises(NetpError, match="^" + str(path).replace(".", r"\.") + ": ") as e:
             ne_model(r.header, shapes, str(path))
         assert needle in str(e.value)
+
+
+def test_read_of_a_tensor_over_2_gib(tmp_path):
+    """Linux returns at most 0x7ffff000 bytes per read call: a --no_mmap read of a larger
+    tensor (a 70B model's f32 embedding is 4.2 GB) loops instead of calling the healthy
+    file truncated. The tensor is a hole in a sparse file but for its first and last
+    values, so the disk holds only a few KiB; the read needs ~2 GiB of memory."""
+    from netp.formats.ne import header_to_bytes, tensor_record, vocab_to_bytes
+
+    n = (0x7ffff000 + 4096) // 4  # f32 values: just past one call's limit
+    header = NEHeader(n_vocab=1, n_embd=64, n_head=2, n_layer=1, ftype=0)
+    head = header_to_bytes(header) + vocab_to_bytes([(b"a", 0.0)])
+    head += tensor_record("big", GGMLType.F32, (n,), len(head))
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.write(head + np.float32(7.0).tobytes())
+        f.seek(len(head) + 4 * (n - 2))
+        f.write(np.array([1.5, -2.5], dtype=np.float32).tobytes())
+    with NEReader(path) as r:
+        assert r.tensors["big"].nbytes > 0x7ffff000
+        data = r.read("big")
+        assert data.shape == (n,) and data[0] == 7.0 and list(data[-2:]) == [1.5, -2.5]
+        assert not data[1:-2].any()
+        del data
+        assert list(r.read("big", rows=(n - 2, n))) == [1.5, -2.5]

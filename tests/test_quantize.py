@@ -16,7 +16,7 @@ from conftest import write_stub_tokenizer
 from netp.formats.constants import FTYPE_OF_TYPE, GGMLType
 from netp.formats.ne import NEHeader, NEReader, NEWriter
 from netp.models import by_name
-from netp.models.base import HParams
+from netp.models.hparams import HParams
 from netp.quantize import codecs, rules
 from netp.quantize.cli import ns_quantize_command, quantize_command
 from netp.quantize.codecs import NonFiniteError, dequantize_rows, quantize_rows

@@ -27,7 +27,7 @@ from netp.formats.manifest import load_manifest, rank_file_name
 from netp.models import architecture_names
 from netp.formats.ne import NEHeader, NEReader, NEWriter
 from netp.models import by_name
-from netp.models.base import HParams
+from netp.models.hparams import HParams
 
 BIN = Path(sys.executable).parent
 
