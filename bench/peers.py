@@ -156,7 +156,7 @@ def llama_cpp() -> LlamaCpp:
     peers = cache_dir("peers")
     tree = peers / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
     binaries = [tree / "build" / "bin" / t for t in LLAMA_TOOLS]
-    found = LlamaCpp(tree, *binaries, tree / "convert_hf_to_gguf.py", tree / "gguf-py")
+    found = LlamaCpp(tree, binaries[0], binaries[1], binaries[2], tree / "convert_hf_to_gguf.py", tree / "gguf-py")
     if _built(tree, binaries) and not _foreign_build(tree / "build"):
         return found
     with locked(peers / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.lock"):
