@@ -88,6 +88,28 @@ def replace(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent if str(target.parent) else Path("."))
 
 
+def write_file(target: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` as file `target`: under a temporary name, synced, then renamed into place,
+    so `target` is either absent (or its old self) or complete. A failed write is a NetpError
+    naming `target`."""
+    target = Path(target)
+    clean_stale_partials(target)
+    tmp = partial_name(target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(target, e) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def claim(tmp: Path, target: Path) -> None:
     """Rename finished folder `tmp` to `target` only if `target` is absent or an
     empty folder, in one rename(2): a folder another run filled meanwhile is

@@ -188,19 +188,7 @@ class Manifest:
         path = Path(folder) / MANIFEST_NAME
         data = self.to_json()
         _Validator(path).manifest(data)  # never write a manifest we would refuse to read
-        text = _to_text(data)
-        atomic.clean_stale_partials(path)
-        tmp = atomic.partial_name(path)
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            atomic.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return atomic.write_file(path, _to_text(data).encode("utf-8"))
 
 
 def load_manifest(folder: str | os.PathLike, architectures: Collection[str] | None = None) -> Manifest:

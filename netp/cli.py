@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reshard": ("netp.shard.cli", "reshard_command", "Cut a shard set for another number of ranks."),
     "run": ("netp.runtime.cli", "run_command", "Generate text from an NE file or shard set (MPI-aware)."),
     "verify": ("netp.runtime.cli", "verify_command", "Check a shard set against its source and transformers."),
+    "perplexity": ("netp.runtime.cli", "perplexity_command", "Perplexity (and KL vs a reference) over a text."),
     "inspect": ("netp.inspect", "inspect_command", "Show an NE file, GGUF file or shard set."),
 }
 

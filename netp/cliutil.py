@@ -31,21 +31,24 @@ def said_by_another_rank(exc: BaseException | None = None) -> bool:
     return alike and env_world_size() > 1 and env_rank() not in (None, "0")
 
 
-def fail(prog: str, exc: BaseException, debug: bool = False) -> NoReturn:
-    """Print exc as the one error line (after its traceback with --debug) and exit 1."""
+def fail(prog: str, exc: BaseException, debug: bool = False, input_status: int = 1) -> NoReturn:
+    """Print exc as the one error line (after its traceback with --debug) and exit 1,
+    or `input_status` when exc is a NetpError (a bad input)."""
+    status = input_status if isinstance(exc, NetpError) else 1
     if said_by_another_rank(exc):
-        raise SystemExit(1)
+        raise SystemExit(status)
     if debug:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
     print(error_line(prog, exc), file=sys.stderr, flush=True)
-    raise SystemExit(1)
+    raise SystemExit(status)
 
 
 @contextlib.contextmanager
-def report_errors(prog: str, debug: bool = False) -> Iterator[None]:
-    """Turn any exception escaping the block into the one-line error and exit 1."""
+def report_errors(prog: str, debug: bool = False, input_status: int = 1) -> Iterator[None]:
+    """Turn any exception escaping the block into the one-line error and exit 1
+    (`input_status` for a NetpError)."""
     try:
         yield
     except (SystemExit, KeyboardInterrupt):
@@ -53,7 +56,7 @@ def report_errors(prog: str, debug: bool = False) -> Iterator[None]:
     except BrokenPipeError:
         stdout_closed()
     except BaseException as exc:  # noqa: BLE001 - every failure ends in one line
-        fail(prog, exc, debug)
+        fail(prog, exc, debug, input_status)
 
 
 def stdout_closed() -> NoReturn:
@@ -110,9 +113,10 @@ def common_options(f: F) -> F:
     return f
 
 
-def run_reporting(prog: str, debug: bool, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call fn, turning any failure into the one-line error and exit 1."""
-    with report_errors(prog, debug):
+def run_reporting(prog: str, debug: bool, fn: Callable[..., Any], *args: Any, input_status: int = 1,
+                  **kwargs: Any) -> Any:
+    """Call fn, turning any failure into the one-line error and exit 1 (`input_status` for a NetpError)."""
+    with report_errors(prog, debug, input_status):
         return fn(*args, **kwargs)
 
 

@@ -6,10 +6,11 @@ before numpy loads, so the commands set it first and import the runtime after.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from netp.cliutil import NetpCommand, common_options, run_reporting
+from netp.cliutil import NetpCommand, common_options, progress_bar, run_reporting
 
 SEED_PROMPT = "Once upon a time, there existed a little girl,"
 
@@ -23,6 +24,17 @@ timeout_option = click.option(
 def _prog() -> str:
     ctx = click.get_current_context()
     return ctx.command_path or "ne-run"
+
+
+def _checking(prog: str, debug: bool, fn: Any, *args: Any) -> int:
+    """Run a checking command (verify, perplexity): exit 0 passed, 1 a comparison failed,
+    2 a bad input or usage (here, under mpiexec, and on the ranks that only learn another's error)."""
+    from netp.runtime.comm import PeerFailed
+
+    try:
+        return run_reporting(prog, debug, fn, *args, input_status=2)
+    except PeerFailed as e:
+        raise SystemExit(2 if e.input_error else 1) from None
 
 
 def _threads(threads: int | None, model: Path) -> int:
@@ -131,3 +143,54 @@ def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | N
     opts = VerifyOptions(target=shards, ref=ref, f32=f32, hf=hf, prompt=prompt, n_tokens=n_tokens,
                          threads=n_threads, use_mmap=not no_mmap, exact=exact, timeout=timeout)
     raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))
+
+
+@click.command("perplexity", cls=NetpCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-f", "--file", "text", required=True, type=click.Path(path_type=Path),
+              help="The text to score (UTF-8), read whole and tokenized once.")
+@click.option("-c", "--ctx", "ctx", type=int, default=512, show_default=True,
+              help="Window of tokens; each is scored on its second half. Even, at most the model's context.")
+@click.option("--ref", type=click.Path(path_type=Path), default=None,
+              help="An NE file of the same model (say f32) run on rank 0 over the same windows: adds the KL "
+                   "divergence and top-1 agreement of MODEL against it.")
+@click.option("--chunks", type=click.IntRange(min=1), default=None,
+              help="Score only the first N windows (default: all).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write the figures as JSON to this file (schema: docs/design.md §5).")
+@click.option("-t", "--threads", type=int, default=None, help="Kernel (and BLAS) threads per rank.")
+@click.option("--no_mmap", "--no-mmap", "no_mmap", is_flag=True)
+@click.option("--exact", is_flag=True, help="Block kernels on f32 activations (default: q8_0, as ggml).")
+@timeout_option
+@common_options
+def perplexity_command(model: Path, text: Path, ctx: int, ref: Path | None, chunks: int | None,
+                       json_path: Path | None, threads: int | None, no_mmap: bool, exact: bool, timeout: float,
+                       quiet: bool, debug: bool) -> None:
+    """Perplexity of MODEL (an NE file or a shard set) over a text, as llama.cpp's
+    llama-perplexity measures it: the text tokenized once (BOS first when the
+    model adds one), cut into windows of --ctx tokens, each window's first
+    token replaced by BOS when the model uses one, each scored on the
+    predictions of its second half; PPL = exp(mean NLL) +/- its standard error.
+    With --ref also llama-perplexity --kl-divergence's figures: mean, 99% and
+    maximum KL divergence and "same top p".
+
+    \b
+    Launched plainly a shard set's ranks are simulated in one process; under
+    `mpiexec -n N` the real ranks run it (only rank 0 reads the text and --ref).
+    Exit status: 0 done, 2 a bad input or usage.
+    Examples:
+      netp perplexity ne-q4_0.bin -f wiki.test.raw
+      mpiexec -n 2 netp perplexity shards/ -f text.txt --ctx 512 --ref ne-f32.bin --json ppl.json
+    """
+    prog = _prog()
+    n_threads = _threads(threads, model)
+    from netp.runtime.perplexity import PerplexityOptions, perplexity
+
+    opts = PerplexityOptions(model=model, text=text, ctx=ctx, ref=ref, chunks=chunks, json=json_path,
+                             threads=n_threads, use_mmap=not no_mmap, exact=exact, timeout=timeout)
+
+    def go() -> int:
+        with progress_bar("perplexity", unit="window", quiet=quiet) as bar:
+            return perplexity(opts, prog, debug, bar)
+
+    raise SystemExit(_checking(prog, debug, go))

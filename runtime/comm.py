@@ -42,10 +42,13 @@ BCAST_HEAD = 256  # bytes of a broadcast's first message
 
 
 class PeerFailed(SystemExit):
-    """Another rank failed and said so; this one exits non-zero without a second message."""
+    """Another rank failed and said so; this one exits non-zero without a second message.
+    input_error: the other rank's failure was a NetpError (a bad input), so a command whose
+    exit status tells bad input apart (verify, perplexity: 2) exits as that rank does."""
 
-    def __init__(self) -> None:
+    def __init__(self, input_error: bool = False) -> None:
         super().__init__(1)
+        self.input_error = input_error
 
 
 @dataclass
@@ -121,14 +124,15 @@ class Comm:
             error = e
         if idle:
             self.idle_barrier()
-        messages = self.allgather(None if error is None else str(error))
+        reports = self.allgather(None if error is None else (str(error), isinstance(error, NetpError)))
+        failed = [r for r in reports if r is not None]
         if error is not None:
-            if str(error) in messages[: self.rank]:
-                raise PeerFailed() from None
+            if str(error) in [r[0] for r in reports[: self.rank] if r is not None]:
+                raise PeerFailed(isinstance(error, NetpError)) from None
             error.netp_agreed = True  # type: ignore[attr-defined]  # every rank knows: no MPI Abort needed
             raise error
-        if any(m is not None for m in messages):
-            raise PeerFailed()
+        if failed:
+            raise PeerFailed(failed[0][1])
 
 
 class SoloComm(Comm):

@@ -45,17 +45,24 @@ def parse_ids(text: str) -> list[int]:
         raise NetpError(None, f"--ids {text!r:.60}: expected token ids separated by commas or spaces") from e
 
 
-def load_tokenizer(model: Path) -> Any:
+def tokenizer_path(model: Path, name: str, hint: str = "") -> Path:
+    """File `name` of the tokenizer folder travelling with `model` (a shard set's: the one its
+    manifest checksums); a NetpError naming the model when there is none."""
     folder = tokenizer_dir(model)
-    path = None if folder is None else folder / "tokenizer.json"
-    if path is not None and model.is_dir():  # a shard set's tokenizer is the one its manifest checksums
+    path = None if folder is None else folder / name
+    if path is not None and model.is_dir():
         from netp.shard.check import load_shard_manifest, tokenizer_file
 
-        path = tokenizer_file(model, load_shard_manifest(model), "tokenizer.json")
+        path = tokenizer_file(model, load_shard_manifest(model), name)
     if path is None or not path.is_file():
         expected = model / SHARD_TOKENIZER_DIR if model.is_dir() else tokenizer_dir_for(model)
-        raise NetpError(model, f"no tokenizer found (expected {expected}/tokenizer.json); "
-                               f"pass token ids with --ids instead of -p")
+        raise NetpError(model, f"no tokenizer found (expected {expected}/{name}){hint}")
+    return path
+
+
+def load_tokenizer(model: Path, hint: str = "; pass token ids with --ids instead of -p") -> Any:
+    """The tokenizers.Tokenizer of `model`'s tokenizer folder; hint ends the error when there is none."""
+    path = tokenizer_path(model, "tokenizer.json", hint)
     from tokenizers import Tokenizer
 
     try:

@@ -60,12 +60,14 @@ def netp_group():
 
 
 def attack(args: list[str], watch: Iterable[Path], needle: str | None = None, *, names: str | os.PathLike | None = None,
-           ok: bool = False, outputs: Iterable[Path] = (), timeout: int = 60, command=None, prog: str = "netp") -> str:
+           ok: bool = False, outputs: Iterable[Path] = (), timeout: int = 60, command=None, prog: str = "netp",
+           status: int | None = None) -> str:
     """Run `netp ARGS` (or `command`) and assert the outcome; returns the error line (or stdout when ok).
 
     needle: text the error line must hold; names: the file the line must name
     (the path as given, at the start of <file>: <what>); outputs: on success, the
-    only paths allowed to change (with everything under them)."""
+    only paths allowed to change (with everything under them); status: the exit
+    status a refusal must have (default: any non-zero)."""
     ATTACKS.append(args)
     watch = [Path(w) for w in watch]
     before = tree_state(watch)
@@ -82,6 +84,7 @@ def attack(args: list[str], watch: Iterable[Path], needle: str | None = None, *,
         return out
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0, f"{args}: expected a refusal, got exit 0 (stderr {err!r})"
+    assert status is None or code == status, f"{args}: expected exit {status}, got {code} (stderr {err!r})"
     assert len(lines) == 1, f"{args}: expected one error line, got {lines}"
     line = lines[0]
     assert ERROR_LINE.match(line) and "internal error" not in line, line
