@@ -218,12 +218,12 @@ def _windows(model: RankModel, opts: PerplexityOptions, tokenizer: Any, ids: np.
     return tokens, add_bos, windows
 
 
-def _load_ref(opts: PerplexityOptions, model: RankModel) -> RankModel:
-    ref = load_rank_model(opts.ref, SoloComm(), opts.ctx, use_mmap=opts.use_mmap, nthread=opts.threads,
+def _load_ref(path: Path, opts: PerplexityOptions, model: RankModel) -> RankModel:
+    ref = load_rank_model(path, SoloComm(), opts.ctx, use_mmap=opts.use_mmap, nthread=opts.threads,
                           exact=opts.exact)
     if ref.hp.n_vocab != model.hp.n_vocab:
         ref.close()
-        raise NetpError(opts.ref, f"has a vocabulary of {ref.hp.n_vocab} tokens, the model {model.hp.n_vocab}: "
+        raise NetpError(path, f"has a vocabulary of {ref.hp.n_vocab} tokens, the model {model.hp.n_vocab}: "
                                   "--ref must be the same model in another form (f32, another type)")
     return ref
 
@@ -245,9 +245,10 @@ def _score(comm: Comm, opts: PerplexityOptions, progress: Progress | None, start
         windows = 0
         with comm.agreeing(idle=True):
             if root:
+                assert ids is not None
                 tokens, add_bos, windows = _windows(model, opts, tokenizer, ids)
                 if opts.ref is not None:
-                    ref = _load_ref(opts, model)
+                    ref = _load_ref(opts.ref, opts, model)
         windows, with_ref = comm.bcast((windows, ref is not None))
         try:
             return _run_windows(comm, opts, model, ref if with_ref else None, tokens, bool(add_bos), windows,
@@ -284,7 +285,9 @@ def _run_windows(comm: Comm, opts: PerplexityOptions, model: RankModel, ref: Ran
         if with_ref:  # the reference's run is rank 0's alone: the others wait idle
             with comm.agreeing(idle=True):
                 if ref is not None:
-                    ref_logits = ref.forward(window, 0, all_logits=True)[first:ctx - 1]
+                    ref_all = ref.forward(window, 0, all_logits=True)
+                    assert ref_all is not None  # a 1-rank run's logits
+                    ref_logits = ref_all[first:ctx - 1]
         if root:
             assert scores is not None and logits is not None
             scores.add(logits[first:ctx - 1], window[first + 1:], ref_logits)
