@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("netp.runtime.cli", "run_command", "Generate text from an NE file or shard set (MPI-aware)."),
     "verify": ("netp.runtime.cli", "verify_command", "Check a shard set against its source and transformers."),
     "perplexity": ("netp.runtime.cli", "perplexity_command", "Perplexity (and KL vs a reference) over a text."),
+    "serve": ("netp.runtime.cli", "serve_command", "Serve a model over HTTP with OpenAI's API (MPI-aware)."),
     "inspect": ("netp.inspect", "inspect_command", "Show an NE file, GGUF file or shard set."),
 }
 
@@ -57,6 +58,7 @@ def netp() -> None:
       (or all three at once: netp pipeline MODEL shards/ --outtype q4_0 --ranks 2)
       mpiexec -n 2 netp run -m shards/ -p "Once upon a time" -n 32
       netp verify shards/ --f32 ne-f32.bin --hf MODEL
+      mpiexec -n 2 netp serve shards/ --port 8080
     """
 
 

@@ -194,3 +194,48 @@ def perplexity_command(model: Path, text: Path, ctx: int, ref: Path | None, chun
             return perplexity(opts, prog, debug, bar)
 
     raise SystemExit(_checking(prog, debug, go))
+
+
+
+@click.command("serve", cls=NetpCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; anyone who reaches it can use the model).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="TCP port (0: any free port, printed at start).")
+@click.option("--api-key", "--api_key", "api_key", default=None, envvar="NETP_API_KEY",
+              help="Require `Authorization: Bearer KEY` on /v1 requests (or set NETP_API_KEY).")
+@click.option("-c", "--ctx_size", "--ctx-size", "ctx_size", type=int, default=2048, show_default=True,
+              help="Context size: prompt plus generated tokens of one request.")
+@click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait while one generates; more get 503 with Retry-After.")
+@click.option("-t", "--threads", type=int, default=None,
+              help="Kernel (and BLAS) threads per rank (default: cores / ranks).")
+@click.option("--no_mmap", "--no-mmap", "no_mmap", is_flag=True,
+              help="Read the rank's file instead of memory-mapping it.")
+@timeout_option
+@common_options
+def serve_command(model: Path, host: str, port: int, api_key: str | None, ctx_size: int, queue: int,
+                  threads: int | None, no_mmap: bool, timeout: float, quiet: bool, debug: bool) -> None:
+    """Serve an NE file or a shard set over HTTP with OpenAI's API
+    (/v1/chat/completions, /v1/completions, /v1/models, /health).
+
+    \b
+    One generation at a time, in arrival order; rank 0 serves HTTP and
+    the other ranks run the same forward. SIGTERM or Ctrl-C finishes the
+    current generation and exits 0.
+
+    \b
+    Examples:
+      netp serve shards/                               # simulates the set's ranks in one process
+      mpiexec -n 2 netp serve shards/ --port 8080 -c 4096
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+    """
+    prog = _prog()
+    n_threads = _threads(threads, model)
+    from netp.runtime.serve.server import ServeOptions, serve
+
+    opts = ServeOptions(model=model, host=host, port=port, api_key=api_key or None, n_ctx=ctx_size, queue=queue,
+                        threads=n_threads, use_mmap=not no_mmap, timeout=timeout)
+    raise SystemExit(run_reporting(prog, debug, serve, opts, prog, debug))

@@ -35,6 +35,7 @@ STARTUP_FACTOR, STARTUP_FLOOR = 10.0, 120.0
 # Polling a collective: Test and yield the core for SPIN_SECONDS (as MPICH's
 # blocking calls spin, MPIR_CVAR_POLLS_BEFORE_YIELD), then sleep, doubling from NAP_FIRST to NAP_MAX.
 SPIN_SECONDS, NAP_FIRST, NAP_MAX = 0.02, 1e-4, 2e-3
+PATIENT_NAP_MAX = 0.01  # a wait expected to be long (a server's ranks between requests) naps up to this
 ROLL_CALL_SECONDS = 2.0  # a rank giving up listens this long for the peers still alive
 ABORT_GRACE = 5  # seconds MPI_Abort may take before the rank ends itself
 LOST_TAG = 0x6E70  # point-to-point tag of the roll call (collectives use none)
@@ -95,7 +96,9 @@ class Comm:
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return obj
 
-    def allgather(self, obj: Any) -> list[Any]:
+    def allgather(self, obj: Any, patient: bool = False) -> list[Any]:
+        """Every rank's obj, in rank order. patient: a long wait is expected (a server's
+        ranks waiting for the next request): sleep while waiting rather than spin."""
         return [obj]
 
     def barrier(self) -> None:
@@ -168,18 +171,23 @@ class MPIComm(Comm):
         self.timeout = timeout if timeout else None
         self.startup_timeout = None if self.timeout is None else max(STARTUP_FACTOR * self.timeout, STARTUP_FLOOR)
         self.warmed = False
+        # Called with the one-line reason before a rank that lost a peer ends (a server answers
+        # its clients first); it must return soon.
+        self.on_lost: Callable[[str], None] | None = None
 
     def warm(self) -> None:
         self.warmed = True
 
-    def _wait(self, req: Any, what: str, idle: bool = False) -> None:
+    def _wait(self, req: Any, what: str, idle: bool = False, patient: bool = False) -> None:
         """Poll req until it completes: spin yielding the core while a peer
         is likely to answer soon (within one layer's work), then sleep with
-        backoff so a long wait leaves the core to the ranks it waits for."""
+        backoff so a long wait leaves the core to the ranks it waits for.
+        idle: some ranks do long work first (the startup deadline, no spin);
+        patient: a long wait under the usual deadline (no spin, longer naps)."""
         limit = self.startup_timeout if idle or not self.warmed else self.timeout
         start = time.monotonic()
-        spin_until = start + (0.0 if idle else SPIN_SECONDS)
-        nap = NAP_FIRST
+        spin_until = start + (0.0 if idle or patient else SPIN_SECONDS)
+        nap, nap_max = NAP_FIRST, PATIENT_NAP_MAX if patient else NAP_MAX
         try:
             while not req.Test():
                 now = time.monotonic()
@@ -189,7 +197,7 @@ class MPIComm(Comm):
                     os.sched_yield()
                 else:
                     time.sleep(nap)
-                    nap = min(nap * 2, NAP_MAX)
+                    nap = min(nap * 2, nap_max)
         except self.MPI.Exception as e:
             self._lost(what, f"failed: {e.Get_error_string().strip()}")
 
@@ -199,10 +207,12 @@ class MPIComm(Comm):
         exception: MPI_Finalize would wait for the lost peer too. Among the
         ranks still in touch, only the lowest prints, and it aborts the job."""
         silent, heard = self._roll_call()
+        who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent)) if silent else "a peer"
+        msg = f"lost contact with {who}: {what} {why}; this rank gives up"
+        if self.on_lost is not None:
+            with contextlib.suppress(Exception):
+                self.on_lost(msg)
         if not any(r < self.rank for r in heard):
-            who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent)) if silent else \
-                "a peer"
-            msg = f"lost contact with {who}: {what} {why}; this rank gives up"
             print(error_line(self.prog, NetpError(None, msg)), file=sys.stderr, flush=True)
             sys.stdout.flush()
             # Abort makes mpiexec end the job and return at once; without it
@@ -280,10 +290,11 @@ class MPIComm(Comm):
         self._wait(self.comm.Ibcast(rest, root=root), "broadcast")
         return pickle.loads(head[8:].tobytes() + rest.tobytes())
 
-    def allgather(self, obj: Any) -> list[Any]:
+    def allgather(self, obj: Any, patient: bool = False) -> list[Any]:
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, dtype=np.int64)
-        self._wait(self.comm.Iallgather(np.array([data.size], dtype=np.int64), sizes), "all-gather")
+        self._wait(self.comm.Iallgather(np.array([data.size], dtype=np.int64), sizes), "all-gather",
+                   patient=patient)
         flat = np.empty(int(sizes.sum()), dtype=np.uint8)
         self._wait(self.comm.Iallgatherv(data, [flat, sizes.tolist(), self.MPI.BYTE]), "all-gather")
         bounds = np.concatenate([[0], np.cumsum(sizes)])
@@ -405,7 +416,7 @@ class SimComm(Comm):
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self.world.exchange(self.rank, obj, lambda objs: objs[root])
 
-    def allgather(self, obj: Any) -> list[Any]:
+    def allgather(self, obj: Any, patient: bool = False) -> list[Any]:
         return list(self.world.exchange(self.rank, obj, list))
 
     def barrier(self) -> None:

@@ -2,7 +2,9 @@
 
 Rank 0 samples each token and broadcasts it; every rank then feeds the same
 token, so ranks never drift apart even where their sums differ in the last
-bit. Stops at EOS, at -n tokens, or when the context -c is full.
+bit. Stops at EOS, at -n tokens, when the context -c is full, or when rank 0's
+caller says so (a server's stop string or a client gone): that decision
+travels with the token, so every rank stops at the same step.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ STOP_REASONS = {
     "eos": "end of text (EOS token)",
     "context": "context full (-c {n_ctx})",
     "n_predict": "{n} tokens generated (-n)",
+    "caller": "stopped by the caller",
 }
 
 
@@ -48,9 +51,10 @@ class Generation:
 
 
 def generate(model: RankModel, prompt: Sequence[int], n_predict: int, sampler: Sampler | None,
-             on_token: Callable[[int], None] | None = None) -> Generation:
+             on_token: Callable[[int], bool | None] | None = None) -> Generation:
     """Run on every rank. `sampler` and `on_token` matter on rank 0 only.
-    n_predict < 0: until EOS or a full context."""
+    n_predict < 0: until EOS or a full context. on_token(token) sees each
+    token as it is chosen; a true return stops generation after it."""
     comm, n_ctx = model.comm, model.n_ctx
     prompt = [int(t) for t in prompt]
     if not prompt:
@@ -70,17 +74,20 @@ def generate(model: RankModel, prompt: Sequence[int], n_predict: int, sampler: S
     history = list(prompt)
     eos = model.hp.eos_token_id
     while True:
-        token = None
+        chosen: tuple[int, bool] | None = None
         if comm.is_root:
             assert sampler is not None and logits is not None  # rank 0 samples from the gathered logits
             token = sampler(logits[-1], history)
-        token = int(comm.bcast(token))
+            chosen = (token, on_token is not None and bool(on_token(token)))
+        token, stopped = comm.bcast(chosen)
+        token = int(token)
         gen.tokens.append(token)
         history.append(token)
-        if on_token is not None and comm.is_root:
-            on_token(token)
         if token == eos:
             gen.stop = "eos"
+            break
+        if stopped:
+            gen.stop = "caller"
             break
         if 0 <= n_predict <= len(gen.tokens):
             gen.stop = "n_predict"
