@@ -311,7 +311,7 @@ def test_api_key_and_sigterm_drain_on_every_rank(smollm2_shards2):
         s.kill()
 
 
-@pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_a_killed_rank_ends_the_server(victim, smollm2_shards2):
     s = Server(smollm2_shards2, ["-c", "512", "--timeout", "5"])
     try:
