@@ -92,7 +92,7 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
         opts = VerifyOptions(target=model, prompt=prompt or SEED_PROMPT,
                              n_tokens=n_predict if n_predict > 0 else 16, threads=n_threads,
                              use_mmap=not no_mmap, exact=exact, timeout=timeout)
-        raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))
+        raise SystemExit(_checking(prog, debug, run_verify, opts, prog, debug))
     from netp.runtime.run import RunOptions, parse_ids, run
     from netp.runtime.sampling import SamplingParams
 
@@ -118,31 +118,50 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
 @click.option("-p", "--prompt", default=SEED_PROMPT, show_default=True)
 @click.option("-n", "--n_tokens", "--n-tokens", "n_tokens", type=int, default=16, show_default=True,
               help="Greedy tokens of the reference to teacher-force after the prompt.")
+@click.option("--max-dlogit", "max_dlogit", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+              help="Two runs of the same weights (the set vs --ref, --f32 vs --hf): largest |logit difference|; "
+                   "the argmax must agree wherever the reference's top-2 margin exceeds it.")
+@click.option("--max-kl", "max_kl", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="A lossy step (quantized --ref vs --f32, q8_0 activations vs --exact): largest mean KL "
+                   "divergence, nats per position.")
+@click.option("--min-top1", "min_top1", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="A lossy step: smallest share of positions with the same most likely token.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write every comparison's figures, limits and verdict as JSON (schema: docs/design.md §5).")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), default=None,
+              help="Write a JUnit XML report: one testcase per comparison.")
 @click.option("-t", "--threads", type=int, default=None, help="Kernel (and BLAS) threads per rank.")
 @click.option("--no_mmap", "--no-mmap", "no_mmap", is_flag=True)
 @click.option("--exact", is_flag=True, help="Both sides run the block kernels on f32 activations.")
 @timeout_option
 @common_options
 def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | None, prompt: str, n_tokens: int,
-                   threads: int | None, no_mmap: bool, exact: bool, timeout: float, quiet: bool, debug: bool) -> None:
+                   max_dlogit: float, max_kl: float, min_top1: float, json_path: Path | None,
+                   junit_path: Path | None, threads: int | None, no_mmap: bool, exact: bool, timeout: float,
+                   quiet: bool, debug: bool) -> None:
     """Prove a shard set right: logits under N ranks against the unsharded
     file, the f32 file against transformers, and quantized against f32.
 
     \b
     Launched plainly it simulates the set's N ranks in one process; under
     `mpiexec -n N` it uses the real ranks. Teacher-forced along the
-    reference's greedy tokens. Passes when max |dlogit| <= 1e-3 and the
-    argmax agrees wherever the reference's top-2 margin exceeds 1e-3;
-    on failure names the first layer whose hidden state diverged.
-    Example: netp verify shards/ --ref ne-q4_0.bin --f32 ne-f32.bin --hf model.gguf
+    reference's greedy tokens. Each comparison is held to its limits
+    (--max-dlogit, --max-kl, --min-top1); a failure names the first layer
+    whose hidden state diverged. Exit status: 0 every comparison passed,
+    1 one failed, 2 a bad input or usage.
+    \b
+    Examples:
+      netp verify shards/ --ref ne-q4_0.bin --f32 ne-f32.bin --hf model.gguf
+      mpiexec -n 2 netp verify shards/ --ref ne-q4_0.bin --json verify.json --junit report.xml
     """
     prog = _prog()
     n_threads = _threads(threads, shards)
     from netp.runtime.verify import VerifyOptions, verify as run_verify
 
     opts = VerifyOptions(target=shards, ref=ref, f32=f32, hf=hf, prompt=prompt, n_tokens=n_tokens,
-                         threads=n_threads, use_mmap=not no_mmap, exact=exact, timeout=timeout)
-    raise SystemExit(run_reporting(prog, debug, run_verify, opts, prog, debug))
+                         max_dlogit=max_dlogit, max_kl=max_kl, min_top1=min_top1, json=json_path,
+                         junit=junit_path, threads=n_threads, use_mmap=not no_mmap, exact=exact, timeout=timeout)
+    raise SystemExit(_checking(prog, debug, run_verify, opts, prog, debug))
 
 
 @click.command("perplexity", cls=NetpCommand, context_settings={"help_option_names": ["-h", "--help"]})

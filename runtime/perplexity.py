@@ -31,6 +31,7 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats.paths import read_capped, read_json
 from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, SoloComm, mpi_world, run_world
+from netp.runtime.comparisons import kl_divergence, log_softmax
 from netp.runtime.model import RankModel, load_rank_model
 from netp.runtime.report import REPORT_VERSION, check_report_paths, environment, model_inputs, write_json
 from netp.runtime.run import load_tokenizer, tokenizer_path
@@ -93,13 +94,6 @@ def mean_and_stderr(total: float, total2: float, count: int) -> tuple[float, flo
     return mean, math.sqrt(var / (count - 1)) if var > 0 and count > 1 else 0.0
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return x
-
-
 class Scores:
     """Running sums over scored tokens; per token only the KL value and top-1 agreement are kept."""
 
@@ -117,16 +111,16 @@ class Scores:
         rows = np.arange(len(targets))
         for a in range(0, len(targets), ROWS_PER_STEP):
             b = min(a + ROWS_PER_STEP, len(targets))
-            logp = _log_softmax(logits[a:b])
+            logp = log_softmax(logits[a:b])
             nll = -logp[rows[: b - a], targets[a:b]]
             self.nll += float(nll.sum())
             self.nll2 += float((nll * nll).sum())
             if ref_logits is not None and self.kl_values is not None:
-                ref_logp = _log_softmax(ref_logits[a:b])
+                ref_logp = log_softmax(ref_logits[a:b])
                 ref_nll = -ref_logp[rows[: b - a], targets[a:b]]
                 self.ref_nll += float(ref_nll.sum())
                 self.ref_nll2 += float((ref_nll * ref_nll).sum())
-                kl = (np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
+                kl = kl_divergence(ref_logp, logp)
                 self.kl += float(kl.sum())
                 self.kl2 += float((kl * kl).sum())
                 self.kl_values.append(kl.astype(np.float32))

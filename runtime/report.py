@@ -22,6 +22,7 @@ from netp.errors import NetpError
 from netp.formats.atomic import write_file
 from netp.formats.paths import check_output_place
 from netp.formats.tokenizer_dir import tokenizer_dir_for
+from netp.runtime.comparisons import Comparison, text_lines
 
 REPORT_VERSION = 1
 
@@ -121,5 +122,38 @@ def junit_xml(suite: str, cases: Sequence[Mapping[str, Any]], seconds: float, pr
     return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
-def write_junit(path: str | os.PathLike, xml: bytes) -> Path:
-    return write_file(path, xml)
+# -- verify's reports --------------------------------------------------------------------------
+
+def comparison_json(c: Comparison) -> dict[str, Any]:
+    """One comparison record as the report holds it."""
+    return {"id": c.id, "title": c.title, "kind": c.kind, "passed": c.passed, "reason": c.reason,
+            "figures": c.figures,
+            "limits": [{"figure": lim.figure, "op": lim.op, "value": lim.value,
+                        "passed": lim.holds(c.figures[lim.figure])} for lim in c.limits],
+            "first_diverging_layer": c.first_diverging_layer, "seconds": c.seconds, "rows": c.rows}
+
+
+def manifest_hashes(folder: Path) -> dict[str, Any]:
+    """The shard set's identity: its manifest's own sha256 and the sha256s it records."""
+    from netp.formats.manifest import MANIFEST_NAME
+    from netp.shard.check import load_shard_manifest
+    from netp.shard.hashing import sha256_file
+
+    m = load_shard_manifest(folder)
+    return {"sha256": sha256_file(folder / MANIFEST_NAME), "world_size": m.world_size,
+            "source": {"name": m.source.name, "size": m.source.size, "sha256": m.source.sha256},
+            "ranks": [{"file": r.file, "size": r.size, "sha256": r.sha256} for r in m.ranks],
+            "tokenizer_files": [{"file": f.file, "size": f.size, "sha256": f.sha256} for f in m.tokenizer_files]}
+
+
+def verify_junit(doc: Mapping[str, Any], comparisons: Sequence[Comparison], seconds: float) -> bytes:
+    """One testcase per comparison; a failed one carries its one-line reason."""
+    env = doc["environment"]
+    cases = [{"classname": f"netp.verify.{c.kind}", "name": f"{c.id}: {c.title}", "seconds": c.seconds,
+              "failure": c.reason, "details": "\n".join(text_lines(c)[-2 if c.first_diverging_layer else -1:])}
+             for c in comparisons]
+    props = {"target": doc["target"], "ref": doc["ref"], "f32": doc["f32"], "hf": doc["hf"],
+             "manifest_sha256": (doc["manifest"] or {}).get("sha256"), "netp": env["netp"], "numpy": env["numpy"],
+             "transformers": env["transformers"], "ranks": f"{env['ranks']} ({env['world']})",
+             "threads": env["threads"]}
+    return junit_xml(f"netp verify {doc['target']}", cases, seconds, props)

@@ -3,18 +3,21 @@
 One prompt, teacher-forced along the reference's greedy tokens (so one
 near-tie cannot cascade), the prompt as one batch and then token by token,
 so both the batch and the KV-cache paths are checked. Comparisons, each
-when its inputs are given:
-1. the target (a shard set under its N ranks, MPI or simulated) vs the
-   unsharded reference at 1 rank: max |dlogit| <= 1e-3 and the same argmax
-   wherever the reference's top-2 margin exceeds 1e-3;
-2. the f32 NE file vs transformers' own model in float32: the same rule;
-3. a quantized reference vs the f32 file: mean KL divergence and top-1
-   agreement (llama.cpp's --kl-divergence figures), information only;
-4. a quantized reference under the default block kernels (q8_0
-   activations, as ggml) vs --exact (f32 activations) on the same blocks:
-   max |dlogit| and mean KL, information only.
-A failure exits non-zero naming the first layer whose hidden state differs
-by more than 1e-3 of its own scale (max |h|).
+when its inputs are given, each a record (runtime/comparisons.py) held to
+its limits:
+1. `target`: the target (a shard set under its N ranks, MPI or simulated)
+   vs the unsharded reference at 1 rank: max |dlogit| <= --max-dlogit and
+   the same argmax wherever the reference's top-2 margin exceeds it;
+2. `f32-vs-transformers`: the f32 NE file vs transformers' own model in
+   float32: the same rule;
+3. `quantized-vs-f32`: a quantized reference vs the f32 file: mean KL
+   divergence <= --max-kl, top-1 agreement >= --min-top1 (llama.cpp's
+   --kl-divergence figures);
+4. `kernel-modes`: a quantized reference under --exact (f32 activations)
+   vs the default block kernels (q8_0 activations, as ggml): the same limits.
+Exit status 0 all passed, 1 one failed (its reason naming the first layer
+whose hidden state differs by more than --max-dlogit of its own scale),
+2 a bad input; --json and --junit reports from the same records.
 
 The reference, f32 and transformers runs happen on rank 0 alone while the
 other ranks wait idle; the target runs on every rank.
@@ -24,24 +27,34 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from netp.errors import NetpError
+from netp.errors import NetpError, error_line
+from netp.formats.atomic import write_file
 from netp.formats.ne import NEReader
 from netp.formats.paths import regular_file
 from netp.models.context import ForwardTrace
-from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, PeerFailed, SoloComm, mpi_world, run_world
+from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, SoloComm, mpi_world, run_world
+from netp.runtime.comparisons import Comparison, Pass, compare_kl, compare_logits, text_lines
 from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
+from netp.runtime.report import (
+    REPORT_VERSION, check_report_paths, comparison_json, environment, manifest_hashes, model_inputs, verify_junit,
+    write_json,
+)
 from netp.runtime.run import check_prompt, load_tokenizer
 from netp.runtime.sources import check_world_size, tokenizer_dir
 from netp.shard.check import load_shard_manifest
 
-BOUND = 1e-3
+# The limits' defaults (docs/design.md §5, "Verification"; the CLI writes them out for --help)
+MAX_DLOGIT = 1e-3  # two runs of the same weights: only the order of sums differs
+MAX_KL = 1.0  # mean KL(ref || q) of a lossy step, nats per position
+MIN_TOP1 = 0.25  # share of positions with the same most likely token
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,11 @@ class VerifyOptions:
     threads: int = 1
     use_mmap: bool = True
     exact: bool = False  # both sides run the block kernels on f32 activations
-    bound: float = BOUND
+    max_dlogit: float = MAX_DLOGIT
+    max_kl: float = MAX_KL
+    min_top1: float = MIN_TOP1
+    json: Path | None = None
+    junit: Path | None = None
     timeout: float | None = DEFAULT_TIMEOUT  # seconds a collective may take under MPI (docs/design.md §9)
 
 
@@ -69,23 +86,6 @@ class Plan:
     f32: Path | None
     hf: str | None
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Pass:
-    """One model's teacher-forced run: logits (T, V) and hidden states (n_layer + 1) x (T, n_embd)."""
-
-    name: str
-    logits: np.ndarray
-    states: list[np.ndarray] | None = None
-
-
-@dataclass
-class Comparison:
-    title: str
-    ok: bool
-    lines: list[str]
-    failure: str = ""
 
 
 def _is_f32(path: Path) -> bool:
@@ -250,103 +250,14 @@ def transformers_pass(hf: str, tokens: list[int], threads: int) -> Pass:
     return Pass(f"transformers ({p.name})", out.logits[0].float().numpy(), states)
 
 
-# -- comparing ----------------------------------------------------------------------
-
-def first_diverging_layer(ref: list[np.ndarray] | None, other: list[np.ndarray] | None, bound: float,
-                          n_compare: int | None = None) -> str:
-    """Name the first hidden state differing by more than bound x its scale.
-    States: [0] enters layer 0 (the embeddings), [i] leaves layer i - 1."""
-    if not ref or not other:
-        return "hidden states unavailable"
-    n = min(len(ref), len(other)) if n_compare is None else n_compare
-    for i in range(n):
-        scale = float(np.abs(ref[i]).max()) or 1.0
-        diff = float(np.abs(ref[i] - other[i]).max())
-        if diff > bound * scale:
-            where = "the token embeddings" if i == 0 else f"layer {i - 1}"
-            return f"first diverging hidden state: {where} (max |dh| {diff:.3g} > {bound:g} x scale {scale:.3g})"
-    return "every hidden state compared agrees within 1e-3 of its scale; the difference arises after them " \
-           "(final norm or output head)"
-
-
-def _token_text(tokenizer: Any, token: int) -> str:
-    text = tokenizer.decode([token]) if tokenizer is not None else str(token)
-    return repr(text)[1:-1][:14]
-
-
-def compare_logits(title: str, ref: Pass, other: Pass, tokens: list[int], bound: float, tokenizer: Any,
-                   n_states: int | None = None) -> Comparison:
-    if ref.logits.shape != other.logits.shape:
-        return Comparison(title, False, [], f"logits have shape {other.logits.shape} vs {ref.logits.shape}")
-    lines = [f"  {'pos':>4}  {'token':<16} {'max|dlogit|':>12} {'top-2 margin':>13}  argmax"]
-    worst, worst_pos, disagree, skipped = 0.0, 0, [], 0
-    for pos, (a, b) in enumerate(zip(ref.logits, other.logits)):
-        d = float(np.abs(a - b).max())
-        top2 = np.partition(a, -2)[-2:]
-        margin = float(top2[1] - top2[0])
-        same = int(np.argmax(a)) == int(np.argmax(b))
-        if margin > bound and not same:
-            disagree.append(pos)
-        elif margin <= bound:
-            skipped += 1
-        if d > worst:
-            worst, worst_pos = d, pos
-        verdict = "same" if same else ("DIFFERENT" if margin > bound else "differs (near-tie)")
-        lines.append(f"  {pos:>4}  {_token_text(tokenizer, tokens[pos]):<16} {d:>12.3e} {margin:>13.4f}  {verdict}")
-    ok = worst <= bound and not disagree
-    n = len(tokens)
-    lines.append(f"  max |dlogit| {worst:.3e} (position {worst_pos}) {'<=' if worst <= bound else '>'} {bound:g}; "
-                 f"argmax agrees at {n - len(disagree) - skipped}/{n - skipped} positions"
-                 f"{f' ({skipped} near-ties skipped)' if skipped else ''}: {'PASS' if ok else 'FAIL'}")
-    failure = ""
-    if not ok:
-        what = f"max |dlogit| {worst:.3e} > {bound:g} at position {worst_pos}" if worst > bound else \
-            f"argmax differs at position {disagree[0]} (margin above {bound:g})"
-        failure = f"{title}: {what}; {first_diverging_layer(ref.states, other.states, bound, n_states)}"
-    return Comparison(title, ok, lines, failure)
-
-
-def kl_table(title: str, f32: Pass, quant: Pass, tokens: list[int], tokenizer: Any) -> Comparison:
-    p_log = _log_softmax(f32.logits.astype(np.float64))
-    q_log = _log_softmax(quant.logits.astype(np.float64))
-    kl = (np.exp(p_log) * (p_log - q_log)).sum(axis=-1)
-    top1 = np.argmax(f32.logits, axis=-1) == np.argmax(quant.logits, axis=-1)
-    lines = [f"  {'pos':>4}  {'token':<16} {'KL(f32||q)':>12}  top-1"]
-    for pos in range(len(tokens)):
-        lines.append(f"  {pos:>4}  {_token_text(tokenizer, tokens[pos]):<16} {kl[pos]:>12.5f}  "
-                     f"{'same' if top1[pos] else 'different'}")
-    lines.append(f"  mean KL divergence {kl.mean():.5f}, max {kl.max():.5f}; top-1 agreement "
-                 f"{top1.mean() * 100:.1f}% ({int(top1.sum())}/{top1.size}) (information, not a check)")
-    return Comparison(title, True, lines)
-
-
-def kernel_modes_table(name: str, default: Pass, exact: Pass, tokens: list[int]) -> Comparison:
-    """The default block kernels (q8_0 activations) vs --exact (f32 activations) on one file."""
-    d_log = _log_softmax(default.logits.astype(np.float64))
-    e_log = _log_softmax(exact.logits.astype(np.float64))
-    kl = (np.exp(e_log) * (e_log - d_log)).sum(axis=-1)
-    diff = np.abs(default.logits - exact.logits).max(axis=-1)
-    top1 = np.argmax(default.logits, axis=-1) == np.argmax(exact.logits, axis=-1)
-    lines = [f"  default vs --exact: max |dlogit| {diff.max():.3e} (position {int(diff.argmax())}), mean KL "
-             f"{kl.mean():.6f} (exact || default) over {len(tokens)} positions; "
-             f"top-1 agreement {top1.mean() * 100:.1f}% "
-             f"(information, not a check)"]
-    return Comparison(f"{name}: default kernels (q8_0 activations) vs --exact (f32 activations)", True, lines)
-
-
 def _has_blocks(path: Path) -> bool:
     with NEReader(path) as r:
         return any(t.ggml_type in KERNEL_TYPES for t in r.tensors.values())
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def print_comparison(c: Comparison) -> None:
-    print(f"\n== {c.title}")
-    print("\n".join(c.lines), flush=True)
+def _show(c: Comparison) -> Comparison:
+    print("\n" + "\n".join(text_lines(c)), flush=True)
+    return c
 
 
 # -- the program ----------------------------------------------------------------------
@@ -362,7 +273,8 @@ def _reference(comm: Comm, opts: VerifyOptions, plan: Plan) -> tuple[Any, list[i
             if not prompt:
                 raise NetpError(None, "the prompt encodes to no tokens")
             print(f"verify {plan.target}: prompt {len(prompt)} tokens + {opts.n_tokens} greedy tokens of the "
-                  f"reference, teacher-forced; bound max |dlogit| <= {opts.bound:g}", flush=True)
+                  f"reference, teacher-forced; limits: max |dlogit| <= {opts.max_dlogit:g}, mean KL <= "
+                  f"{opts.max_kl:g}, top-1 >= {opts.min_top1:g}", flush=True)
             for note in plan.notes:
                 print(f"note: {note}", flush=True)
             token_ref = plan.ref or plan.f32
@@ -374,98 +286,156 @@ def _reference(comm: Comm, opts: VerifyOptions, plan: Plan) -> tuple[Any, list[i
 
 
 def _compare_target(comm: Comm, opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int],
-                    n_prompt: int, ref: Pass | None) -> str | None:
-    """The target on every rank, teacher-forced, against the reference; the failure text on rank 0."""
+                    n_prompt: int, ref: Pass | None) -> Comparison | None:
+    """The target on every rank, teacher-forced, against the reference; the record on rank 0."""
     root = comm.is_root
+    started = time.perf_counter()
     with comm.agreeing():
         model = load_rank_model(plan.target, comm, len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads,
                                 exact=opts.exact)
     try:
         logits = teacher_forced(model, tokens, n_prompt)
-        comparison = None
+        c = None
         if root:
             assert ref is not None and logits is not None
-            title = f"{plan.target} on {comm.describe()} vs {ref.name} on 1 rank"
-            comparison = compare_logits(title, ref, Pass(str(plan.target), logits), tokens, opts.bound, tokenizer)
-        need_states = comm.bcast(None if comparison is None else not comparison.ok)
+            c = compare_logits("target", f"{plan.target} on {comm.describe()} vs {ref.name} on 1 rank", ref,
+                               Pass(str(plan.target), logits), tokens, opts.max_dlogit, tokenizer)
+        need_states = comm.bcast(None if c is None else not c.passed)
         if need_states:  # find the first diverging layer: every rank takes part
             states = batch_states(model, tokens)
             if root:
-                assert comparison is not None and ref is not None and logits is not None
-                comparison = compare_logits(comparison.title, ref, Pass(str(plan.target), logits, states),
-                                            tokens, opts.bound, tokenizer)
-        if root:
-            assert comparison is not None
-            print_comparison(comparison)
-            return None if comparison.ok else comparison.failure
-        return None
+                assert c is not None and ref is not None and logits is not None
+                c = compare_logits(c.id, c.title, ref, Pass(str(plan.target), logits, states), tokens,
+                                   opts.max_dlogit, tokenizer)
+        if c is not None:
+            c.seconds = time.perf_counter() - started
+            _show(c)
+        return c
     finally:
         model.close()
 
 
-def _compare_f32(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int], n_prompt: int,
-                 ref: Pass) -> str | None:
-    """Rank 0: the f32 file against transformers, and the KL table of the quantized reference against it."""
-    failure = None
-    f32 = None
+def _compare_on_root(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int], n_prompt: int,
+                     ref: Pass) -> list[Comparison]:
+    """Rank 0: the f32 file against transformers, the quantized reference against the f32 file,
+    and the quantized reference's default kernels against --exact."""
+    out: list[Comparison] = []
+    f32, f32_seconds = None, 0.0  # each record's seconds: the runs it needed beyond the reference's
     if plan.f32 is not None:
+        started = time.perf_counter()
         f32 = ref if plan.ref in (None, plan.f32) else solo_pass(plan.f32, tokens, n_prompt, opts)
+        f32_seconds = time.perf_counter() - started
     if plan.hf is not None and f32 is not None:
+        started = time.perf_counter()
         hf = transformers_pass(plan.hf, tokens, opts.threads)
         # transformers' last hidden state is after the final norm: compare the ones before it
-        c = compare_logits(f"{f32.name} (1 rank) vs transformers {plan.hf}", hf, f32, tokens,
-                           opts.bound, tokenizer, n_states=len(hf.states or []) - 1)
-        print_comparison(c)
-        if not c.ok:
-            failure = c.failure
+        c = compare_logits("f32-vs-transformers", f"{f32.name} (1 rank) vs transformers {plan.hf}", hf, f32,
+                           tokens, opts.max_dlogit, tokenizer, n_states=len(hf.states or []) - 1)
+        c.seconds = f32_seconds + time.perf_counter() - started
+        out.append(_show(c))
     if f32 is not None and plan.ref is not None and f32 is not ref:
-        print_comparison(kl_table(f"{ref.name} (quantized) vs {f32.name}: KL divergence",
-                                  f32, ref, tokens, tokenizer))
-    return failure
+        c = compare_kl("quantized-vs-f32", f"{ref.name} (quantized) vs {f32.name}: KL divergence", f32, ref,
+                       tokens, opts.max_kl, opts.min_top1, tokenizer)
+        c.seconds = f32_seconds
+        out.append(_show(c))
+    if plan.ref is not None and _has_blocks(plan.ref):
+        started = time.perf_counter()
+        other = solo_pass(plan.ref, tokens, n_prompt, replace(opts, exact=not opts.exact))
+        default, exact = (other, ref) if opts.exact else (ref, other)
+        c = compare_kl("kernel-modes", f"{plan.ref.name}: default kernels (q8_0 activations) vs --exact "
+                                       "(f32 activations)", exact, default, tokens, opts.max_kl, opts.min_top1,
+                       tokenizer, table=False)
+        c.seconds = time.perf_counter() - started
+        out.append(_show(c))
+    return out
 
 
-def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> str | None:
-    """Every rank runs this; returns (on rank 0) the failure text or None."""
+@dataclass
+class Outcome:
+    """What a verify run found: every rank knows the status; the records are rank 0's."""
+
+    status: int  # 0 every comparison passed, 1 one failed
+    comparisons: list[Comparison]
+    tokens: list[int]
+    n_prompt: int
+
+
+def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> Outcome:
+    """Every rank runs this; rank 0 prints the tables."""
     tokenizer, tokens, n_prompt, ref = _reference(comm, opts, plan)
-    failures: list[str] = []
+    comparisons: list[Comparison] = []
     if plan.ref is not None and (plan.target != plan.ref or plan.world > 1):
-        failure = _compare_target(comm, opts, plan, tokenizer, tokens, n_prompt, ref)
-        if failure:
-            failures.append(failure)
+        c = _compare_target(comm, opts, plan, tokenizer, tokens, n_prompt, ref)
+        if c is not None:
+            comparisons.append(c)
     with comm.agreeing(idle=True):
         if comm.is_root:
-            assert ref is not None and tokens is not None and n_prompt is not None
-            failure = _compare_f32(opts, plan, tokenizer, tokens, n_prompt, ref)
-            if failure:
-                failures.append(failure)
-            if plan.ref is not None and _has_blocks(plan.ref):
-                other = solo_pass(plan.ref, tokens, n_prompt, replace(opts, exact=not opts.exact))
-                default, exact = (other, ref) if opts.exact else (ref, other)
-                print_comparison(kernel_modes_table(plan.ref.name, default, exact, tokens))
-    status = comm.bcast(failures[0] if failures else None)
-    if comm.is_root:
-        print(f"\nverify: {'FAIL' if status else 'PASS'}", flush=True)
-    return status
+            assert ref is not None
+            comparisons += _compare_on_root(opts, plan, tokenizer, tokens, n_prompt, ref)
+    status = comm.bcast(0 if all(c.passed for c in comparisons) else 1)
+    return Outcome(status, comparisons, tokens, n_prompt)
+
+
+def _write_reports(opts: VerifyOptions, plan: Plan, outcome: Outcome, comm_kind: str, ranks: int,
+                   seconds: float) -> None:
+    """Rank 0: the --json and --junit reports (docs/design.md §5, "Reports")."""
+    if opts.json is None and opts.junit is None:
+        return
+    doc = {
+        "report": "netp-verify", "version": REPORT_VERSION, "passed": outcome.status == 0, "status": outcome.status,
+        "target": str(plan.target), "ref": None if plan.ref is None else str(plan.ref),
+        "f32": None if plan.f32 is None else str(plan.f32), "hf": plan.hf, "exact": opts.exact,
+        "manifest": manifest_hashes(plan.target) if plan.target.is_dir() else None,
+        "prompt": {"text": opts.prompt, "tokens": outcome.tokens, "n_prompt": outcome.n_prompt},
+        "thresholds": {"max_dlogit": opts.max_dlogit, "max_kl": opts.max_kl, "min_top1": opts.min_top1},
+        "notes": plan.notes,
+        "comparisons": [comparison_json(c) for c in outcome.comparisons],
+        "first_diverging_layer": next((c.first_diverging_layer for c in outcome.comparisons
+                                       if c.first_diverging_layer is not None), None),
+        "environment": environment(comm_kind, ranks, opts.threads), "wall_seconds": seconds,
+    }
+    if opts.json is not None:
+        write_json(opts.json, doc)
+        print(f"report: {opts.json}", flush=True)
+    if opts.junit is not None:
+        write_file(opts.junit, verify_junit(doc, outcome.comparisons, seconds))
+        print(f"JUnit report: {opts.junit}", flush=True)
+
+
+def _check_reports(opts: VerifyOptions) -> None:
+    """Before any model runs: the report paths are writable places that are no input."""
+    hf = [Path(opts.hf)] if opts.hf is not None and os.path.lexists(opts.hf) else []
+    check_report_paths({"--json": opts.json, "--junit": opts.junit},
+                       [*model_inputs(opts.target, opts.ref, opts.f32), *hf])
 
 
 def verify(opts: VerifyOptions, prog: str = "netp verify", debug: bool = False) -> int:
+    """Exit status: 0 every comparison passed, 1 one failed (its reason in one error line)."""
+    started = time.perf_counter()
     check_prompt(opts.prompt)  # before any model loads
     comm = mpi_world(opts.timeout, prog)
 
-    def rank_main(c: Comm) -> str | None:
+    def finish(c: Comm, plan: Plan) -> int:
+        outcome = _verify_rank(c, opts, plan)
+        if c.is_root:
+            _write_reports(opts, plan, outcome, c.kind, c.size, time.perf_counter() - started)
+            print(f"\nverify: {'FAIL' if outcome.status else 'PASS'}", flush=True)
+            failed = [x for x in outcome.comparisons if not x.passed]
+            if failed:
+                print(error_line(prog, NetpError(opts.target, f"verification failed: {failed[0].reason}")),
+                      file=sys.stderr, flush=True)
+        return outcome.status
+
+    def rank_main(c: Comm) -> int:
         with c.agreeing():
             plan = resolve(opts, c.size)
-        status = _verify_rank(c, opts, plan)
-        if status and not c.is_root:
-            raise PeerFailed()
-        return status
+            if c.is_root:
+                _check_reports(opts)
+        return finish(c, plan)
 
     if comm is None:
         with SoloComm().agreeing():
             plan = resolve(opts, None)
-        status = run_world(lambda c: _verify_rank(c, opts, plan), plan.world, None, prog, debug)
-    else:
-        status = run_world(rank_main, 1, comm, prog, debug)
-    if status:
-        raise NetpError(opts.target, f"verification failed: {status}")
-    return 0
+            _check_reports(opts)
+        return int(run_world(lambda c: finish(c, plan), plan.world, None, prog, debug))
+    return int(run_world(rank_main, 1, comm, prog, debug))
