@@ -3,8 +3,9 @@
 
 Runs the seed commands one by one, printing each before it runs, keeps its
 work files under demo/ (git-ignored) and skips a stage whose output is newer
-than its input, so a second `make demo` reuses what is up to date. Ends with
-one summary: time per stage, file sizes, tok/s and PASS/FAIL.
+than its input, so a second `make demo` reuses what is up to date. Writes the
+CI reports (verify's JSON and JUnit, perplexity's JSON) under demo/ and says
+where; ends with one summary: time per stage, file sizes, tok/s and PASS/FAIL.
 """
 from __future__ import annotations
 
@@ -65,10 +66,26 @@ def run(stage: str, argv: list[str], timings: dict[str, str], capture: bool = Fa
     return proc
 
 
+# The CI recipe's reports (README "Verification in CI"): verify's JSON and JUnit, perplexity's JSON.
+VERIFY_REPORTS = ["--json", "verify.json", "--junit", "report.xml"]
+PERPLEXITY_TEXT = ROOT / "docs" / "design.md"  # prose the repo ships: no download
+
+
+def ci_reports(f32: Path, timings: dict[str, str]) -> None:
+    """Perplexity of the shard set on 2 MPI ranks over the design notes, with KL against the f32
+    file, as JSON; then where the three report files are."""
+    run("perplexity", ["mpiexec", "-n", "2", "netp", "perplexity", "shards/", "-f", str(PERPLEXITY_TEXT),
+                       "--ctx", "512", "--chunks", "4", "--ref", f32.name, "--json", "perplexity.json"], timings)
+    print("\nreports for CI:")
+    for name in ("verify.json", "report.xml", "perplexity.json"):
+        path = WORK / name
+        print(f"  {path}{'' if path.is_file() else ' (not written)'}")
+
+
 def summary(timings: dict[str, str], sizes: dict[str, int], speed: str, ok: bool) -> None:
     print("\n== netp demo summary")
     for stage, t in timings.items():
-        print(f"  {stage:<9} {t}")
+        print(f"  {stage:<10} {t}")
     for name, n in sizes.items():
         print(f"  {name:<22} {n / 2**20:8.1f} MiB")
     if speed:
@@ -104,7 +121,8 @@ def main() -> None:
     speed = next((line.strip() for line in out.splitlines() if re.search(r"tok/s", line)), "")
     # Under the same real MPI world as the run: the shard set's 2 ranks vs the unsharded file.
     verify = run("verify", ["mpiexec", "-n", "2", "netp", "verify", "shards/", "--ref", q4.name, "--f32", f32.name,
-                            "--hf", str(gguf)], timings, check=False)
+                            "--hf", str(gguf), *VERIFY_REPORTS], timings, check=False)
+    ci_reports(f32, timings)
     sizes = {"SmolLM2 GGUF (q4_1)": size_of(gguf), "ne-f32.bin": size_of(f32), "ne-q4_0.bin": size_of(q4),
              "shards/": size_of(shards)}
     summary(timings, sizes, speed, ok=verify.returncode == 0)
