@@ -67,24 +67,34 @@ class RankWeights:
     f32 matrices, norms; the embedding table too under --no_mmap)."""
 
     def __init__(self, source: RankSource, use_mmap: bool = True, nthread: int = 1, exact: bool = False):
-        self.source, self.use_mmap, self.nthread, self.exact = source, use_mmap, nthread, exact
+        self._setup(source, use_mmap, nthread, exact)
         arch = source.arch
+        emb = source.part(arch.embedding_name, mapped=use_mmap)
+        assert emb is not None  # replicated: every rank holds it
+        self.embedding = EmbeddingTable(emb, source.type_of(arch.embedding_name))
+        if not use_mmap:
+            self.resident_bytes += emb.nbytes  # --no_mmap: the table is read into memory
+        self._globals = self._assemble(arch.runtime_tensors(None))
+        self.layers = [self._assemble(arch.runtime_tensors(i)) for i in range(source.hp.n_layer)]
+
+    def _setup(self, source: RankSource, use_mmap: bool, nthread: int, exact: bool) -> None:
+        self.source, self.use_mmap, self.nthread, self.exact = source, use_mmap, nthread, exact
         self.resident_bytes = 0
         self.matrix_types: set[str] = set()
         self.kernels: kernels.WarmUp | None = None  # set when a quantized matrix needed the kernels
-        emb_name = arch.embedding_name
-        if not source.has(emb_name):
-            raise NetpError(source.path, f"missing tensor {emb_name}")
-        emb = source.part(emb_name, mapped=use_mmap)
-        assert emb is not None  # replicated: every rank holds it
-        self.embedding = EmbeddingTable(emb, source.type_of(emb_name))
-        if not use_mmap:
-            self.resident_bytes += emb.nbytes  # --no_mmap: the table is read into memory
-        self.globals = self._assemble(arch.runtime_tensors(None))
-        self.layers = [self._assemble(arch.runtime_tensors(i)) for i in range(source.hp.n_layer)]
+        if not source.has(source.arch.embedding_name):
+            raise NetpError(source.path, f"missing tensor {source.arch.embedding_name}")
+
+    @property
+    def globals(self) -> dict[str, Any]:
+        return self._globals
 
     def layer(self, i: int) -> dict[str, Any]:
         return self.layers[i]
+
+    def _embedding_rows(self, start: int, stop: int) -> np.ndarray:
+        """Vocab rows [start, stop) of the embedding in file form (a tied model's output head)."""
+        return self.embedding.data[start:stop]
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return self.embedding.rows(tokens)
@@ -105,7 +115,7 @@ class RankWeights:
         if not src.has(name):
             if name == src.arch.output_name:  # tied embeddings: the output head is the embedding's vocab rows
                 v0, v1 = src.mapping.vocab()
-                return self.embedding.data[v0:v1], self.embedding.type
+                return self._embedding_rows(v0, v1), src.type_of(src.arch.embedding_name)
             raise NetpError(src.path, f"missing tensor {name}")
         data = src.part(name, mapped=mapped)
         return None if data is None else (data, src.type_of(name))
