@@ -26,6 +26,7 @@ import numpy as np
 
 from netp.errors import NetpError, error_line
 from netp.hostenv import launched_under_mpi
+from netp.runtime.rollcall import RollCall
 
 # Deadlines of MPI collectives (docs/design.md §9): --timeout after the
 # first forward; before it (loading, numba's first compile) STARTUP_FACTOR
@@ -38,7 +39,6 @@ SPIN_SECONDS, NAP_FIRST, NAP_MAX = 0.02, 1e-4, 2e-3
 PATIENT_NAP_MAX = 0.01  # a wait expected to be long (a server's ranks between requests) naps up to this
 ROLL_CALL_SECONDS = 2.0  # a rank giving up listens this long for the peers still alive
 ABORT_GRACE = 5  # seconds MPI_Abort may take before the rank ends itself
-LOST_TAG = 0x6E70  # point-to-point tag of the roll call (collectives use none)
 BCAST_HEAD = 256  # bytes of a broadcast's first message
 
 
@@ -174,6 +174,17 @@ class MPIComm(Comm):
         # Called with the one-line reason before a rank that lost a peer ends (a server answers
         # its clients first); it must return soon.
         self.on_lost: Callable[[str], None] | None = None
+        self.rollcall: RollCall | None = None
+        if self.size > 2:  # of two ranks the silent one is known without asking
+            with contextlib.suppress(OSError):
+                self.rollcall = RollCall()
+            cards = self.allgather(None if self.rollcall is None else self.rollcall.card)
+            if self.rollcall is not None:
+                if any(c is None for c in cards):
+                    self.rollcall.close()
+                    self.rollcall = None
+                else:
+                    self.rollcall.join(self.rank, cards)
 
     def warm(self) -> None:
         self.warmed = True
@@ -225,27 +236,13 @@ class MPIComm(Comm):
         os._exit(1)
 
     def _roll_call(self) -> tuple[list[int], set[int]]:
-        """Best effort: every rank that gives up tells every other one so,
-        and listens for ROLL_CALL_SECONDS; those it heard from are alive.
-        Of two ranks the silent one is known without asking (and sending to
-        a peer that died can crash MPICH's UCX layer: measured, SIGSEGV)."""
+        """Best effort: every rank that gives up tells every other one so (over
+        runtime/rollcall.py's UDP side channel, never MPI: sending to a peer that
+        died crashed MPICH's UCX layer, SIGSEGV) and listens for ROLL_CALL_SECONDS;
+        those it heard from are alive. Of two ranks the silent one is known."""
         if self.size == 2:
             return [1 - self.rank], set()
-        heard: set[int] = set()
-        sends = []  # held so the pickled messages stay alive while in flight
-        for r in range(self.size):
-            if r != self.rank:
-                with contextlib.suppress(self.MPI.Exception):
-                    sends.append(self.comm.issend(self.rank, dest=r, tag=LOST_TAG))
-        until = time.monotonic() + ROLL_CALL_SECONDS
-        status = self.MPI.Status()
-        with contextlib.suppress(self.MPI.Exception):
-            while time.monotonic() < until and len(heard) < self.size - 1:
-                if self.comm.iprobe(source=self.MPI.ANY_SOURCE, tag=LOST_TAG, status=status):
-                    heard.add(status.Get_source())
-                    self.comm.recv(source=status.Get_source(), tag=LOST_TAG)
-                else:
-                    time.sleep(0.01)
+        heard = self.rollcall.call(self.rank, ROLL_CALL_SECONDS) if self.rollcall is not None else set()
         return [r for r in range(self.size) if r != self.rank and r not in heard], heard
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:

@@ -93,6 +93,53 @@ def summary(timings: dict[str, str], sizes: dict[str, int], speed: str, ok: bool
     print(f"  result: {'PASS' if ok else 'FAIL'}")
 
 
+def serve_demo(timings: dict[str, str]) -> bool:
+    """`netp serve` on the shard set's 2 MPI ranks, one chat request through its OpenAI API, then SIGTERM."""
+    import json
+    import signal
+    import urllib.request
+
+    argv = ["mpiexec", "-n", "2", "netp", "serve", "shards/", "--port", "0", "-t", "1", "-c", "512"]
+    print(f"\n$ {shlex.join(argv)} &", flush=True)
+    t0 = time.perf_counter()
+    server = subprocess.Popen(argv, cwd=WORK, stderr=subprocess.PIPE, text=True)
+    ok = False
+    try:
+        assert server.stderr is not None
+        url = None
+        for line in server.stderr:  # the start line names the address (--port 0: a free port)
+            print(line, end="", flush=True)
+            m = re.search(r"serving \S+ on (http://\S+/v1) ", line)
+            if m:
+                url = m.group(1)
+                break
+        if url is None:
+            print("demo: error: the server did not start", file=sys.stderr)
+            return False
+        body = {"model": "shards", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 32, "temperature": 0}
+        print(f"$ curl {url}/chat/completions -d '{json.dumps(body)}'", flush=True)
+        request = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as r:
+            reply = json.load(r)
+        print(f"assistant: {reply['choices'][0]['message']['content']}")
+        print(f"usage: {reply['usage']}; decode {reply['timings']['predicted_per_second']:.1f} tok/s", flush=True)
+        ok = True
+    except (OSError, ValueError, KeyError) as e:
+        print(f"demo: error: the chat request failed: {e}", file=sys.stderr)
+    finally:
+        server.send_signal(signal.SIGTERM)  # mpiexec hands it to both ranks: they finish and exit 0
+        try:
+            rest, _ = server.communicate(timeout=60)
+            print(rest, end="", flush=True)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
+        timings["serve"] = f"{time.perf_counter() - t0:.1f} s"
+    return ok and server.returncode == 0
+
+
 def main() -> None:
     WORK.mkdir(exist_ok=True)
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -125,8 +172,9 @@ def main() -> None:
     ci_reports(f32, timings)
     sizes = {"SmolLM2 GGUF (q4_1)": size_of(gguf), "ne-f32.bin": size_of(f32), "ne-q4_0.bin": size_of(q4),
              "shards/": size_of(shards)}
-    summary(timings, sizes, speed, ok=verify.returncode == 0)
-    sys.exit(verify.returncode)
+    served = serve_demo(timings)
+    summary(timings, sizes, speed, ok=verify.returncode == 0 and served)
+    sys.exit(verify.returncode or (0 if served else 1))
 
 
 if __name__ == "__main__":

@@ -201,18 +201,23 @@ def test_killed_rank_ends_every_rank(shard_sets, cluster):
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [0, 2])
 def test_killed_rank_ends_the_others_by_their_deadline(victim, shard_sets, cluster):
-    """hydra told not to clean up: the survivors end by their own deadline. (Measured: their roll
-    call then crashes in MPICH's UCX layer sending to the dead rank, SIGSEGV, so they end without
-    their line; still non-zero, within the deadline.)"""
+    """hydra told not to clean up: the survivors end by their own deadline, and the lowest of
+    them names the dead rank in one line. (Before the roll call went over UDP, sending it to the
+    dead rank through MPI crashed MPICH's UCX layer, SIGSEGV, and no line was printed.)"""
     c = cluster(3)
     c.place(shard_sets[3])
     g = Generation(c, timeout=5, options=("-disable-auto-cleanup",))
     ranks = g.wait_for_tokens()
     os.kill(ranks[victim][0], signal.SIGKILL)
-    ranks_gone, mpiexec_gone = g.ends(limit=10)
+    ranks_gone, mpiexec_gone = g.ends(limit=15)
     print(f"SIGKILL of rank {victim}, no hydra cleanup: ranks gone after {ranks_gone:.2f} s, "
           f"mpiexec after {mpiexec_gone} s")
     assert mpiexec_gone is not None and g.proc.returncode != 0
+    lines = g.proc.stderr.read().strip().splitlines()
+    reporter = 1 if victim == 0 else 0
+    assert len(lines) == 1 and re.fullmatch(
+        rf"\[rank {reporter}\] netp run: error: lost contact with rank {victim}: \S[^:]* not complete after "
+        rf"5 s \(--timeout\); this rank gives up", lines[0]), lines
 
 
 @pytest.mark.parametrize("n,victim,timeout", [(2, 1, 5), pytest.param(3, 0, None, marks=pytest.mark.slow)])
@@ -234,3 +239,100 @@ def test_host_link_down_ends_every_rank_and_mpiexec(n, victim, timeout, shard_se
     waited = f"{timeout or 30:g} s (--timeout)"
     assert re.fullmatch(rf"\[rank {reporter}\] netp run: error: lost contact with rank {victim}: "
                         rf"\S[^:]* not complete after {re.escape(waited)}; this rank gives up", lines[0]), lines[0]
+
+
+# -- netp serve over the hosts ------------------------------------------------------------
+
+SERVE_PORT = 18734  # inside host 0's own network namespace: nothing else listens there
+
+
+class Served:
+    """`netp serve` over the cluster, its clients run inside host 0's namespace (rank 0 listens on
+    127.0.0.1 there)."""
+
+    def __init__(self, c: Cluster, timeout: float, options: tuple[str, ...] = ()):
+        self.c = c
+        self.proc = c.start([NETP, "serve", str(c.mount), "--port", str(SERVE_PORT), "-t", "1", "-c", "512",
+                             "--timeout", str(timeout)], options=options)
+        self.err: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        t0 = time.monotonic()
+        while not any("serving " in ln for ln in self.err):
+            assert self.proc.poll() is None, "\n".join(self.err)
+            assert time.monotonic() - t0 < 300, "the server did not start"
+            time.sleep(0.1)
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.err.append(line.rstrip("\n"))
+
+    def stream(self, max_tokens: int = 400) -> subprocess.Popen:
+        """A streaming completion by curl inside host 0's namespace; its stdout is the event stream."""
+        body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+        return subprocess.Popen(["ip", "netns", "exec", self.c.host_ns[0], "curl", "-sN", "--max-time", "120",
+                                 f"http://127.0.0.1:{SERVE_PORT}/v1/completions", "-d", body],
+                                stdout=subprocess.PIPE, text=True)
+
+    def ends(self, limit: float) -> float:
+        t0 = time.monotonic()
+        while self.proc.poll() is None:
+            assert time.monotonic() - t0 < limit, "the server did not end"
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    def reason(self) -> list[str]:
+        """The error lines (the request log lines left out)."""
+        time.sleep(0.2)
+        return [ln for ln in self.err if " error: " in ln]
+
+
+def _read_events(client: subprocess.Popen, until_chunks: int) -> list[str]:
+    events: list[str] = []
+    assert client.stdout is not None
+    while len([e for e in events if '"text_completion"' in e]) < until_chunks:
+        line = client.stdout.readline()
+        assert line, events
+        if line.startswith("data: "):
+            events.append(line)
+    return events
+
+
+@pytest.mark.parametrize("n,victim,how", [(2, 1, "link"), pytest.param(3, 2, "kill", marks=pytest.mark.slow),
+                                          pytest.param(3, 0, "kill", marks=pytest.mark.slow)])
+def test_serve_lost_peer_answers_the_client_and_ends(n, victim, how, shard_sets, cluster):
+    c = cluster(n)
+    c.place(shard_sets[n])
+    s = Served(c, timeout=5, options=("-disable-auto-cleanup",) if how == "kill" else ())
+    client = s.stream()
+    events = _read_events(client, 3)
+    t0 = time.monotonic()
+    if how == "link":
+        c.link_down(victim)
+    else:
+        os.kill(c.rank_pids("netp")[victim][0], signal.SIGKILL)
+    out, _ = client.communicate(timeout=60)
+    answered = time.monotonic() - t0
+    events += [ln for ln in out.splitlines() if ln.startswith("data: ")]
+    s.ends(limit=30)
+    print(f"serve on {n} hosts, rank {victim} lost ({how}, --timeout 5): the client's stream ended after "
+          f"{answered:.2f} s, the server after {time.monotonic() - t0:.2f} s")
+    assert s.proc.returncode != 0
+    reporter = 1 if victim == 0 else 0
+    assert len(s.reason()) == 1 and re.fullmatch(
+        rf"\[rank {reporter}\] netp serve: error: lost contact with rank {victim}: \S[^:]* not complete after 5 s "
+        rf"\(--timeout\); this rank gives up", s.reason()[0]), s.err
+    if victim != 0:  # rank 0 alive: the client got an error event, never [DONE]
+        assert '"error"' in events[-1] and "lost a rank" in events[-1], events[-3:]
+        assert not any("[DONE]" in e for e in events)
+
+
+def test_serve_idle_notices_a_lost_link(shard_sets, cluster):
+    """No request in flight: the keep-alive rounds still find the lost host within the deadline."""
+    c = cluster(2)
+    c.place(shard_sets[2])
+    s = Served(c, timeout=4)
+    c.link_down(1)
+    took = s.ends(limit=30)
+    print(f"idle server, link of host 1 down: server ended {took:.2f} s later")
+    assert s.proc.returncode != 0 and took < 4 + 1 + 5  # deadline + keep-alive period + slack
+    assert len(s.reason()) == 1 and "lost contact with rank 1" in s.reason()[0], s.err
