@@ -160,6 +160,7 @@ def main() -> None:
         best = {"ne-run decode": 0.0, "server decode (client)": 0.0, "server decode (timings)": 0.0,
                 "ne-run prefill ms": float("inf"), "server TTFT ms": float("inf"), "server prompt_ms": float("inf")}
         tokens_seen = set()
+        ratios: list[float] = []
         try:
             for rnd in range(args.rounds):
                 server.pause(True)
@@ -184,6 +185,7 @@ def main() -> None:
                       f"(client), {final['timings']['predicted_per_second']:.2f} (timings); "
                       f"100-token prompt: ne-run prefill {ne_prefill_ms:.0f} ms, server TTFT {ttft_ms:.0f} ms "
                       f"(its prefill {prompt_ms:.0f} ms)", flush=True)
+                ratios.append(client_decode / ne_decode)
                 best["ne-run decode"] = max(best["ne-run decode"], ne_decode)
                 best["server decode (client)"] = max(best["server decode (client)"], client_decode)
                 best["server decode (timings)"] = max(best["server decode (timings)"],
@@ -199,7 +201,8 @@ def main() -> None:
           f"{best['server decode (client)']:.2f} tok/s as the client sees it "
           f"({best['server decode (client)'] / best['ne-run decode']:.3f}x; goal >= 0.95x), "
           f"{best['server decode (timings)']:.2f} tok/s by the server's timings "
-          f"({best['server decode (timings)'] / best['ne-run decode']:.3f}x)")
+          f"({best['server decode (timings)'] / best['ne-run decode']:.3f}x); per-round ratio (client / ne-run) "
+          f"median {sorted(ratios)[len(ratios) // 2]:.3f}x, rounds {', '.join(f'{r:.2f}' for r in ratios)}")
     print(f"time to first token, {TTFT_TOKENS}-token prompt: {best['server TTFT ms']:.0f} ms through the server "
           f"(its prefill {best['server prompt_ms']:.0f} ms); ne-run's prefill of the same tokens "
           f"{best['ne-run prefill ms']:.0f} ms")

@@ -131,8 +131,8 @@ def serve_demo(timings: dict[str, str]) -> bool:
     finally:
         server.send_signal(signal.SIGTERM)  # mpiexec hands it to both ranks: they finish and exit 0
         try:
-            rest, _ = server.communicate(timeout=60)
-            print(rest, end="", flush=True)
+            _, rest = server.communicate(timeout=60)
+            print(rest or "", end="", flush=True)
         except subprocess.TimeoutExpired:
             server.kill()
             server.communicate()
