@@ -49,9 +49,10 @@ API (bench scripts run as `python bench/x.py` have bench/ on sys.path):
     neural_speed_run(model, prompt="..." | ids=[...], threads=1, n_predict=32, ctx=None, runner="run_llama")
                                        -> NeuralSpeedRun: .prompt_tokens .prompt_tok_s .decode_tokens
                                        .decode_tok_s .load_ms .text .wall_s .max_rss_mb
-    run(cmd, env=None, timeout=...) -> Run    any command: .stdout .stderr .wall_s .max_rss_mb (of the
-                                       process and its waited-for children); a non-zero exit raises
-                                       PeerError with the command and its output's tail
+    run(cmd, env=None, timeout=...) -> Run    any command: .stdout .stderr .wall_s .max_rss_mb (the largest
+                                       of the process and its waited-for descendants: under mpiexec the
+                                       largest rank, not a sum; per-rank figures need each rank's own
+                                       report); a non-zero exit raises PeerError with the output's tail
 
     python bench/peers.py --check     build/find everything and prove it end to end (prints figures)
 """
@@ -101,7 +102,7 @@ class Run:
     stdout: str
     stderr: str
     wall_s: float
-    max_rss_mb: float  # ru_maxrss of the process (and its waited-for children), in MB (1e6 bytes)
+    max_rss_mb: float  # wait4's ru_maxrss: the largest of the process and its descendants, MB (1e6 bytes)
 
 
 def run(cmd: Sequence[str | os.PathLike], env: dict[str, str] | None = None, timeout: float = 7200,
