@@ -72,6 +72,36 @@ def test_stop_strings_cut_exactly_however_the_text_arrives():
             assert expected.startswith(prefix)
 
 
+def test_the_queue_holds_depth_waiting_beside_the_running_one_in_arrival_order():
+    from netp.runtime.sampling import SamplingParams
+    from netp.runtime.serve.engine import Job, JobQueue, QueueClosed, QueueFull
+
+    def job(i: int) -> Job:
+        return Job([i], 1, SamplingParams(), [], lambda event: None)
+
+    never = threading.Event()
+    for depth in (0, 2):
+        q = JobQueue(depth)
+        jobs = [job(i) for i in range(depth + 1)]
+        for j in jobs:  # free ranks: one more than depth fits
+            q.submit(j)
+        with pytest.raises(QueueFull):
+            q.submit(job(99))
+        assert q.take(0.01, never) is jobs[0]
+        with pytest.raises(QueueFull):  # busy: depth wait, no more
+            q.submit(job(99))
+        if depth:
+            jobs[1].cancelled.set()  # a client gone while waiting is skipped
+            assert q.take(0.01, never) is jobs[2]
+        q.finished()
+        late = job(7)
+        q.submit(late)
+        assert q.close("stopping") == [late]
+        with pytest.raises(QueueClosed):
+            q.submit(job(8))
+        assert q.take(0.01, never) is None
+
+
 # -- a server for the module -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

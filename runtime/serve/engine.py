@@ -83,20 +83,22 @@ class QueueClosed(Exception):
 
 class JobQueue:
     """Requests waiting for the ranks, in arrival order; at most `depth` wait
-    beside the one being generated."""
+    beside the one being generated (with depth 0, a request is taken only when
+    the ranks are free)."""
 
     def __init__(self, depth: int):
         self.depth = depth
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed: str | None = None
+        self._busy = False  # a job taken and not yet finished
 
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed is not None:
                 raise QueueClosed(self._closed)
             self._waiting = collections.deque(j for j in self._waiting if not j.cancelled.is_set())
-            if len(self._waiting) >= self.depth:
+            if len(self._waiting) >= self.depth + (0 if self._busy else 1):
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--queue {self.depth})")
             self._waiting.append(job)
             self._cond.notify()
@@ -110,6 +112,7 @@ class JobQueue:
                 while self._waiting:
                     job = self._waiting.popleft()
                     if not job.cancelled.is_set():
+                        self._busy = True
                         return job
                 if waited >= timeout:
                     break
@@ -118,6 +121,11 @@ class JobQueue:
                 waited += step
         return None
 
+    def finished(self) -> None:
+        """The job last taken is done: the ranks are free."""
+        with self._cond:
+            self._busy = False
+
     def close(self, reason: str) -> list[Job]:
         """Refuse new jobs from now on; returns those still waiting."""
         with self._cond:
@@ -125,10 +133,6 @@ class JobQueue:
             left = [j for j in self._waiting if not j.cancelled.is_set()]
             self._waiting.clear()
             return left
-
-    def __len__(self) -> int:
-        with self._cond:
-            return sum(not j.cancelled.is_set() for j in self._waiting)
 
 
 class Engine:
@@ -163,6 +167,7 @@ class Engine:
             gen = generate(model, job.prompt, job.n_predict, Sampler(job.sampling), on_token)
         finally:
             self.current = None
+            self.queue.finished()
         if job.cancelled.is_set():
             return
         if self.hurry.is_set() and gen.stop == "caller" and not stop.hit:

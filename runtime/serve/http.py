@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import socket
 import sys
 import threading
@@ -121,8 +122,6 @@ def _encode(state: ServerState, kind: api.Kind, req: Any) -> list[int]:
 
 
 def _sse(obj: Any) -> str:
-    import json
-
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
