@@ -114,7 +114,9 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
 @click.option("--f32", "f32", type=click.Path(path_type=Path), default=None,
               help="The f32 NE file: compared with --hf, and with a quantized --ref (KL, top-1).")
 @click.option("--hf", type=str, default=None,
-              help="transformers' model: an HF folder or a .gguf file (needs torch).")
+              help="transformers' model: an HF folder, a cached hub id or a .gguf file (needs torch). "
+                   "Safetensors stream a decoder layer at a time; a .gguf is loaded whole (transformers "
+                   "dequantizes the whole file).")
 @click.option("-p", "--prompt", default=SEED_PROMPT, show_default=True)
 @click.option("-n", "--n_tokens", "--n-tokens", "n_tokens", type=int, default=16, show_default=True,
               help="Greedy tokens of the reference to teacher-force after the prompt.")
@@ -145,7 +147,8 @@ def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | N
     \b
     Launched plainly it simulates the set's N ranks in one process; under
     `mpiexec -n N` it uses the real ranks. Teacher-forced along the
-    reference's greedy tokens. Each comparison is held to its limits
+    target's own greedy tokens; the references (--ref, --f32, --hf) run on
+    rank 0 one layer at a time. Each comparison is held to its limits
     (--max-dlogit, --max-kl, --min-top1); a failure names the first layer
     whose hidden state diverged. Exit status: 0 every comparison passed,
     1 one failed, 2 a bad input or usage.

@@ -1,10 +1,11 @@
 """`netp verify SHARDS` and `ne-run --verify` (docs/design.md §5).
 
-One prompt, teacher-forced along the reference's greedy tokens (so one
-near-tie cannot cascade), the prompt as one batch and then token by token,
-so both the batch and the KV-cache paths are checked. Comparisons, each
-when its inputs are given, each a record (runtime/comparisons.py) held to
-its limits:
+One prompt plus the target's own greedy continuation; the target runs it as
+the prompt batch then token by token, and as one batch; the references
+(streamed layer by layer on rank 0, runtime/streamed.py and hf_reference.py)
+run it as one batch (docs/design.md §5). Comparisons, each a record
+(runtime/comparisons.py) held to its limits:
+0. `decode-vs-batch`: the target's two paths;
 1. `target`: the target (a shard set under its N ranks, MPI or simulated)
    vs the unsharded reference at 1 rank: max |dlogit| <= --max-dlogit and
    the same argmax wherever the reference's top-2 margin exceeds it;
@@ -20,7 +21,7 @@ whose hidden state differs by more than --max-dlogit of its own scale),
 2 a bad input; --json and --junit reports from the same records.
 
 The reference, f32 and transformers runs happen on rank 0 alone while the
-other ranks wait idle; the target runs on every rank.
+other ranks wait idle; the target runs on every rank and is closed first.
 """
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ from netp.formats.paths import regular_file
 from netp.models.context import ForwardTrace
 from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, SoloComm, mpi_world, run_world
 from netp.runtime.comparisons import Comparison, Pass, compare_kl, compare_logits, text_lines
+from netp.runtime.hf_reference import transformers_pass
 from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
+from netp.runtime.streamed import streamed_pass
 from netp.runtime.report import (
     REPORT_VERSION, check_report_paths, comparison_json, environment, manifest_hashes, model_inputs, verify_junit,
     write_json,
@@ -175,79 +178,11 @@ def teacher_forced(model: RankModel, tokens: Sequence[int], n_prompt: int) -> np
     return np.concatenate([r for r in rows if r is not None]) if model.comm.is_root else None  # rank 0 has all
 
 
-def batch_states(model: RankModel, tokens: Sequence[int]) -> list[np.ndarray]:
+def batch_pass(model: RankModel, tokens: Sequence[int]) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """The tokens as one causal batch: logits (T, V) on rank 0, and the hidden states."""
     trace = ForwardTrace()
-    model.forward(np.asarray(tokens), 0, trace=trace)
-    return trace.states
-
-
-def _solo_forward(model: RankModel, tokens: Sequence[int], start: int, all_logits: bool = False) -> np.ndarray:
-    logits = model.forward(np.asarray(tokens), start, all_logits)
-    assert logits is not None  # one rank: rank 0
-    return logits
-
-
-def reference_pass(path: Path, prompt: list[int], n_tokens: int, opts: VerifyOptions) -> tuple[list[int], Pass]:
-    """Greedy continuation of the prompt by the reference at 1 rank; its logits at every position."""
-    model = load_rank_model(path, SoloComm(), len(prompt) + n_tokens, use_mmap=opts.use_mmap,
-                            nthread=opts.threads, exact=opts.exact)
-    try:
-        tokens = list(prompt)
-        rows = [_solo_forward(model, prompt, 0, all_logits=True)]
-        for _ in range(n_tokens):
-            tokens.append(int(np.argmax(rows[-1][-1])))
-            rows.append(_solo_forward(model, tokens[-1:], len(tokens) - 1))
-        return tokens, Pass(path.name, np.concatenate(rows)[: len(tokens)], batch_states(model, tokens))
-    finally:
-        model.close()
-
-
-def solo_pass(path: Path, tokens: list[int], n_prompt: int, opts: VerifyOptions) -> Pass:
-    model = load_rank_model(path, SoloComm(), len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads,
-                            exact=opts.exact)
-    try:
-        logits = teacher_forced(model, tokens, n_prompt)
-        assert logits is not None
-        return Pass(path.name, logits, batch_states(model, tokens))
-    finally:
-        model.close()
-
-
-def transformers_pass(hf: str, tokens: list[int], threads: int) -> Pass:
-    """transformers' model in float32 (a folder, a cached hub id, or a .gguf file)."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError as e:
-        raise NetpError(hf, f"--hf needs torch and transformers ({e}); install netp[torch]") from e
-    torch.set_num_threads(max(1, threads))
-    if not sys.stderr.isatty():  # netp's rule: progress bars on a terminal only
-        import functools
-
-        import transformers.modeling_gguf_pytorch_utils as hf_gguf
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        if getattr(hf_gguf, "tqdm", None) is not None:  # its GGUF reader calls tqdm directly
-            hf_gguf.tqdm = functools.partial(hf_gguf.tqdm, disable=True)
-    p = Path(hf)
-    is_gguf = p.suffix == ".gguf" and p.is_file()
-    if is_gguf and importlib.util.find_spec("accelerate") is None:  # from_pretrained(gguf_file=) needs it
-        raise NetpError(hf, "--hf with a .gguf needs accelerate; install netp[torch]")
-    try:
-        if is_gguf:  # transformers' GGUF reader dequantizes and undoes the q/k permutation
-            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
-        elif p.is_dir():
-            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise NetpError(hf, f"transformers cannot load it: {type(e).__name__}: {e}") from e
-    model.eval()
-    with torch.no_grad():
-        out = model(torch.tensor([tokens]), output_hidden_states=True)
-    states = [h[0].float().numpy() for h in out.hidden_states]
-    return Pass(f"transformers ({p.name})", out.logits[0].float().numpy(), states)
+    logits = model.forward(np.asarray(tokens), 0, all_logits=True, trace=trace)
+    return logits, trace.states
 
 
 def _has_blocks(path: Path) -> bool:
@@ -262,90 +197,89 @@ def _show(c: Comparison) -> Comparison:
 
 # -- the program ----------------------------------------------------------------------
 
-def _reference(comm: Comm, opts: VerifyOptions, plan: Plan) -> tuple[Any, list[int], int, Pass | None]:
-    """Rank 0 encodes the prompt and runs the reference; every rank learns the tokens.
-    Returns (tokenizer, tokens, prompt length, reference pass); the tokenizer and the pass on rank 0 only."""
-    tokenizer = prompt = tokens = ref = None
-    with comm.agreeing(idle=True):
+def _prompt(comm: Comm, opts: VerifyOptions, plan: Plan) -> tuple[Any, list[int]]:
+    """Rank 0 encodes the prompt; every rank learns it. The tokenizer on rank 0 only."""
+    tokenizer = prompt = None
+    with comm.agreeing():
         if comm.is_root:
             tokenizer = load_tokenizer(_tokenizer_for(plan))
             prompt = tokenizer.encode(opts.prompt).ids
             if not prompt:
                 raise NetpError(None, "the prompt encodes to no tokens")
             print(f"verify {plan.target}: prompt {len(prompt)} tokens + {opts.n_tokens} greedy tokens of the "
-                  f"reference, teacher-forced; limits: max |dlogit| <= {opts.max_dlogit:g}, mean KL <= "
-                  f"{opts.max_kl:g}, top-1 >= {opts.min_top1:g}", flush=True)
+                  f"target, teacher-forced; references streamed layer by layer; limits: max |dlogit| <= "
+                  f"{opts.max_dlogit:g}, mean KL <= {opts.max_kl:g}, top-1 >= {opts.min_top1:g}", flush=True)
             for note in plan.notes:
                 print(f"note: {note}", flush=True)
-            token_ref = plan.ref or plan.f32
-            assert token_ref is not None
-            tokens, ref = reference_pass(token_ref, prompt, opts.n_tokens, opts)
-    tokens = comm.bcast(tokens)
-    n_prompt = comm.bcast(None if prompt is None else len(prompt))
-    return tokenizer, tokens, n_prompt, ref
+    return tokenizer, comm.bcast(prompt)
 
 
-def _compare_target(comm: Comm, opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int],
-                    n_prompt: int, ref: Pass | None) -> Comparison | None:
-    """The target on every rank, teacher-forced, against the reference; the record on rank 0."""
-    root = comm.is_root
-    started = time.perf_counter()
-    with comm.agreeing():
-        model = load_rank_model(plan.target, comm, len(tokens), use_mmap=opts.use_mmap, nthread=opts.threads,
-                                exact=opts.exact)
-    try:
-        logits = teacher_forced(model, tokens, n_prompt)
-        c = None
-        if root:
-            assert ref is not None and logits is not None
-            c = compare_logits("target", f"{plan.target} on {comm.describe()} vs {ref.name} on 1 rank", ref,
-                               Pass(str(plan.target), logits), tokens, opts.max_dlogit, tokenizer)
-        need_states = comm.bcast(None if c is None else not c.passed)
-        if need_states:  # find the first diverging layer: every rank takes part
-            states = batch_states(model, tokens)
-            if root:
-                assert c is not None and ref is not None and logits is not None
-                c = compare_logits(c.id, c.title, ref, Pass(str(plan.target), logits, states), tokens,
-                                   opts.max_dlogit, tokenizer)
-        if c is not None:
-            c.seconds = time.perf_counter() - started
-            _show(c)
-        return c
-    finally:
-        model.close()
+def greedy_forced(model: RankModel, prompt: Sequence[int], n_tokens: int) -> tuple[list[int], np.ndarray | None]:
+    """The model's own greedy continuation of the prompt, the prompt as one batch then one token at a
+    time (both paths): the tokens on every rank, the logits (T, V) at every position on rank 0."""
+    comm = model.comm
+    tokens = list(prompt)
+    rows = [model.forward(np.asarray(tokens), 0, all_logits=True)]
+    for _ in range(n_tokens):
+        last = rows[-1]
+        tokens.append(comm.bcast(int(np.argmax(last[-1])) if last is not None else None))
+        rows.append(model.forward(np.asarray(tokens[-1:]), len(tokens) - 1))
+    return tokens, np.concatenate([r for r in rows if r is not None]) if comm.is_root else None
 
 
-def _compare_on_root(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int], n_prompt: int,
-                     ref: Pass) -> list[Comparison]:
-    """Rank 0: the f32 file against transformers, the quantized reference against the f32 file,
-    and the quantized reference's default kernels against --exact."""
+def _decode_vs_batch(opts: VerifyOptions, plan: Plan, model: RankModel, tokenizer: Any, tokens: list[int],
+                     n_prompt: int, decoded: Pass, batch: Pass) -> Comparison:
+    """The target's KV-cache path (the prompt as one batch, then one token at a time) against the whole
+    sequence as one batch. With f32 activations only the order of sums differs: max |dlogit|. With the
+    default q8_0 activations an ulp may flip an activation's rounding, which grows through the layers
+    (docs/design.md §5): a lossy step, held to the KL limits."""
+    title = f"{plan.target}: prompt batch + {len(tokens) - n_prompt} decode steps vs one batch"
+    dense = all(t in ("f32", "f16") for t in model.weights.matrix_types)
+    if opts.exact or dense:
+        return compare_logits("decode-vs-batch", title, batch, decoded, tokens, opts.max_dlogit, tokenizer)
+    return compare_kl("decode-vs-batch", title + " (q8_0 activations)", batch, decoded, tokens, opts.max_kl,
+                      opts.min_top1, tokenizer, table=False)
+
+
+def _on_root(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int], target: Pass | None,
+             world: str) -> list[Comparison]:
+    """Rank 0: every reference streamed over the target's tokens as one batch, and the comparisons."""
     out: list[Comparison] = []
-    f32, f32_seconds = None, 0.0  # each record's seconds: the runs it needed beyond the reference's
-    if plan.f32 is not None:
+
+    def timed(make: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
         started = time.perf_counter()
-        f32 = ref if plan.ref in (None, plan.f32) else solo_pass(plan.f32, tokens, n_prompt, opts)
-        f32_seconds = time.perf_counter() - started
-    if plan.hf is not None and f32 is not None:
-        started = time.perf_counter()
-        hf = transformers_pass(plan.hf, tokens, opts.threads)
+        return make(*args, **kwargs), time.perf_counter() - started
+
+    ref = ref_s = None
+    if plan.ref is not None:
+        ref, ref_s = timed(streamed_pass, plan.ref, tokens, opts.threads, opts.exact)
+    if target is not None and ref is not None and plan.ref is not None:
+        c = compare_logits("target", f"{plan.target} on {world} vs {plan.ref.name} on 1 rank, one batch", ref,
+                           target, tokens, opts.max_dlogit, tokenizer)
+        c.seconds = ref_s or 0.0
+        out.append(_show(c))
+    f32, f32_s = ref, 0.0
+    if plan.f32 is not None and plan.f32 != plan.ref:
+        f32, f32_s = timed(streamed_pass, plan.f32, tokens, opts.threads, opts.exact)
+    if plan.hf is not None and f32 is not None and plan.f32 is not None:
+        hf, hf_s = timed(transformers_pass, plan.hf, tokens, opts.threads)
         # transformers' last hidden state is after the final norm: compare the ones before it
-        c = compare_logits("f32-vs-transformers", f"{f32.name} (1 rank) vs transformers {plan.hf}", hf, f32,
+        c = compare_logits("f32-vs-transformers", f"{plan.f32.name} (1 rank) vs transformers {plan.hf}", hf, f32,
                            tokens, opts.max_dlogit, tokenizer, n_states=len(hf.states or []) - 1)
-        c.seconds = f32_seconds + time.perf_counter() - started
+        c.seconds = f32_s + hf_s
         out.append(_show(c))
-    if f32 is not None and plan.ref is not None and f32 is not ref:
-        c = compare_kl("quantized-vs-f32", f"{ref.name} (quantized) vs {f32.name}: KL divergence", f32, ref,
-                       tokens, opts.max_kl, opts.min_top1, tokenizer)
-        c.seconds = f32_seconds
+    if f32 is not None and ref is not None and plan.ref is not None and plan.f32 is not None and f32 is not ref:
+        c = compare_kl("quantized-vs-f32", f"{plan.ref.name} (quantized) vs {plan.f32.name}: KL divergence", f32,
+                       ref, tokens, opts.max_kl, opts.min_top1, tokenizer)
+        c.seconds = f32_s
         out.append(_show(c))
-    if plan.ref is not None and _has_blocks(plan.ref):
-        started = time.perf_counter()
-        other = solo_pass(plan.ref, tokens, n_prompt, replace(opts, exact=not opts.exact))
+    if ref is not None and plan.ref is not None and _has_blocks(plan.ref):
+        other, other_s = timed(streamed_pass, plan.ref, tokens, opts.threads, not opts.exact)
         default, exact = (other, ref) if opts.exact else (ref, other)
         c = compare_kl("kernel-modes", f"{plan.ref.name}: default kernels (q8_0 activations) vs --exact "
                                        "(f32 activations)", exact, default, tokens, opts.max_kl, opts.min_top1,
                        tokenizer, table=False)
-        c.seconds = time.perf_counter() - started
+        c.seconds = other_s
         out.append(_show(c))
     return out
 
@@ -361,19 +295,34 @@ class Outcome:
 
 
 def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> Outcome:
-    """Every rank runs this; rank 0 prints the tables."""
-    tokenizer, tokens, n_prompt, ref = _reference(comm, opts, plan)
+    """Every rank runs this: the target on every rank, the references on rank 0 (the others wait
+    idle); rank 0 prints the tables."""
+    root = comm.is_root
+    tokenizer, prompt = _prompt(comm, opts, plan)
+    with comm.agreeing():
+        model = load_rank_model(plan.target, comm, len(prompt) + opts.n_tokens, use_mmap=opts.use_mmap,
+                                nthread=opts.threads, exact=opts.exact)
     comparisons: list[Comparison] = []
-    if plan.ref is not None and (plan.target != plan.ref or plan.world > 1):
-        c = _compare_target(comm, opts, plan, tokenizer, tokens, n_prompt, ref)
-        if c is not None:
-            comparisons.append(c)
+    try:
+        started = time.perf_counter()
+        tokens, decoded = greedy_forced(model, prompt, opts.n_tokens)
+        batch, states = batch_pass(model, tokens)
+        target = None
+        if root:
+            assert decoded is not None and batch is not None
+            target = Pass(str(plan.target), batch, states)
+            comparisons.append(_show(_decode_vs_batch(opts, plan, model, tokenizer, tokens, len(prompt),
+                                                      Pass(str(plan.target), decoded), target)))
+            comparisons[0].seconds = time.perf_counter() - started
+    finally:
+        model.close()
+    if plan.ref is None or (plan.target == plan.ref and plan.world == 1):
+        target = None  # the reference itself: nothing more to compare it with
     with comm.agreeing(idle=True):
-        if comm.is_root:
-            assert ref is not None
-            comparisons += _compare_on_root(opts, plan, tokenizer, tokens, n_prompt, ref)
+        if root:
+            comparisons += _on_root(opts, plan, tokenizer, tokens, target, comm.describe())
     status = comm.bcast(0 if all(c.passed for c in comparisons) else 1)
-    return Outcome(status, comparisons, tokens, n_prompt)
+    return Outcome(status, comparisons, tokens, len(prompt))
 
 
 def _write_reports(opts: VerifyOptions, plan: Plan, outcome: Outcome, comm_kind: str, ranks: int,

@@ -78,7 +78,7 @@ def test_passing_run_reports_every_comparison(tiny, tmp_path):
     assert p.stdout.splitlines()[-4:] == [f"report: {out}", f"JUnit report: {xml}", "", "verify: PASS"]
     doc = validate_report(out)
     ids = [c["id"] for c in doc["comparisons"]]
-    assert ids == ["target", "f32-vs-transformers", "quantized-vs-f32", "kernel-modes"]
+    assert ids == ["decode-vs-batch", "target", "f32-vs-transformers", "quantized-vs-f32", "kernel-modes"]
     assert doc["passed"] and doc["status"] == 0 and doc["first_diverging_layer"] is None
     assert doc["environment"]["ranks"] == 2 and doc["environment"]["world"] == "simulated"
     assert doc["thresholds"] == {"max_dlogit": 1e-3, "max_kl": 1.0, "min_top1": 0.25}
@@ -95,16 +95,16 @@ def test_passing_run_reports_every_comparison(tiny, tmp_path):
     for c in doc["comparisons"]:
         assert c["passed"] and c["reason"] == "" and len(c["rows"]) == len(doc["prompt"]["tokens"])
         assert all(lim["passed"] for lim in c["limits"]) and c["limits"]
-    hf = doc["comparisons"][1]
+    hf = doc["comparisons"][2]
     assert 0 < hf["figures"]["max_dlogit"] <= 1e-3 == hf["limits"][0]["value"]
     assert hf["figures"]["max_dlogit"] == max(r["max_dlogit"] for r in hf["rows"])
-    kl = doc["comparisons"][2]
+    kl = doc["comparisons"][3]
     assert kl["figures"]["mean_kl"] == pytest.approx(np.mean([r["kl"] for r in kl["rows"]]), rel=1e-9)
     assert kl["figures"]["top1"] == pytest.approx(np.mean([r["top1"] for r in kl["rows"]]))
     suite, cases = junit(xml)
-    assert suite.tests == 4 and suite.failures == 0 and suite.errors == 0
+    assert suite.tests == 5 and suite.failures == 0 and suite.errors == 0
     assert [c.name.split(":")[0] for c in cases] == ids
-    assert [c.classname for c in cases] == ["netp.verify.logits"] * 2 + ["netp.verify.kl"] * 2
+    assert [c.classname for c in cases] == ["netp.verify.kl"] + ["netp.verify.logits"] * 2 + ["netp.verify.kl"] * 2
     assert all(c.is_passed for c in cases)
 
 
@@ -119,7 +119,7 @@ def test_failing_run_exits_1_naming_the_layer(tiny, tmp_path):
     doc = validate_report(out)
     assert not doc["passed"] and doc["status"] == 1
     assert doc["first_diverging_layer"]["layer"] == 1 and doc["first_diverging_layer"]["state"] == 2
-    target = doc["comparisons"][0]
+    target = next(c for c in doc["comparisons"] if c["id"] == "target")
     assert not target["passed"] and target["reason"] in err[0]
     assert target["figures"]["max_dlogit"] > 1e-3
     assert [lim["passed"] for lim in target["limits"]][0] is False
@@ -138,12 +138,12 @@ def test_limits_are_options(tiny, tmp_path):
     assert p.returncode == 1, p.stdout + p.stderr
     doc = validate_report(out)
     verdicts = {c["id"]: c["passed"] for c in doc["comparisons"]}
-    assert verdicts == {"quantized-vs-f32": False, "kernel-modes": True}
-    kl = doc["comparisons"][0]
+    assert verdicts == {"decode-vs-batch": True, "quantized-vs-f32": False, "kernel-modes": True}
+    kl = doc["comparisons"][1]
     assert kl["reason"].startswith(f"{kl['title']}: mean KL divergence ") and "> 0.0001" in kl["reason"]
     assert doc["thresholds"]["max_kl"] == 1e-4
     suite, cases = junit(xml)
-    assert suite.failures == 1 and not cases[0].is_passed and cases[1].is_passed
+    assert suite.failures == 1 and [c.is_passed for c in cases] == [True, False, True]
     p = netp([str(tiny["broken"]), "--ref", str(tiny["f32"]), "-n", "2", "-t", "1", "--max-dlogit", "1e3"])
     assert p.returncode == 0, p.stdout + p.stderr  # the broken layer moves the logits by less than 1000
 
@@ -184,8 +184,8 @@ def test_under_mpiexec_rank_0_writes_the_reports(tiny, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     doc = validate_report(out)
     assert doc["environment"]["world"] == "mpi" and doc["environment"]["ranks"] == 2
-    assert [c["id"] for c in doc["comparisons"]] == ["target", "kernel-modes"]
-    assert junit(xml)[0].tests == 2
+    assert [c["id"] for c in doc["comparisons"]] == ["decode-vs-batch", "target", "kernel-modes"]
+    assert junit(xml)[0].tests == 3
     assert sorted(os.listdir(tmp_path)) == ["report.xml", "verify.json"]  # no partial left behind
     p = netp([str(tiny["shards"]), "--ref", str(tiny["q4_0"]), "--junit", str(tiny["shards"] / "r.xml")], mpi=2)
     assert p.returncode == 2 and len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
