@@ -25,11 +25,10 @@ other ranks wait idle; the target runs on every rank and is closed first.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
