@@ -5,11 +5,12 @@ transformers' own modeling code, config, masks and rotary run unchanged; for
 a checkpoint in safetensors (a folder, or a hub id in the local cache) the
 weights stream: the model is built with its parameters on the meta device
 (accelerate's init_empty_weights; buffers such as rotary inv_freq are made
-on the CPU as usual), the embedding, final norm and head are read once, and
-each decoder layer's tensors are read from the checkpoint by a forward
-pre-hook and dropped by a forward hook. Every safetensors file is opened for
+on the CPU as usual), and each decoder layer's tensors (and the embedding's, the final norm's, the
+head's) are read from the checkpoint by a forward pre-hook and dropped by a
+forward hook. Every safetensors file is opened for
 one layer's read and closed after it, so no mapped page stays resident.
-Memory: the embedding and head, about one layer in f32, the activations.
+Memory: about one layer (or the embedding, or the head) in f32 and the activations: the
+embedding, final norm and head are read and dropped the same way.
 
 Loaded whole instead (memory: the model in f32): a `.gguf` (transformers'
 GGUF reader dequantizes the whole file), a `pytorch_model.bin` checkpoint,
@@ -124,19 +125,28 @@ def _streamed_model(folder: Path, files: dict[str, Path]) -> Any | None:
     tied = {n for n in params if n not in files and n.startswith("lm_head.")}  # tie_word_embeddings
     if any(n not in files for n in params if n not in tied):
         return None
-    outer = [n for n in params if not n.startswith(prefix + ".") and n not in tied]
-    model.load_state_dict(_read(files, outer), strict=False, assign=True)
+    embedding = model.get_input_embeddings()
+    embedding_name = next(n for n, m in model.named_modules() if m is embedding) + ".weight"
+
+    def load(head: str, module: Any, args: Any) -> None:
+        names = [n for n in params if n.startswith(head)]
+        source = {n: embedding_name if n in tied else n for n in names}  # a tied head reads the embedding
+        tensors = _read(files, sorted(set(source.values())))
+        module.load_state_dict({n[len(head):]: tensors[source[n]] for n in names}, strict=False, assign=True)
+
+    # Each module holding parameters outside the decoder layers (embedding, final norm, head) and each
+    # decoder layer: read by a pre-hook, dropped by a hook. Tied heads get their own copy.
+    units = [(f"{prefix}.{i}.", layer) for i, layer in enumerate(layers)]
+    units += [(f"{n}." if n else "", m) for n, m in model.named_modules()
+              if not (n + ".").startswith(prefix + ".") and any(True for _ in m.parameters(recurse=False))]
     if tied:
-        model.tie_weights()
-
-    def load(i: int, module: Any, args: Any) -> None:
-        head = f"{prefix}.{i}."
-        tensors = _read(files, [n for n in params if n.startswith(head)])
-        module.load_state_dict({n[len(head):]: t for n, t in tensors.items()}, strict=False, assign=True)
-
-    for i, layer in enumerate(layers):
-        layer.register_forward_pre_hook(functools.partial(load, i))
-        layer.register_forward_hook(lambda module, args, output: _drop(module))
+        for name in tied:
+            owner, attr = name.rsplit(".", 1)
+            model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(
+                torch.empty_like(embedding.weight, device="meta"), requires_grad=False)
+    for head, module in units:
+        module.register_forward_pre_hook(functools.partial(load, head))
+        module.register_forward_hook(lambda module, args, output: _drop(module))
     return model
 
 

@@ -79,9 +79,16 @@ class StreamedWeights(RankWeights):
         self.resident_bytes = 0  # _assemble counts what it builds; only the current part is held
         return tensors
 
+    def _drop_layer(self) -> None:
+        """Free the layer in memory. Its dict is emptied in place: the forward's loop still names it
+        while it asks for the next layer, and a dropped reference alone would keep two layers alive."""
+        if self._layer is not None:
+            self._layer[1].clear()
+        self._layer = None
+
     def layer(self, i: int) -> dict[str, Any]:
         if self._layer is None or self._layer[0] != i:
-            self._layer = None  # drop layer i - 1 before reading layer i
+            self._drop_layer()  # drop layer i - 1 before reading layer i
             self._head = None
             self._layer = (i, self._held(self._assemble(self.source.arch.runtime_tensors(i))))
         return self._layer[1]
@@ -89,7 +96,7 @@ class StreamedWeights(RankWeights):
     @property
     def globals(self) -> dict[str, Any]:
         if self._head is None:
-            self._layer = None
+            self._drop_layer()
             self._head = self._held(self._assemble(self.source.arch.runtime_tensors(None)))
         return self._head
 
