@@ -21,7 +21,7 @@ from netp.models.context import ForwardTrace, RankContext
 from netp.models.gguf_meta import GGUFMeta
 from netp.models.hparams import HParams, token_id
 from netp.models.rope import rope_from_hf, rope_scaling_from_hf
-from netp.models.layers import linear, rms_norm, rotate_halves, rotate_pairs, self_attention, silu
+from netp.models.layers import add_rms_norm, linear, rms_norm, rotate_halves, rotate_pairs, self_attention, silu_mul
 
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -138,21 +138,25 @@ class Decoder(Architecture):
     def forward(self, m: RankContext, tokens: np.ndarray, start: int, all_logits: bool = False,
                 trace: ForwardTrace | None = None) -> np.ndarray:
         hp, allreduce, rotate = m.hp, m.comm.allreduce, type(self).rotate
-        x = m.weights.embed(tokens)  # (T, n_embd), replicated on every rank
+        x = np.ascontiguousarray(m.weights.embed(tokens), dtype=np.float32)  # (T, n_embd), on every rank
+        h = rms_norm(x, m.weights.layer(0)["attention_norm"], hp.norm_eps) if hp.n_layer else x
         for i in range(hp.n_layer):
             if trace is not None:
                 trace.states.append(x.copy())
             w = m.weights.layer(i)
-            h = rms_norm(x, w["attention_norm"], hp.norm_eps)
             qkv = linear(h, w["wqkv"])  # (T, (nq + 2 nkv) hd): this rank's heads
             if w.get("bqkv") is not None:
                 qkv += w["bqkv"]
             attn = self_attention(m, i, qkv, start, rotate, w.get("q_norm"), w.get("k_norm"))  # (T, nq hd)
-            x = x + allreduce(linear(attn, w["wo"]))  # wo is cut by columns: partial sums over ranks
-            h = rms_norm(x, w["ffn_norm"], hp.norm_eps)
+            # wo and w2 are cut by columns: partial sums over ranks. Each residual step is fused
+            # with the norm after it (x changes in place).
+            h = add_rms_norm(x, allreduce(linear(attn, w["wo"])), w["ffn_norm"], hp.norm_eps)
             gate_up = linear(h, w["w13"])  # (T, 2 f): this rank's slice of the MLP width
-            f = gate_up.shape[1] // 2
-            x = x + allreduce(linear(silu(gate_up[:, :f]) * gate_up[:, f:], w["w2"]))
+            delta = allreduce(linear(silu_mul(gate_up), w["w2"]))
+            if i + 1 < hp.n_layer:
+                h = add_rms_norm(x, delta, m.weights.layer(i + 1)["attention_norm"], hp.norm_eps)
+            else:
+                x += delta
         if trace is not None:
             trace.states.append(x.copy())
         if not all_logits:

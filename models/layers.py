@@ -8,7 +8,7 @@ this rank's query / KV heads, hd = head dim.
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -37,15 +37,36 @@ def linear(x: np.ndarray, w: np.ndarray | Matrix) -> np.ndarray:
     return w.apply(x)
 
 
+_COMPILED: Any = None
+
+
+def _compiled() -> Any:
+    """models.compiled, imported on first use: numba's import is for the forwards only."""
+    global _COMPILED
+    if _COMPILED is None:
+        from netp.models import compiled
+
+        _COMPILED = compiled
+    return _COMPILED
+
+
+_NO_ROWS = np.empty((0, 0), dtype=np.float32)
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """LLaMA's RMSNorm over the last axis (transformers' order of operations)."""
-    if x.shape[0] == 1:  # decode (2x per layer per token): one dot product, numpy scalars after it
-        var = np.dot(x[0], x[0]) / np.float32(x.shape[-1])
-        return x * (1.0 / np.sqrt(var + np.float32(eps))) * weight
-    var = (x * x).sum(axis=-1, keepdims=True)
-    var *= np.float32(1.0 / x.shape[-1])
-    var += np.float32(eps)
-    return (x * (1.0 / np.sqrt(var))) * weight
+    """LLaMA's RMSNorm over the last axis of (T, n) rows (one compiled pass, models/compiled.py)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _compiled().rms_norm_into(x, _NO_ROWS, weight, eps, out)
+    return out
+
+
+def add_rms_norm(x: np.ndarray, delta: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """The residual step and the next norm in one pass: x += delta (in place; x (T, n) f32 and
+    C-contiguous), then RMSNorm(x) * weight, returned."""
+    out = np.empty_like(x)
+    _compiled().rms_norm_into(x, np.ascontiguousarray(delta, dtype=np.float32), weight, eps, out)
+    return out
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -65,6 +86,13 @@ def gelu_new(x: np.ndarray) -> np.ndarray:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def silu_mul(gate_up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up of a fused (T, 2f) gate|up product, (T, f), in one compiled pass."""
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
+    _compiled().silu_mul(np.ascontiguousarray(gate_up, dtype=np.float32), out)
+    return out
 
 
 # erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (+-1 beyond, in f32): Eigen's rational
@@ -199,6 +227,9 @@ def self_attention(m: RankContext, layer: int, qkv: np.ndarray, start: int,
     T = qkv.shape[0]
     nq, nkv, hd = m.n_q, m.n_kv, m.hp.head_dim
     heads = qkv.reshape(T, nq + 2 * nkv, hd)
+    k_cache, v_cache = m.cache.k[layer], m.cache.v[layer]
+    if T == 1:  # decode: norms, rotary, cache write and attention in one compiled call
+        return _attend_one(m, heads[0], k_cache, v_cache, start, rotate is rotate_halves, q_norm, k_norm)
     if q_norm is not None and k_norm is not None:
         heads[:, :nq] = head_rms_norm(heads[:, :nq], q_norm, m.hp.norm_eps)
         heads[:, nq:nq + nkv] = head_rms_norm(heads[:, nq:nq + nkv], k_norm, m.hp.norm_eps)
@@ -207,9 +238,26 @@ def self_attention(m: RankContext, layer: int, qkv: np.ndarray, start: int,
     k_new, v_new = heads[:, nq:nq + nkv], heads[:, nq + nkv:]
     if m.cache_of_kv is not None:  # a KV group straddles ranks: the cache holds one head per query head
         k_new, v_new = k_new[:, m.cache_of_kv], v_new[:, m.cache_of_kv]
-    k_cache, v_cache = m.cache.k[layer], m.cache.v[layer]
     k_cache[:, start:start + T] = k_new.transpose(1, 0, 2)
     v_cache[:, start:start + T] = v_new.transpose(1, 0, 2)
     S = start + T
     return causal_attention(heads[:, :nq], k_cache[:, :S], v_cache[:, :S], start, m.cache_group,
                             m.hp.sliding_window)
+
+
+_NO_HEADS = np.empty(0, dtype=np.intp)
+_NO_NORM = np.empty(0, dtype=np.float32)
+
+
+def _attend_one(m: RankContext, heads: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int,
+                halves: bool, q_norm: np.ndarray | None, k_norm: np.ndarray | None) -> np.ndarray:
+    """self_attention of one token at pos (heads (nq + 2 nkv, hd), C-contiguous): (1, nq hd)."""
+    out = np.empty((1, m.n_q * heads.shape[1]), dtype=np.float32)
+    scores = np.empty(pos + 1, dtype=np.float32)
+    straddle = _NO_HEADS if m.cache_of_kv is None else m.cache_of_kv
+    normed = q_norm is not None and k_norm is not None
+    _compiled().attend_one(heads, k_cache, v_cache, pos, m.rope_cos[pos], m.rope_sin[pos], halves, m.cache_group,
+                           straddle, m.hp.sliding_window, q_norm if normed else _NO_NORM,
+                           k_norm if normed else _NO_NORM, m.hp.norm_eps, scores,
+                           out.reshape(m.n_q, heads.shape[1]))
+    return out

@@ -1,6 +1,9 @@
 """A rank's model: what the per-architecture forward is handed (models.context.RankContext)."""
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,7 @@ import numpy as np
 from netp.errors import NetpError
 from netp.models.context import ForwardTrace
 from netp.models.layers import rotary_tables
+from netp.runtime import kernels  # noqa: F401 - before numba loads: it sets numba's cache folder
 from netp.runtime.comm import Comm
 from netp.runtime.kvcache import KVCache
 from netp.runtime.sources import RankSource, open_source
@@ -50,6 +54,7 @@ class RankModel:
         self.rope_cos, self.rope_sin = rotary_tables(n_ctx, hp.n_rot, hp.rope_theta, hp.freq_scale, factors)
         self.cache = KVCache(hp.n_layer, n_cache, n_ctx, hp.head_dim)
         self.vocab_widths = [b - a for a, b in (mp.vocab(r) for r in range(mp.world_size))]
+        warm_forward_ops()
 
     def forward(self, tokens: Any, start: int, all_logits: bool = False,
                 trace: ForwardTrace | None = None) -> np.ndarray | None:
@@ -70,14 +75,45 @@ class RankModel:
         self.source.close()
 
 
+_ops_lock = threading.Lock()
+_ops_ready = False
+
+
+def warm_forward_ops() -> None:
+    """Compile (first start) or load the forwards' compiled steps (models/compiled.py) once per
+    process, under the file lock the kernels take in numba's cache folder, so ranks starting at
+    once never write the same cache files (docs/design.md §5)."""
+    global _ops_ready
+    with _ops_lock:
+        if _ops_ready:
+            return
+        from netp.models import compiled
+
+        folder = Path(os.environ["NUMBA_CACHE_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "netp.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                compiled.exercise()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _ops_ready = True
+
+
 def load_rank_model(model: Path, comm: Comm, n_ctx: int, use_mmap: bool = True, nthread: int = 1,
                     check_sha256: bool = True, exact: bool = False) -> RankModel:
     """Open this rank's file and load its weights (the caller wraps this in comm.agreeing()).
     nthread: kernel (and BLAS) threads of this rank; exact: f32 activations in the block kernels."""
     source = open_source(Path(model), comm.rank, comm.size, check_sha256)
     try:
-        weights = RankWeights(source, use_mmap=use_mmap, nthread=nthread, exact=exact)
-        return RankModel(source, comm, weights, n_ctx)
+        try:
+            weights = RankWeights(source, use_mmap=use_mmap, nthread=nthread, exact=exact)
+            rank_model = RankModel(source, comm, weights, n_ctx)
+        except Exception:
+            source.confirm()  # a file that is not the expected one explains any failure first
+            raise
+        source.confirm()  # its sha256, computed while the weights loaded
+        return rank_model
     except BaseException:
         source.close()
         raise

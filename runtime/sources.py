@@ -14,6 +14,7 @@ rows of blocks), memory-mapped or read into fresh buffers:
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,36 @@ class RankSource:
         """This rank's part of tensor `name` in file form; None when the rank holds none of it."""
         raise NotImplementedError
 
+    def confirm(self) -> None:
+        """Raise if the file turned out not to be the one expected (ShardSource: its sha256,
+        computed while the weights load). Call once loading is done, or failed."""
+
     def close(self) -> None:
         self.reader.close()
+
+
+class _Checksum:
+    """A file's sha256 computed on a thread of its own (hashlib and the reads release the GIL), so
+    the check overlaps loading the weights instead of preceding it (docs/design.md §5)."""
+
+    def __init__(self, path: Path):
+        self.digest: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(path,), name="netp-sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self.digest = sha256_file(path)
+        except BaseException as e:  # noqa: BLE001 - handed to the loading thread by result()
+            self.error = e
+
+    def result(self) -> str:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.digest is not None
+        return self.digest
 
 
 class ShardSource(RankSource):
@@ -80,9 +109,8 @@ class ShardSource(RankSource):
         check_world_size(folder, manifest, world_size)
         self.reader = open_rank_file(folder, manifest, rank)
         self.path = self.reader.path
+        self._checksum = _Checksum(self.path) if check_sha256 else None
         try:
-            if check_sha256 and sha256_file(self.path) != manifest.ranks[rank].sha256:
-                raise NetpError(self.path, "sha256 differs from the manifest (corrupt, or from another shard set)")
             self.global_shapes = {t.name: t.shape for t in manifest.tensors.values()}
             self.types = {t.name: type_from_name(t.type) for t in manifest.tensors.values()}
             self.arch, self.hp = ne_model(manifest.ne_header(), self.global_shapes, str(manifest_path))
@@ -94,6 +122,17 @@ class ShardSource(RankSource):
         except BaseException:
             self.reader.close()
             raise
+
+    def confirm(self) -> None:
+        checksum, self._checksum = self._checksum, None
+        if checksum is None:
+            return
+        try:
+            digest = checksum.result()
+        except OSError as e:
+            raise NetpError(self.path, f"cannot read: {e.strerror or e}") from e
+        if digest != self.manifest.ranks[self.rank].sha256:
+            raise NetpError(self.path, "sha256 differs from the manifest (corrupt, or from another shard set)")
 
     def _check_split_plan(self, manifest_path: Path) -> None:
         """The manifest cuts every tensor where this netp's Mapping cuts it (the rank

@@ -127,6 +127,7 @@ def streamed_pass(path: Path, tokens: Sequence[int], nthread: int = 1, exact: bo
         trace = ForwardTrace()
         logits = model.forward(np.asarray(tokens), 0, all_logits=True, trace=trace)
         assert logits is not None  # one rank: rank 0
+        source.confirm()  # a shard set's rank file: its sha256, computed meanwhile
         return Pass(name or Path(path).name, logits, trace.states)
     finally:
         source.close()
