@@ -23,7 +23,11 @@ all-reduce rounds once too. 1 and N ranks then agree to the last bit
 almost always; with f32 sums they drifted by an ulp, which flipped q8_0
 rounding of the next activations and grew to 1.4 in SmolLM2's logits.
 Threads: numba prange over tiles; each output row is summed by one thread in
-one fixed order, so results are identical for any thread count.
+one fixed order, so results are identical for any thread count. prange's
+index is unsigned (uint64), and numba types uint64 op int64 as float64: the
+tile functions take it as int64 (`np.int64(tl)`), or their index arithmetic
+runs in floating point and the loops do not vectorise (measured 6x slower
+at one thread, which made 2 threads 3x slower than 1).
 
 Compiled functions are cached on disk (`cache=True`) in a per-user folder;
 the first start of a process takes a file lock around compiling or loading
@@ -409,9 +413,9 @@ def _q4_q8_parallel(qs, d, m, xq, xd, xs, out):
     one = xq.shape[0] == 1
     for tl in prange(qs.shape[0]):
         if one:
-            _q4_q8_row(qs, d, m, xq, xd, xs, out, tl)
+            _q4_q8_row(qs, d, m, xq, xd, xs, out, np.int64(tl))
         else:
-            _q4_q8_rows(qs, d, m, xq, xd, xs, out, tl)
+            _q4_q8_rows(qs, d, m, xq, xd, xs, out, np.int64(tl))
 
 
 @njit(cache=True)
@@ -423,7 +427,7 @@ def _q8_q8_serial(qs, d, xq, xd, out):
 @njit(cache=True, parallel=True)
 def _q8_q8_parallel(qs, d, xq, xd, out):
     for tl in prange(qs.shape[0]):
-        _q8_q8_tile(qs, d, xq, xd, out, tl)
+        _q8_q8_tile(qs, d, xq, xd, out, np.int64(tl))
 
 
 @njit(cache=True)
@@ -441,9 +445,9 @@ def _q4_f32_parallel(qs, d, m, x, xsum, out):
     one = x.shape[0] == 1
     for tl in prange(qs.shape[0]):
         if one:
-            _q4_f32_row(qs, d, m, x, xsum, out, tl)
+            _q4_f32_row(qs, d, m, x, xsum, out, np.int64(tl))
         else:
-            _q4_f32_rows(qs, d, m, x, xsum, out, tl)
+            _q4_f32_rows(qs, d, m, x, xsum, out, np.int64(tl))
 
 
 @njit(cache=True)
@@ -455,7 +459,7 @@ def _q8_f32_serial(qs, d, x, out):
 @njit(cache=True, parallel=True)
 def _q8_f32_parallel(qs, d, x, out):
     for tl in prange(qs.shape[0]):
-        _q8_f32_tile(qs, d, x, out, tl)
+        _q8_f32_tile(qs, d, x, out, np.int64(tl))
 
 
 _NO_MINS = np.zeros((0, 0, R), dtype=np.float32)
