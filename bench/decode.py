@@ -4,6 +4,10 @@ In one run, one thread per rank (`-t 1`), greedy:
 - q4_0 vs the same model's f32 file at 1 rank: decode tok/s from the timing
   line (goal: q4_0 >= 1.6x f32), and max RSS of a `--no_mmap` q4_0 run
   (`/usr/bin/time -f %M`; goal: <= the q4_0 file + 200 MB);
+- the f32 file against its ceiling: a bare numpy f32 mat-vec chain over
+  matrices of the model's shapes, stored as the runtime stores them
+  (f32 decode is bandwidth-bound, so its tok/s follows
+  the machine's memory bandwidth, see docs/design.md §5);
 - the 2-rank shard set under `mpiexec -n 2` vs 1 rank (goal: >= 1.7x);
 - neural-speed's own runtime as the peer: `run_llama` from the PyPI wheel
   neural-speed==1.0 (bench/peers.py: downloaded with `pip download --no-deps`
@@ -120,6 +124,39 @@ def resident_mb(timing: str) -> list[float]:
     return [float(v) for v in m.group(1).split(",")] if m else []
 
 
+CHAIN = """
+import os, sys, time
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+import numpy as np
+from netp.formats.ne import NEReader
+with NEReader(sys.argv[1]) as r:
+    h = r.header
+kv = h.n_embd // h.n_head * h.n_head_kv
+shapes = [(h.n_embd, h.n_embd + 2 * kv), (h.n_embd, h.n_embd), (h.n_embd, 2 * h.ffn_hidden_size),
+          (h.ffn_hidden_size, h.n_embd)] * h.n_layer + [(h.n_embd, h.n_vocab)]
+rng = np.random.default_rng(0)
+mats = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+xs = {n: rng.standard_normal((1, n), dtype=np.float32) for n, _ in shapes}
+best = 1e9
+for _ in range(5):
+    t = time.perf_counter()
+    for _ in range(20):
+        for m in mats:
+            xs[m.shape[0]] @ m
+    best = min(best, (time.perf_counter() - t) / 20)
+print(1 / best)
+"""
+
+
+def f32_ceiling(f32_file: Path) -> float:
+    """tok/s of a bare numpy f32 matrix-vector chain over the model's matrices, stored as the runtime
+    stores them ((in, out), OpenBLAS, 1 thread): what memory bandwidth allows an f32 forward here."""
+    p = subprocess.run([sys.executable, "-c", CHAIN, str(f32_file)], capture_output=True, text=True, timeout=900)
+    if p.returncode:
+        fail(f"the f32 ceiling failed:\n{p.stderr[-2000:]}")
+    return float(p.stdout)
+
+
 def neural_speed() -> Path | None:
     """run_llama from the neural-speed wheel in the bench cache (bench/peers.py). None if unavailable."""
     from peers import PeerError, neural_speed as ns_folder
@@ -174,6 +211,7 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved, so a busy spell hurts every figure alike
             t, _, _ = ne_run(files["f32"], args.tokens)
             keep("f32", decode_tok_s(t))
+            keep("f32 ceiling", f32_ceiling(files["f32"]))
             t, _, kb = ne_run(files["q4_0"], args.tokens, extra=("--no_mmap",), rss=True)
             keep("q4_0", decode_tok_s(t))
             mb1 = resident_mb(t)
@@ -191,7 +229,9 @@ def main() -> None:
     print(f"  kernels: first start compiled in {float(compiled.group(1)):.1f} s; warm start loads them in "
           f"{float(loaded.group(1)):.2f} s (wall time of a warm -n 1 run: {warm_wall:.2f} s)")
     f32, q4, two = best["f32"], best["q4_0"], best["2 ranks"]
-    print(f"  f32 file, 1 rank (OpenBLAS)             {f32:7.2f} tok/s")
+    ceiling = best["f32 ceiling"]
+    print(f"  f32 file, 1 rank (OpenBLAS)             {f32:7.2f} tok/s  {f32 / ceiling:5.2f}x the bare numpy f32 "
+          f"mat-vec chain of its matrices, {ceiling:.2f} tok/s (memory bandwidth: the f32 path's ceiling here)")
     print(f"  q4_0 file, 1 rank (block kernels)       {q4:7.2f} tok/s  {q4 / f32:5.2f}x f32 (goal >= 1.60) "
           f"{'ok' if q4 >= 1.6 * f32 else 'MISSED'}")
     print(f"  q4_0 shard set, 2 ranks (mpiexec -n 2)  {two:7.2f} tok/s  {two / q4:5.2f}x 1 rank (goal >= 1.70) "
