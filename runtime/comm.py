@@ -230,6 +230,7 @@ class MPIComm(Comm):
             # mpiexec waits forever for an unreachable host's proxy (measured).
             # Should Abort itself stall, SIGALRM's default action ends us.
             signal.alarm(ABORT_GRACE)
+            time.sleep(0.5)  # as in abort(): the launcher drops output still in its pipes when it kills
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # MPICH's own abort banner: the line above says it
             self.comm.Abort(1)
         sys.stdout.flush()

@@ -122,7 +122,10 @@ def _streamed_model(folder: Path, files: dict[str, Path]) -> Any | None:
     n_layer = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
     prefix, layers = _decoder_layers(model, n_layer)
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    tied = {n for n in params if n not in files and n.startswith("lm_head.")}  # tie_word_embeddings
+    # A head missing from the files reads the embedding only when the config ties them; otherwise the
+    # checkpoint names it differently (GPT-NeoX's embed_out is transformers 5's lm_head): run it whole.
+    tie = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    tied = {n for n in params if tie and n not in files and n.startswith("lm_head.")}
     if any(n not in files for n in params if n not in tied):
         return None
     embedding = model.get_input_embeddings()

@@ -83,7 +83,8 @@ class _Checksum:
     def __init__(self, path: Path):
         self.digest: str | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(path,), name="netp-sha256", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(path,), daemon=True,
+                                       name=f"{threading.current_thread().name}-sha256")  # the rank's own
         self.thread.start()
 
     def _run(self, path: Path) -> None:

@@ -428,7 +428,8 @@ def _shard_files_opened(record: Path, shards: Path) -> dict[str, set[str]]:
     by_thread: dict[str, set[str]] = {}
     for thread, path in json.loads(record.read_text()):
         if Path(path).parent == shards.resolve() and path.endswith(".bin"):
-            by_thread.setdefault(thread, set()).add(Path(path).name)
+            # a rank's file is hashed on a thread named after the rank's own (runtime/sources.py)
+            by_thread.setdefault(thread.removesuffix("-sha256"), set()).add(Path(path).name)
     return by_thread
 
 
