@@ -1,27 +1,32 @@
 """Block kernels: products with q4_0 / q4_1 / q8_0 matrices kept in block form (docs/design.md §5).
 
 A rank's quantized slices are repacked once, at load, into `TiledBlocks`:
-tiles of R = 64 output rows, code bytes ordered [tile][block][byte][row] so
-the innermost loop runs over 64 contiguous rows (one SIMD-friendly stream),
-the f16 block scales (and q4_1 minimums) widened to f32 as
-[tile][block][row]; rows that do not fill the last tile are zero blocks.
+tiles of R = 64 output rows; each block's code bytes as 32-bit words of 4
+bytes per row, ordered [tile][block][word][row][4] (q4: 4 words, byte j of
+the file's 16 holding codes j and j + 16; q8_0: 8 words, each code stored
++ 128 as an unsigned byte), so one 512-bit load holds 16 rows' words side by
+side; the f16 block scales (and q4_1 minimums) as they are in the file,
+[tile][block][row]. Rows that do not fill the last tile are zero blocks.
+The tiles are exactly as large as the file's blocks.
 
-`matmul(x, w)` computes x (T, n_in) @ w.T in one call for all T rows, each
-tile's blocks decoded once and used for every row of x:
+`matmul(x, w)` computes x (T, n_in) @ w.T in one call for all T rows:
 - default, as ggml computes it: each row of x is quantized to q8_0 blocks
   (bit-exact with gguf.quants Q8_0: d = max|x| / 127, codes x * (1/d)
   rounded half away from zero, d kept as its f16 value), and each block's
   dot product is an integer sum scaled by the two scales
   (vec_dot_q4_0_q8_0: d_w d_x (sum q_w x_q - 8 sum x_q); q4_1 adds
-  m_w d_x sum x_q; q8_0 is int8 x int8);
+  m_w d_x sum x_q; q8_0 is int8 x int8). Two implementations give the same
+  bits: netp.runtime.vnni's AVX-512 VNNI code where the CPU has it, and
+  the portable loops below otherwise;
 - exact: the same blocks against f32 activations (the dequantized math up
-  to the order of sums).
+  to the order of sums), portable loops only.
 Each output row sums its blocks' terms in f64 (a q4/q8 block's term
-d_w d_x sum is exact in f64: 11 + 11 + 16 bits) and is rounded to f32 once;
+d_w d_x sum is exact in f64: 11 + 11 + 21 bits) and is rounded to f32 once;
 a column-split slice hands its partial sum over in f64 (`partial`), so the
 all-reduce rounds once too. 1 and N ranks then agree to the last bit
 almost always; with f32 sums they drifted by an ulp, which flipped q8_0
 rounding of the next activations and grew to 1.4 in SmolLM2's logits.
+
 Threads: numba prange over tiles; each output row is summed by one thread in
 one fixed order, so results are identical for any thread count. prange's
 index is unsigned (uint64), and numba types uint64 op int64 as float64: the
@@ -58,11 +63,14 @@ import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from netp.formats.constants import GGMLType, block_geometry  # noqa: E402
+from netp.runtime import vnni  # noqa: E402
 
-R = 64  # output rows per tile (measured best, docs/design.md §5)
+R = vnni.R  # output rows per tile (docs/design.md §5)
 QK = 32  # values per block
 KERNEL_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
-_SCALE_BYTES = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q8_0: 2}  # header bytes of a block
+_KIND = {GGMLType.Q4_0: 0, GGMLType.Q4_1: 1, GGMLType.Q8_0: 2}  # the compiled code's type switch
+_WORDS = {GGMLType.Q4_0: 4, GGMLType.Q4_1: 4, GGMLType.Q8_0: 8}  # 32-bit words of codes per row and block
+_SCALES = {GGMLType.Q4_0: 1, GGMLType.Q4_1: 2, GGMLType.Q8_0: 1}  # f16 values heading a block (d, m)
 
 
 @dataclass
@@ -72,9 +80,9 @@ class TiledBlocks:
     type: GGMLType
     rows: int
     n_in: int
-    qs: np.ndarray  # (tiles, blocks, 16 or 32, R) uint8 (q8_0: int8)
-    d: np.ndarray  # (tiles, blocks, R) f32
-    m: np.ndarray | None  # (tiles, blocks, R) f32, q4_1 only
+    qs: np.ndarray  # (tiles, blocks, 4 or 8, R, 4) uint8
+    d: np.ndarray  # (tiles, blocks, R) f16
+    m: np.ndarray | None  # (tiles, blocks, R) f16, q4_1 only
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -87,26 +95,65 @@ class TiledBlocks:
 
 # -- packing ---------------------------------------------------------------------
 
-@njit(cache=True)
-def _pack_codes(src, dst, row0):  # src (rows, blocks, k) uint8 -> dst (tiles, blocks, k, R) at row row0
-    for i in range(src.shape[0]):
-        g = row0 + i
-        t, r = g // R, g % R
-        for b in range(src.shape[1]):
-            for j in range(src.shape[2]):
-                dst[t, b, j, r] = src[i, b, j]
+_pack_q4_0, _pack_q4_1, _pack_q8_0 = vnni.pack_rows(4, 1, False), vnni.pack_rows(4, 2, False), \
+    vnni.pack_rows(8, 1, True)
 
 
 @njit(cache=True)
-def _pack_scales(src, dst, row0):  # src (rows, blocks) f32 -> dst (tiles, blocks, R) at row row0
-    for i in range(src.shape[0]):
-        g = row0 + i
-        t, r = g // R, g % R
-        for b in range(src.shape[1]):
-            dst[t, b, r] = src[i, b]
+def _pack_few(src, qs, d, m, row0, t, lo, hi):
+    """Rows lo .. hi-1 of tile t (a group that a part's edge cuts) one byte at a time, as vnni.pack_rows
+    does 16 rows: file rows src (rows, bytes; the first is row row0) -> qs (tiles, blocks, words, R, 4)
+    uint8, d and m (tiles, blocks, R; m without tiles unless q4_1) uint16."""
+    nb, words = qs.shape[1], qs.shape[2]
+    heads = 2 if m.shape[0] > 0 else 1
+    per_block = 2 * heads + 4 * words
+    flip = 0x80 if words == 8 else 0
+    for r in range(lo, hi):
+        s = t * R + r - row0
+        for b in range(nb):
+            o = b * per_block
+            d[t, b, r] = np.uint16(src[s, o]) | (np.uint16(src[s, o + 1]) << 8)
+            if heads == 2:
+                m[t, b, r] = np.uint16(src[s, o + 2]) | (np.uint16(src[s, o + 3]) << 8)
+            for w in range(words):
+                for c in range(4):
+                    qs[t, b, w, r, c] = src[s, o + 2 * heads + 4 * w + c] ^ flip
 
 
-def tile(parts: list[np.ndarray], t: GGMLType) -> TiledBlocks:
+@njit(cache=True)
+def _pack_tile(kind, src, qs, d, m, row0, t):
+    """Tile t's rows held by src (file rows, the first being row row0), 16 at a time where whole."""
+    if t < 0:
+        return
+    lo = max(row0, t * R) - t * R
+    hi = min(row0 + src.shape[0], (t + 1) * R) - t * R
+    for g in range(R // vnni.LANES):
+        a, z = max(lo, g * vnni.LANES), min(hi, (g + 1) * vnni.LANES)
+        if z - a == vnni.LANES:
+            if kind == 0:
+                _pack_q4_0(src, t * R + a - row0, qs, d, m, t, g)
+            elif kind == 1:
+                _pack_q4_1(src, t * R + a - row0, qs, d, m, t, g)
+            else:
+                _pack_q8_0(src, t * R + a - row0, qs, d, m, t, g)
+        elif a < z:
+            _pack_few(src, qs, d, m, row0, t, a, z)
+
+
+@njit(cache=True)
+def _pack_serial(kind, src, qs, d, m, row0):
+    for t in range(row0 // R, (row0 + src.shape[0] - 1) // R + 1):
+        _pack_tile(kind, src, qs, d, m, row0, t)
+
+
+@njit(cache=True, parallel=True)
+def _pack_parallel(kind, src, qs, d, m, row0):
+    first = row0 // R
+    for i in prange((row0 + src.shape[0] - 1) // R - first + 1):
+        _pack_tile(kind, src, qs, d, m, row0, first + np.int64(i))
+
+
+def tile(parts: list[np.ndarray], t: GGMLType, threads: int = 1) -> TiledBlocks:
     """File-form rows of blocks (each part (rows_i, bytes per row) uint8, all of
     type t and one row length), stacked by rows, repacked into tiles."""
     if t not in KERNEL_TYPES:
@@ -115,21 +162,17 @@ def tile(parts: list[np.ndarray], t: GGMLType) -> TiledBlocks:
     nb = parts[0].shape[1] // block_bytes
     rows = sum(p.shape[0] for p in parts)
     n_tiles = -(-rows // R)
-    head = _SCALE_BYTES[t]
-    k = QK // 2 if t != GGMLType.Q8_0 else QK
-    qs = np.zeros((n_tiles, nb, k, R), dtype=np.uint8)
-    d = np.zeros((n_tiles, nb, R), dtype=np.float32)
-    m = np.zeros((n_tiles, nb, R), dtype=np.float32) if t == GGMLType.Q4_1 else None
+    words = _WORDS[t]
+    qs = np.zeros((n_tiles, nb, words, R, 4), dtype=np.uint8)
+    d = np.zeros((n_tiles, nb, R), dtype=np.float16)
+    m = np.zeros((n_tiles, nb, R), dtype=np.float16) if t == GGMLType.Q4_1 else None
+    par = _set_threads(threads)
     at = 0
     for p in parts:
-        blocks = np.asarray(p).reshape(p.shape[0], nb, block_bytes)
-        _pack_codes(blocks[:, :, head:], qs, at)
-        _pack_scales(np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16)[:, :, 0].astype(np.float32), d, at)
-        if m is not None:
-            _pack_scales(np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[:, :, 0].astype(np.float32), m, at)
+        if p.shape[0] and nb:  # (the compiled loops take at least one block)
+            (_pack_parallel if par else _pack_serial)(_KIND[t], np.ascontiguousarray(p), qs, d.view(np.uint16),
+                                                      (_NO_SCALES if m is None else m).view(np.uint16), at)
         at += p.shape[0]
-    if t == GGMLType.Q8_0:
-        qs = qs.view(np.int8)
     return TiledBlocks(t, rows, nb * block, qs, d, m)
 
 
@@ -185,314 +228,296 @@ def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xq, xd, xs
 
 
-# -- the products: one tile function per (type, activation), looped serially or by prange ----
-# Arrays are indexed flat (measured 2x faster than 4-D indexing in numba's
-# loops), and q4 block sums run in int16: with codes q - 8 in [-8, 7] and
-# |x_q| <= 127, 32 products stay within 32512, and 16-bit lanes double the
-# SIMD width. q4_1 gets sum q x_q back exactly as that sum + 8 sum x_q.
+# -- the products, portable loops: one tile function per (activation, T = 1 or more), looped serially
+# or by prange. Arrays are indexed flat (measured 2x faster than 4-D indexing in numba's loops); codes
+# are read as the tiles' uint32 words, contiguous over rows, byte c of a word being (w >> 8c) & 255.
+# q4 block sums run in int16 on codes q - 8 in [-8, 7]: with |x_q| <= 127, 32 products stay within
+# 32512, and 16-bit lanes double the SIMD width. The f16 scales are read through F16, a table of all
+# 65536 values as f32 (numba has no f16 type).
 
 # Each tile function starts with `if tl < 0: return`: it tells LLVM that every
 # index is >= 0, so numba's negative-index wraparound drops out and the row
 # loops vectorise (measured 10x).
 
+F16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
 
 @njit(cache=True)
-def _q4_q8_row(qs, d, m, xq, xd, xs, out, tl):
-    """Decode (T = 1): tile tl of a q4_0 (m empty) or q4_1 matrix against one q8_0 row; out (zeroed) +=."""
+def _add_terms(kind, d_flat, m_flat, f16, od, s, xsum, isum, out_flat, ob):
+    """out[ob + r] += row r's block term from its integer sum isum[r] (q4: sum (q - 8) x_q; q8_0: sum
+    q x_q), s = d_x, xsum = sum x_q: the same f64 values and order as netp.runtime.vnni's."""
+    if kind == 1:  # q4_1: d_w d_x sum q x_q + m_w (d_x sum x_q), with sum q x_q = isum + 8 sum x_q
+        ms = np.float64(s) * np.float64(xsum)
+        for r in range(R):
+            out_flat[ob + r] += np.float64(f16[d_flat[od + r]] * s) * np.float64(np.int32(isum[r]) + 8 * xsum) + \
+                np.float64(f16[m_flat[od + r]]) * ms
+    else:
+        for r in range(R):
+            out_flat[ob + r] += np.float64(f16[d_flat[od + r]] * s) * np.float64(isum[r])
+
+
+@njit(cache=True)
+def _q8_row(kind, qs, d, m, f16, xq, xd, xs, out, tl):
+    """Decode (T = 1): tile tl against one q8_0 row; out (zeroed) +=."""
     if tl < 0:
         return
-    nb = xq.shape[1]
+    nb, words = qs.shape[1], qs.shape[2]
     q_flat, d_flat, m_flat, x_flat, out_flat = qs.reshape(-1), d.reshape(-1), m.reshape(-1), xq.reshape(-1), \
         out.reshape(-1)
-    asym = m_flat.size > 0
-    isum = np.empty(R, dtype=np.int16)
+    isum16 = np.empty(R, dtype=np.int16)
+    isum32 = np.empty(R, dtype=np.int32)
     for b in range(nb):
-        o = (tl * nb + b) * (QK // 2) * R
+        o = (tl * nb + b) * words * R
         od = (tl * nb + b) * R
-        for r in range(R):
-            isum[r] = 0
-        for j in range(QK // 2):
-            xl = np.int16(x_flat[b * QK + j])
-            xh = np.int16(x_flat[b * QK + j + QK // 2])
+        if kind == 2:
             for r in range(R):
-                v = np.int16(q_flat[o + j * R + r])
-                isum[r] += np.int16(np.int16(v & 15) - np.int16(8)) * xl + np.int16(np.int16(v >> 4) - np.int16(8)) * xh
-        s = xd[0, b]
-        ob = tl * R
-        if asym:  # d_w d_x sum q x_q + m_w d_x sum x_q, with sum q x_q = isum + 8 sum x_q
-            xsum = np.int32(xs[0, b])
-            ms = np.float64(s) * np.float64(xsum)
-            for r in range(R):
-                out_flat[ob + r] += np.float64(d_flat[od + r] * s) * np.float64(np.int32(isum[r]) + 8 * xsum) + \
-                    np.float64(m_flat[od + r]) * ms
+                isum32[r] = 0
+            for w in range(words):
+                for c in range(4):
+                    xj = np.int32(x_flat[b * QK + 4 * w + c])
+                    for r in range(R):
+                        isum32[r] += (np.int32((q_flat[o + w * R + r] >> (8 * c)) & 255) - 128) * xj
+            _add_terms(kind, d_flat, m_flat, f16, od, xd[0, b], np.int32(xs[0, b]), isum32, out_flat, tl * R)
         else:
             for r in range(R):
-                out_flat[ob + r] += np.float64(d_flat[od + r] * s) * np.float64(isum[r])
+                isum16[r] = 0
+            for w in range(words):
+                for c in range(4):
+                    xl = np.int16(x_flat[b * QK + 4 * w + c])
+                    xh = np.int16(x_flat[b * QK + 16 + 4 * w + c])
+                    for r in range(R):
+                        v = q_flat[o + w * R + r] >> (8 * c)
+                        isum16[r] += (np.int16(v & 15) - np.int16(8)) * xl + \
+                            (np.int16((v >> 4) & 15) - np.int16(8)) * xh
+            _add_terms(kind, d_flat, m_flat, f16, od, xd[0, b], np.int32(xs[0, b]), isum16, out_flat, tl * R)
 
 
 @njit(cache=True)
-def _q4_q8_rows(qs, d, m, xq, xd, xs, out, tl):
-    """Prefill (T > 1): as _q4_q8_row, each block decoded once for all T rows."""
+def _q8_rows(kind, qs, d, m, f16, xq, xd, xs, out, tl):
+    """Prefill (T > 1): as _q8_row, each block decoded once for all T rows."""
     if tl < 0:
         return
-    T, nb = xq.shape[0], xq.shape[1]
+    T, nb, words = xq.shape[0], qs.shape[1], qs.shape[2]
     q_flat, d_flat, m_flat, x_flat, out_flat = qs.reshape(-1), d.reshape(-1), m.reshape(-1), xq.reshape(-1), \
         out.reshape(-1)
-    asym = m_flat.size > 0
     width = out.shape[1]
-    isum = np.empty(R, dtype=np.int16)
-    w = np.empty(QK * R, dtype=np.int16)
+    isum16 = np.empty(R, dtype=np.int16)
+    isum32 = np.empty(R, dtype=np.int32)
+    w16 = np.empty(QK * R, dtype=np.int16)
+    w32 = np.empty(QK * R, dtype=np.int32)
     for b in range(nb):
-        o = (tl * nb + b) * (QK // 2) * R
+        o = (tl * nb + b) * words * R
         od = (tl * nb + b) * R
-        for j in range(QK // 2):
-            for r in range(R):
-                v = np.int16(q_flat[o + j * R + r])
-                w[j * R + r] = np.int16(v & 15) - np.int16(8)
-                w[(j + QK // 2) * R + r] = np.int16(v >> 4) - np.int16(8)
-        for t in range(T):
-            for r in range(R):
-                isum[r] = 0
-            xo = (t * nb + b) * QK
-            for j in range(QK):
-                xj = np.int16(x_flat[xo + j])
+        if kind == 2:
+            for w in range(words):
+                for c in range(4):
+                    for r in range(R):
+                        w32[(4 * w + c) * R + r] = np.int32((q_flat[o + w * R + r] >> (8 * c)) & 255) - 128
+            for t in range(T):
+                xo = (t * nb + b) * QK
                 for r in range(R):
-                    isum[r] += w[j * R + r] * xj
-            s = xd[t, b]
-            ob = t * width + tl * R
-            if asym:
-                xsum = np.int32(xs[t, b])
-                ms = np.float64(s) * np.float64(xsum)
-                for r in range(R):
-                    out_flat[ob + r] += np.float64(d_flat[od + r] * s) * \
-                        np.float64(np.int32(isum[r]) + 8 * xsum) + np.float64(m_flat[od + r]) * ms
-            else:
-                for r in range(R):
-                    out_flat[ob + r] += np.float64(d_flat[od + r] * s) * np.float64(isum[r])
-
-
-@njit(cache=True)
-def _q8_q8_tile(qs, d, xq, xd, out, tl):
-    """q8_0 weights against q8_0 rows, any T (nothing to decode): int8 x int8 sums in int32."""
-    if tl < 0:
-        return
-    T, nb = xq.shape[0], xq.shape[1]
-    q_flat, d_flat, x_flat, out_flat = qs.reshape(-1), d.reshape(-1), xq.reshape(-1), out.reshape(-1)
-    width = out.shape[1]
-    isum = np.empty(R, dtype=np.int32)
-    for b in range(nb):
-        o = (tl * nb + b) * QK * R
-        od = (tl * nb + b) * R
-        for t in range(T):
-            for r in range(R):
-                isum[r] = 0
-            xo = (t * nb + b) * QK
-            for j in range(QK):
-                xj = np.int32(x_flat[xo + j])
-                for r in range(R):
-                    isum[r] += np.int32(q_flat[o + j * R + r]) * xj
-            s = xd[t, b]
-            ob = t * width + tl * R
-            for r in range(R):
-                out_flat[ob + r] += np.float64(d_flat[od + r] * s) * np.float64(isum[r])
-
-
-@njit(cache=True)
-def _q4_f32_row(qs, d, m, x, xsum, out, tl):
-    """Exact mode, decode: q4_0 / q4_1 against one f32 row; xsum (1, blocks) = the blocks' sums of x (q4_1)."""
-    if tl < 0:
-        return
-    nb = qs.shape[1]
-    q_flat, d_flat, m_flat, x_flat, out_flat = qs.reshape(-1), d.reshape(-1), m.reshape(-1), x.reshape(-1), \
-        out.reshape(-1)
-    asym = m_flat.size > 0
-    off = np.float32(0.0) if asym else np.float32(8.0)
-    fsum = np.empty(R, dtype=np.float32)
-    for b in range(nb):
-        o = (tl * nb + b) * (QK // 2) * R
-        od = (tl * nb + b) * R
-        for r in range(R):
-            fsum[r] = 0.0
-        for j in range(QK // 2):
-            xl = x_flat[b * QK + j]
-            xh = x_flat[b * QK + j + QK // 2]
-            for r in range(R):
-                v = np.int32(q_flat[o + j * R + r])
-                fsum[r] += (np.float32(v & 15) - off) * xl + (np.float32(v >> 4) - off) * xh
-        ob = tl * R
-        if asym:
-            xb = xsum[0, b]
-            for r in range(R):
-                out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r]) + \
-                    np.float64(m_flat[od + r]) * np.float64(xb)
+                    isum32[r] = 0
+                for j in range(QK):
+                    x32 = np.int32(x_flat[xo + j])
+                    for r in range(R):
+                        isum32[r] += w32[j * R + r] * x32
+                _add_terms(kind, d_flat, m_flat, f16, od, xd[t, b], np.int32(xs[t, b]), isum32, out_flat,
+                           t * width + tl * R)
         else:
-            for r in range(R):
-                out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r])
+            for w in range(words):
+                for c in range(4):
+                    for r in range(R):
+                        v = q_flat[o + w * R + r] >> (8 * c)
+                        w16[(4 * w + c) * R + r] = np.int16(v & 15) - np.int16(8)
+                        w16[(4 * w + c + 16) * R + r] = np.int16((v >> 4) & 15) - np.int16(8)
+            for t in range(T):
+                xo = (t * nb + b) * QK
+                for r in range(R):
+                    isum16[r] = 0
+                for j in range(QK):
+                    xj = np.int16(x_flat[xo + j])
+                    for r in range(R):
+                        isum16[r] += w16[j * R + r] * xj
+                _add_terms(kind, d_flat, m_flat, f16, od, xd[t, b], np.int32(xs[t, b]), isum16, out_flat,
+                           t * width + tl * R)
 
 
 @njit(cache=True)
-def _q4_f32_rows(qs, d, m, x, xsum, out, tl):
-    """Exact mode, prefill: each block decoded once to f32 for all T rows."""
+def _f32_tile(kind, qs, d, m, f16, x, xsum, out, tl):
+    """Exact mode: tile tl against T f32 rows, each block decoded to f32 once for all of them;
+    xsum (T, blocks) = the blocks' sums of x (q4_1)."""
     if tl < 0:
         return
-    T, nb = x.shape[0], qs.shape[1]
+    T, nb, words = x.shape[0], qs.shape[1], qs.shape[2]
     q_flat, d_flat, m_flat, x_flat, out_flat = qs.reshape(-1), d.reshape(-1), m.reshape(-1), x.reshape(-1), \
         out.reshape(-1)
-    asym = m_flat.size > 0
-    off = np.float32(0.0) if asym else np.float32(8.0)
+    off = np.float32(0.0) if kind == 1 else np.float32(8.0)
     width = out.shape[1]
     fsum = np.empty(R, dtype=np.float32)
     w = np.empty(QK * R, dtype=np.float32)
     for b in range(nb):
-        o = (tl * nb + b) * (QK // 2) * R
+        o = (tl * nb + b) * words * R
         od = (tl * nb + b) * R
-        for j in range(QK // 2):
-            for r in range(R):
-                v = np.int32(q_flat[o + j * R + r])
-                w[j * R + r] = np.float32(v & 15) - off
-                w[(j + QK // 2) * R + r] = np.float32(v >> 4) - off
+        for k in range(words):
+            for c in range(4):
+                j = 4 * k + c
+                for r in range(R):
+                    v = q_flat[o + k * R + r] >> (8 * c)
+                    if kind == 2:
+                        w[j * R + r] = np.float32(np.int32(v & 255) - 128)
+                    else:
+                        w[j * R + r] = np.float32(v & 15) - off
+                        w[(j + 16) * R + r] = np.float32((v >> 4) & 15) - off
         for t in range(T):
             for r in range(R):
                 fsum[r] = 0.0
             xo = (t * nb + b) * QK
-            for j in range(QK // 2):  # the same order of sums as _q4_f32_row: low and high nibble per byte
-                xl = x_flat[xo + j]
-                xh = x_flat[xo + j + QK // 2]
-                for r in range(R):
-                    fsum[r] += w[j * R + r] * xl + w[(j + QK // 2) * R + r] * xh
+            if kind == 2:
+                for j in range(QK):
+                    xj = x_flat[xo + j]
+                    for r in range(R):
+                        fsum[r] += w[j * R + r] * xj
+            else:
+                for j in range(QK // 2):  # low and high nibble of a byte together, whatever T
+                    xl = x_flat[xo + j]
+                    xh = x_flat[xo + j + QK // 2]
+                    for r in range(R):
+                        fsum[r] += w[j * R + r] * xl + w[(j + QK // 2) * R + r] * xh
             ob = t * width + tl * R
-            if asym:
+            if kind == 1:
                 xb = xsum[t, b]
                 for r in range(R):
-                    out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r]) + \
-                        np.float64(m_flat[od + r]) * np.float64(xb)
+                    out_flat[ob + r] += np.float64(f16[d_flat[od + r]]) * np.float64(fsum[r]) + \
+                        np.float64(f16[m_flat[od + r]]) * np.float64(xb)
             else:
                 for r in range(R):
-                    out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r])
+                    out_flat[ob + r] += np.float64(f16[d_flat[od + r]]) * np.float64(fsum[r])
+
+
+# -- the products on VNNI (netp.runtime.vnni): decode runs 4 groups of 16 rows (a whole tile) per
+# pass, prefill 2 groups x 4 tokens, the tokens left over by 4 as decode does (measured best here).
+
+_VNNI_DECODE = tuple(vnni.block_products(k, 4, 1) for k in vnni.KINDS)
+_VNNI_TOKENS = 4
+_VNNI_GROUPS = 2
+_vnni_q4_0_d, _vnni_q4_1_d, _vnni_q8_0_d = _VNNI_DECODE
+_vnni_q4_0_p, _vnni_q4_1_p, _vnni_q8_0_p = (vnni.block_products(k, _VNNI_GROUPS, _VNNI_TOKENS) for k in vnni.KINDS)
 
 
 @njit(cache=True)
-def _q8_f32_tile(qs, d, x, out, tl):
-    if tl < 0:
-        return
-    T, nb = x.shape[0], qs.shape[1]
-    q_flat, d_flat, x_flat, out_flat = qs.reshape(-1), d.reshape(-1), x.reshape(-1), out.reshape(-1)
-    width = out.shape[1]
-    fsum = np.empty(R, dtype=np.float32)
-    for b in range(nb):
-        o = (tl * nb + b) * QK * R
-        od = (tl * nb + b) * R
-        for t in range(T):
-            for r in range(R):
-                fsum[r] = 0.0
-            xo = (t * nb + b) * QK
-            for j in range(QK):
-                xj = x_flat[xo + j]
-                for r in range(R):
-                    fsum[r] += np.float32(q_flat[o + j * R + r]) * xj
-            ob = t * width + tl * R
-            for r in range(R):
-                out_flat[ob + r] += np.float64(d_flat[od + r]) * np.float64(fsum[r])
+def _vnni_tile(kind, qs, d, m, xq, xd, xs, out, tl):
+    """Tile tl against all T rows (out written, not added)."""
+    T = xq.shape[0]
+    t = 0
+    while t + _VNNI_TOKENS <= T:
+        for g in range(0, R // vnni.LANES, _VNNI_GROUPS):
+            if kind == 0:
+                _vnni_q4_0_p(qs, d, m, xq, xd, xs, out, tl, g, t)
+            elif kind == 1:
+                _vnni_q4_1_p(qs, d, m, xq, xd, xs, out, tl, g, t)
+            else:
+                _vnni_q8_0_p(qs, d, m, xq, xd, xs, out, tl, g, t)
+        t += _VNNI_TOKENS
+    while t < T:
+        if kind == 0:
+            _vnni_q4_0_d(qs, d, m, xq, xd, xs, out, tl, 0, t)
+        elif kind == 1:
+            _vnni_q4_1_d(qs, d, m, xq, xd, xs, out, tl, 0, t)
+        else:
+            _vnni_q8_0_d(qs, d, m, xq, xd, xs, out, tl, 0, t)
+        t += 1
 
 
-# Drivers: one serial, one prange, per kind (numba caches each function once,
-# so the two loops are two functions around the same tile code).
+# -- drivers: one serial, one prange, per path (numba caches each function once, so the two loops are
+# two functions around the same tile code).
 
 @njit(cache=True)
-def _q4_q8_serial(qs, d, m, xq, xd, xs, out):
+def _q8_serial(kind, qs, d, m, f16, xq, xd, xs, out):
     one = xq.shape[0] == 1
     for tl in range(qs.shape[0]):
         if one:
-            _q4_q8_row(qs, d, m, xq, xd, xs, out, tl)
+            _q8_row(kind, qs, d, m, f16, xq, xd, xs, out, tl)
         else:
-            _q4_q8_rows(qs, d, m, xq, xd, xs, out, tl)
+            _q8_rows(kind, qs, d, m, f16, xq, xd, xs, out, tl)
 
 
 @njit(cache=True, parallel=True)
-def _q4_q8_parallel(qs, d, m, xq, xd, xs, out):
+def _q8_parallel(kind, qs, d, m, f16, xq, xd, xs, out):
     one = xq.shape[0] == 1
     for tl in prange(qs.shape[0]):
         if one:
-            _q4_q8_row(qs, d, m, xq, xd, xs, out, np.int64(tl))
+            _q8_row(kind, qs, d, m, f16, xq, xd, xs, out, np.int64(tl))
         else:
-            _q4_q8_rows(qs, d, m, xq, xd, xs, out, np.int64(tl))
+            _q8_rows(kind, qs, d, m, f16, xq, xd, xs, out, np.int64(tl))
 
 
 @njit(cache=True)
-def _q8_q8_serial(qs, d, xq, xd, out):
+def _vnni_serial(kind, qs, d, m, xq, xd, xs, out):
     for tl in range(qs.shape[0]):
-        _q8_q8_tile(qs, d, xq, xd, out, tl)
+        _vnni_tile(kind, qs, d, m, xq, xd, xs, out, tl)
 
 
 @njit(cache=True, parallel=True)
-def _q8_q8_parallel(qs, d, xq, xd, out):
+def _vnni_parallel(kind, qs, d, m, xq, xd, xs, out):
     for tl in prange(qs.shape[0]):
-        _q8_q8_tile(qs, d, xq, xd, out, np.int64(tl))
+        _vnni_tile(kind, qs, d, m, xq, xd, xs, out, np.int64(tl))
 
 
 @njit(cache=True)
-def _q4_f32_serial(qs, d, m, x, xsum, out):
-    one = x.shape[0] == 1
+def _f32_serial(kind, qs, d, m, f16, x, xsum, out):
     for tl in range(qs.shape[0]):
-        if one:
-            _q4_f32_row(qs, d, m, x, xsum, out, tl)
-        else:
-            _q4_f32_rows(qs, d, m, x, xsum, out, tl)
+        _f32_tile(kind, qs, d, m, f16, x, xsum, out, tl)
 
 
 @njit(cache=True, parallel=True)
-def _q4_f32_parallel(qs, d, m, x, xsum, out):
-    one = x.shape[0] == 1
+def _f32_parallel(kind, qs, d, m, f16, x, xsum, out):
     for tl in prange(qs.shape[0]):
-        if one:
-            _q4_f32_row(qs, d, m, x, xsum, out, np.int64(tl))
-        else:
-            _q4_f32_rows(qs, d, m, x, xsum, out, np.int64(tl))
+        _f32_tile(kind, qs, d, m, f16, x, xsum, out, np.int64(tl))
 
 
-@njit(cache=True)
-def _q8_f32_serial(qs, d, x, out):
-    for tl in range(qs.shape[0]):
-        _q8_f32_tile(qs, d, x, out, tl)
-
-
-@njit(cache=True, parallel=True)
-def _q8_f32_parallel(qs, d, x, out):
-    for tl in prange(qs.shape[0]):
-        _q8_f32_tile(qs, d, x, out, np.int64(tl))
-
-
-_NO_MINS = np.zeros((0, 0, R), dtype=np.float32)
+_NO_SCALES = np.zeros((0, 0, R), dtype=np.float16)
 _NO_SUMS = np.zeros((0, 0), dtype=np.float32)
+
+
+def _set_threads(threads: int) -> bool:
+    """numba's threads for this Python thread's next parallel loops; True: use the prange drivers."""
+    if threads <= 1:
+        return False
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return True
 
 
 def matmul(x: np.ndarray, w: TiledBlocks, exact: bool = False, threads: int = 1,
            partial: bool = False) -> np.ndarray:
     """x (T, n_in) @ w.T -> (T, w.rows), rounded to f32 once at the end (partial: kept in f64, for a
     sum over ranks that rounds once after it)."""
+    return _matmul(x, w, exact, threads, partial, vnni.AVAILABLE)
+
+
+def _matmul(x: np.ndarray, w: TiledBlocks, exact: bool, threads: int, partial: bool,
+            use_vnni: bool) -> np.ndarray:
     xf = np.ascontiguousarray(x, dtype=np.float32)
     if xf.ndim != 2 or xf.shape[1] != w.n_in:
         raise ValueError(f"activations of shape {xf.shape} for a matrix of {w.n_in} columns")
     T = xf.shape[0]
     n_tiles = w.qs.shape[0]
-    out = np.zeros((T, n_tiles * R), dtype=np.float64)
-    par = threads > 1
-    if par:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    q8 = w.type == GGMLType.Q8_0
-    mins = _NO_MINS if w.m is None else w.m
-    if exact:
-        if q8:
-            (_q8_f32_parallel if par else _q8_f32_serial)(w.qs, w.d, xf, out)
-        else:
-            xsum = _NO_SUMS if w.m is None else xf.reshape(T, -1, QK).sum(axis=2, dtype=np.float32)
-            (_q4_f32_parallel if par else _q4_f32_serial)(w.qs, w.d, mins, xf, np.ascontiguousarray(xsum), out)
+    par = _set_threads(threads)
+    kind = _KIND[w.type]
+    qs = w.qs.view(np.uint32).reshape(w.qs.shape[:4])  # (tiles, blocks, words, R): a row's 4 bytes as one word
+    d = w.d.view(np.uint16)
+    m = (_NO_SCALES if w.m is None else w.m).view(np.uint16)
+    if w.qs.shape[1] == 0:  # no blocks: the compiled loops take at least one
+        out = np.zeros((T, n_tiles * R), dtype=np.float64)
+    elif exact:
+        out = np.zeros((T, n_tiles * R), dtype=np.float64)
+        xsum = _NO_SUMS if w.m is None else np.ascontiguousarray(xf.reshape(T, -1, QK).sum(axis=2, dtype=np.float32))
+        (_f32_parallel if par else _f32_serial)(kind, qs, d, m, F16, xf, xsum, out)
+    elif use_vnni:
+        out = np.empty((T, n_tiles * R), dtype=np.float64)
+        (_vnni_parallel if par else _vnni_serial)(kind, qs, d, m, *quantize_q8(xf), out)
     else:
-        xq, xd, xs = quantize_q8(xf)
-        if q8:
-            (_q8_q8_parallel if par else _q8_q8_serial)(w.qs, w.d, xq, xd, out)
-        else:
-            (_q4_q8_parallel if par else _q4_q8_serial)(w.qs, w.d, mins, xq, xd, xs, out)
+        out = np.zeros((T, n_tiles * R), dtype=np.float64)
+        (_q8_parallel if par else _q8_serial)(kind, qs, d, m, F16, *quantize_q8(xf), out)
     return out[:, : w.rows] if partial else out[:, : w.rows].astype(np.float32)
 
 
@@ -506,8 +531,8 @@ class WarmUp:
 
 _warm_lock = threading.Lock()
 _warm: WarmUp | None = None
-_DISPATCHERS = (_pack_codes, _pack_scales, _quantize_q8, _q4_q8_serial, _q4_q8_parallel, _q8_q8_serial,
-                _q8_q8_parallel, _q4_f32_serial, _q4_f32_parallel, _q8_f32_serial, _q8_f32_parallel)
+_DISPATCHERS = (_pack_serial, _pack_parallel, _quantize_q8, _q8_serial, _q8_parallel, _vnni_serial, _vnni_parallel,
+                _f32_serial, _f32_parallel)
 
 
 def warm_up() -> WarmUp:
@@ -536,14 +561,18 @@ def warm_up() -> WarmUp:
 
 
 def _exercise() -> None:
-    """Call every kernel once on tiny inputs of the types the runtime passes."""
+    """Call every kernel once on tiny inputs of the types the runtime passes (file rows from a read-only
+    mapping or read into memory)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, QK), dtype=np.float32)
     for t in KERNEL_TYPES:
         _, block_bytes = block_geometry(t)
         raw = rng.integers(0, 256, size=(3, block_bytes), dtype=np.uint8)
-        raw[:, :_SCALE_BYTES[t]] = np.frombuffer(np.full(_SCALE_BYTES[t] // 2, 0.01, np.float16).tobytes(), np.uint8)
-        w = tile([raw], t)
-        for exact in (False, True):
-            for threads in (1, 2):
+        raw[:, :2 * _SCALES[t]] = np.frombuffer(np.full(_SCALES[t], 0.01, np.float16).tobytes(), np.uint8)
+        mapped = raw.copy()
+        mapped.flags.writeable = False
+        for threads in (1, 2):
+            tile([mapped], t, threads=threads)
+            w = tile([raw], t, threads=threads)
+            for exact in (False, True):
                 matmul(x, w, exact=exact, threads=threads)

@@ -2,9 +2,9 @@
 
 - q4_0 / q4_1 / q8_0 matrix slices stay in block form for the whole run:
   the NE tensors one product reads (q|k|v, gate|up) are stacked by rows and
-  repacked once, at load, into the kernels' tiles (netp.runtime.kernels;
-  q4_0: 0.625 bytes per weight / N ranks). No f32 copy of a quantized
-  matrix ever exists.
+  repacked once, at load, by -t threads, into the kernels' tiles
+  (netp.runtime.kernels; exactly the file's bytes, q4_0 0.5625 per weight,
+  / N ranks). No f32 copy of a quantized matrix ever exists.
 - f32 matrices stay f32 and f16 ones are widened at load, stored
   transposed, (in, out), for numpy/OpenBLAS (see models.layers.linear).
 - The token embedding always stays in file form (memory-mapped unless
@@ -152,7 +152,8 @@ class RankWeights:
             return _dense_transposed(parts, n_in, self.nthread)
         if self.kernels is None:
             self.kernels = kernels.warm_up()
-        return BlockMatrix(kernels.tile([raw for raw, _ in parts], t), self.exact, self.nthread, partial)
+        tiles = kernels.tile([raw for raw, _ in parts], t, threads=self.nthread)
+        return BlockMatrix(tiles, self.exact, self.nthread, partial)
 
 
 def _runs_of_one_form(parts: list[tuple[np.ndarray, GGMLType]]) -> list[list[tuple[np.ndarray, GGMLType]]]:

@@ -7,6 +7,7 @@ from gguf import quants
 
 from netp.formats.constants import GGMLType, block_geometry
 from netp.runtime import kernels as K
+from netp.runtime import vnni
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 SCALE_BYTES = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q8_0: 2}
@@ -40,11 +41,21 @@ def reference(x: np.ndarray, raw: np.ndarray, t: GGMLType, exact: bool) -> tuple
     return xa @ w.T, np.abs(xa) @ np.abs(w).T
 
 
+PATHS = [pytest.param(True, id="vnni", marks=pytest.mark.skipif(not vnni.AVAILABLE, reason="no AVX-512 VNNI")),
+         pytest.param(False, id="portable")]
+
+
+def products(x: np.ndarray, w: K.TiledBlocks, exact: bool, threads: int, use_vnni: bool) -> np.ndarray:
+    return K._matmul(x, w, exact, threads, False, use_vnni)
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name.lower())
 @pytest.mark.parametrize("kind", ["random", "zeros", "outlier"])
 @pytest.mark.parametrize("rows,n_in", [(64, 32), (37, 32), (130, 4096)])
-@pytest.mark.parametrize("T", [1, 5])
-def test_matmul_matches_numpy_on_dequantized_blocks(t: GGMLType, kind: str, rows: int, n_in: int, T: int) -> None:
+@pytest.mark.parametrize("T", [1, 5, 9])
+def test_matmul_matches_numpy_on_dequantized_blocks(t: GGMLType, kind: str, rows: int, n_in: int, T: int,
+                                                     use_vnni: bool) -> None:
     rng = np.random.default_rng(rows * 7 + n_in + T)
     raw = matrix(rng, t, rows, n_in, kind)
     cut = rows // 3  # two parts stacked by rows, cut inside a tile
@@ -54,24 +65,40 @@ def test_matmul_matches_numpy_on_dequantized_blocks(t: GGMLType, kind: str, rows
     x[0, 0] = 50.0  # an activation outlier too
     for exact in (False, True):
         ref, scale = reference(x, raw, t, exact)
-        got = K.matmul(x, w, exact=exact, threads=1)
+        got = products(x, w, exact, 1, use_vnni)
         assert got.shape == (T, rows) and got.dtype == np.float32
         # f32 sums of n_in terms: within a few ulps of the sum of magnitudes
         assert np.all(np.abs(got - ref) <= 2e-6 * scale + 1e-30), (exact, np.abs(got - ref).max())
         if kind == "zeros":
             assert np.all(got[:, ::2] == 0.0)
-        assert np.array_equal(K.matmul(x, w, exact=exact, threads=2), got)  # no cross-thread sums
+        for threads in (2, 3):  # no cross-thread sums
+            assert np.array_equal(products(x, w, exact, threads, use_vnni), got)
 
 
+@pytest.mark.skipif(not vnni.AVAILABLE, reason="no AVX-512 VNNI")
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name.lower())
-def test_prefill_equals_row_by_row(t: GGMLType) -> None:
+@pytest.mark.parametrize("T", [1, 4, 7])
+def test_vnni_and_portable_loops_give_the_same_bits(t: GGMLType, T: int) -> None:
+    """The f64 partial sums themselves, which the all-reduce adds: equal to the last bit on both paths."""
+    rng = np.random.default_rng(T)
+    raw = matrix(rng, t, 200, 1024, "random")
+    w = K.tile([raw], t)
+    x = rng.standard_normal((T, 1024)).astype(np.float32) * 3
+    a = K._matmul(x, w, False, 1, True, True)
+    b = K._matmul(x, w, False, 2, True, False)
+    assert a.dtype == np.float64 and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("use_vnni", PATHS)
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name.lower())
+def test_prefill_equals_row_by_row(t: GGMLType, use_vnni: bool) -> None:
     """T rows in one call (each tile decoded once) give each row's decode result."""
     rng = np.random.default_rng(3)
     w = K.tile([matrix(rng, t, 100, 256, "random")], t)
     x = rng.standard_normal((6, 256)).astype(np.float32)
     for exact in (False, True):
-        together = K.matmul(x, w, exact=exact)
-        apart = np.concatenate([K.matmul(x[i:i + 1], w, exact=exact) for i in range(6)])
+        together = products(x, w, exact, 1, use_vnni)
+        apart = np.concatenate([products(x[i:i + 1], w, exact, 1, use_vnni) for i in range(6)])
         assert np.array_equal(together, apart)
 
 
@@ -106,17 +133,30 @@ def test_f16_scale_rounding_matches_numpy() -> None:
     assert np.array_equal(got, expect)
 
 
-def test_tiled_layout_and_size() -> None:
-    """Tiles of 64 rows, [tile][block][byte][row]; padding rows are zero blocks; q4_0 is 0.625 bytes a weight."""
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name.lower())
+def test_tiled_layout_and_size(t: GGMLType) -> None:
+    """Tiles of 64 rows, codes [tile][block][word][row][4] (q8_0's + 128), f16 scales [tile][block][row];
+    padding rows are zero blocks; the tiles hold exactly the file's bytes; packing threads change nothing."""
     rng = np.random.default_rng(6)
-    raw = matrix(rng, GGMLType.Q4_0, 128, 256, "random")
-    w = K.tile([raw], GGMLType.Q4_0)
-    assert w.qs.shape == (2, 8, 16, 64) and w.d.shape == (2, 8, 64)
-    blocks = raw.reshape(128, 8, 18)
-    assert np.array_equal(w.qs[1, 3, :, 5], blocks[64 + 5, 3, 2:])
-    assert w.nbytes == 128 * 256 * 0.625
-    short = K.tile([raw[:70]], GGMLType.Q4_0)
+    raw = matrix(rng, t, 128, 256, "random")
+    w = K.tile([raw], t)
+    head = SCALE_BYTES[t]
+    words = 8 if t == GGMLType.Q8_0 else 4
+    assert w.qs.shape == (2, 8, words, 64, 4) and w.qs.dtype == np.uint8
+    assert w.d.shape == (2, 8, 64) and w.d.dtype == np.float16
+    blocks = raw.reshape(128, 8, -1)
+    codes = blocks[64 + 5, 3, head:]
+    if t == GGMLType.Q8_0:
+        codes = codes ^ np.uint8(0x80)
+    assert np.array_equal(w.qs[1, 3, :, 5, :].reshape(-1), codes)
+    assert w.d[1, 3, 5] == blocks[64 + 5, 3, :2].view(np.float16)[0]
+    if t == GGMLType.Q4_1:
+        assert w.m[1, 3, 5] == blocks[64 + 5, 3, 2:4].view(np.float16)[0]
+    assert w.nbytes == raw.nbytes
+    short = K.tile([raw[:70]], t)
     assert short.qs.shape[0] == 2 and not short.qs[1, :, :, 6:].any() and not short.d[1, :, 6:].any()
+    cut = K.tile([raw[:1], raw[1:70]], t, threads=2)  # parts cut inside a tile, packed by 2 threads
+    assert np.array_equal(cut.qs, short.qs) and np.array_equal(cut.d.view(np.uint16), short.d.view(np.uint16))
 
 
 def test_warm_up_reports_cache_use() -> None:
@@ -161,3 +201,43 @@ def test_two_ranks_starting_at_once_share_one_compile(tmp_path) -> None:
     out, err = third.communicate(timeout=600)
     assert third.returncode == 0 and out.split()[0] == "0", err
     assert len({o.split()[1] for o, _ in outs} | {out.split()[1]}) == 1  # the same bits from every start
+
+
+_WITHOUT_VNNI = """
+import sys
+import numpy as np
+from netp.formats.constants import GGMLType
+from netp.runtime import kernels as K, vnni
+from tests.test_kernels import portable_case
+print(int(vnni.AVAILABLE), portable_case())
+"""
+
+
+def portable_case() -> str:
+    """The f64 partial sums of every type at T = 1 and 6, as hex: the same bits on every path and CPU."""
+    rng = np.random.default_rng(8)
+    out = []
+    for t in TYPES:
+        w = K.tile([random_blocks(rng, t, 70, 256)], t)
+        for T in (1, 6):
+            out.append(K.matmul(rng.standard_normal((T, 256)).astype(np.float32), w, partial=True).tobytes().hex())
+    return ",".join(out)
+
+
+@pytest.mark.slow
+def test_a_cpu_without_vnni_runs_the_portable_loops_with_the_same_bits(tmp_path) -> None:
+    """numba told to compile for a Haswell (AVX2, no AVX-512): the VNNI code is never emitted, and the
+    portable loops give the bits this machine's default path gives."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CPU_NAME": "haswell",
+           "NUMBA_CPU_FEATURES": "+avx2,+avx,+fma,+f16c,+sse4.2,+popcnt,+bmi2",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    p = subprocess.run([sys.executable, "-c", _WITHOUT_VNNI], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    available, bits = p.stdout.split()
+    assert available == "0"
+    assert bits == portable_case()

@@ -1,0 +1,270 @@
+"""The q8_0-activation block products as LLVM IR on AVX-512 VNNI, for numba (docs/design.md §5).
+
+LLVM does not turn numba's loops into `vpdpbusd` (u8 x s8 products, four
+adjacent ones summed into each s32 lane): over the tiles' [k][row][4] bytes
+it emits byte gathers instead. So this module writes the inner loop as IR,
+wrapped in numba intrinsics the drivers in netp.runtime.kernels call:
+`llvm.x86.avx512.vpdpbusd.512` on 16 rows at a time, each 32-bit lane one
+row's 4 codes against 4 activation codes broadcast from memory. The
+intrinsics are used only when the CPU numba compiles for has avx512vnni
+and avx512bw (`AVAILABLE`); otherwise the kernels run their portable loops.
+
+One call computes, for `groups` consecutive 16-row groups of one tile and
+`tokens` consecutive activation rows, every block's integer sum and adds
+the block's term to an f64 accumulator per row and token, exactly as the
+portable loops do (so both paths give the same bits):
+  isum = sum(code * x_q) over the block    (codes unsigned: q4 0..15, q8 code + 128)
+  q4_0: term = (d_w d_x) (isum - 8 sum x_q)
+  q8_0: term = (d_w d_x) (isum - 128 sum x_q)
+  q4_1: term = (d_w d_x) isum + m_w (d_x sum x_q)
+d_w d_x is exact in f32 and f64 (two f16 values), and each product with an
+integer sum below 2^21 is exact in f64, so a fused multiply-add rounds only
+where the portable loops' add does. The accumulators start at 0 and take
+the blocks in order; the result is stored (not added) to out.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.core.codegen import get_host_cpu_features
+from numba.core import config
+from numba.extending import intrinsic
+
+R = 64  # rows per tile, as netp.runtime.kernels lays them out
+LANES = 16  # rows per 512-bit vector of s32 lanes
+
+_i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_f32, _f64, _half = ir.FloatType(), ir.DoubleType(), ir.HalfType()
+
+
+def _features() -> set[str]:
+    """The features numba's target machine compiles for (NUMBA_CPU_FEATURES, else the host's)."""
+    text = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return {f[1:] for f in (text or "").split(",") if f.startswith("+")}
+
+
+AVAILABLE = {"avx512vnni", "avx512bw", "avx512f"} <= _features()
+
+KINDS = ("q4_0", "q4_1", "q8_0")
+
+
+def _vec(t: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(t, n)
+
+
+def _const(v: int) -> ir.Constant:
+    return ir.Constant(_i64, v)
+
+
+def _splat(b: ir.IRBuilder, value: ir.Value, n: int) -> ir.Value:
+    vt = _vec(value.type, n)
+    v = b.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(_i32, 0))
+    return b.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(_vec(_i32, n), [0] * n))
+
+
+def _load(b: ir.IRBuilder, base: ir.Value, offset: ir.Value, t: ir.Type, align: int) -> ir.Value:
+    """A value of type t at byte offset `offset` from an i8* base (numpy guarantees no more than
+    element alignment, so vectors load unaligned)."""
+    return b.load(b.bitcast(b.gep(base, [offset]), t.as_pointer()), align=align)
+
+
+def _dpbusd(b: ir.IRBuilder, acc: ir.Value, codes: ir.Value, x: ir.Value) -> ir.Value:
+    name = "llvm.x86.avx512.vpdpbusd.512"
+    v16 = _vec(_i32, LANES)
+    fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(v16, [v16] * 3), name)
+    return b.call(fn, [acc, b.bitcast(codes, v16), b.bitcast(x, v16)])
+
+
+def _fma(b: ir.IRBuilder, a: ir.Value, c: ir.Value, acc: ir.Value) -> ir.Value:
+    name = "llvm.fma.v16f64"
+    v = _vec(_f64, LANES)
+    fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(v, [v] * 3), name)
+    return b.call(fn, [a, c, acc])
+
+
+def _emit(module: ir.Module, kind: str, groups: int, tokens: int) -> ir.Function:
+    """void f(qs, d, m, xq, xd, xs, out: i8*; tile, g0, t0, nb, width: i64): the rows of groups
+    g0 .. g0+groups-1 of `tile` against activation rows t0 .. t0+tokens-1 (layouts: kernels.py)."""
+    name = f"netp_vnni_{kind}_g{groups}_t{tokens}"
+    if name in module.globals:
+        return module.globals[name]
+    k_words = 8 if kind == "q8_0" else 4  # 32-bit words of codes per row and block
+    p8 = _i8.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p8] * 7 + [_i64] * 5), name)
+    fn.linkage = "internal"
+    qs, d, m, xq, xd, xs, out, tile, g0, t0, nb, width = fn.args
+    entry, body, done = fn.append_basic_block("entry"), fn.append_basic_block("body"), \
+        fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    v8, v32, vf64 = _vec(_i8, 64), _vec(_i32, LANES), _vec(_f64, LANES)
+    b.branch(body)
+
+    b.position_at_end(body)
+    blk = b.phi(_i64)
+    blk.add_incoming(_const(0), entry)
+    acc = [[b.phi(vf64) for _ in range(tokens)] for _ in range(groups)]
+    for row in acc:
+        for a in row:
+            a.add_incoming(ir.Constant(vf64, [0.0] * LANES), entry)
+    tb = b.add(b.mul(tile, nb), blk)  # (tile, block) index
+    qbase = b.mul(tb, _const(k_words * R * 4))
+    sidx = [b.add(b.mul(b.add(t0, _const(t)), nb), blk) for t in range(tokens)]  # (token, block) index
+    xword = {}  # (token, word) -> 4 activation codes broadcast to every lane
+    for t in range(tokens):
+        for w in range(8):
+            word = _load(b, xq, b.add(b.mul(sidx[t], _const(32)), _const(4 * w)), _i32, 4)
+            xword[t, w] = b.bitcast(_splat(b, word, LANES), v8)
+    # two independent chains per (group, token): q4's low / high nibbles, q8's even / odd words
+    zero = ir.Constant(v32, [0] * LANES)
+    isum = [[[zero, zero] for _ in range(tokens)] for _ in range(groups)]
+    low4, shift4 = ir.Constant(v8, [15] * 64), ir.Constant(v8, [4] * 64)
+    for k in range(k_words):
+        for g in range(groups):
+            row0 = b.mul(b.add(g0, _const(g)), _const(LANES * 4))
+            codes = _load(b, qs, b.add(qbase, b.add(_const(k * R * 4), row0)), v8, 1)
+            for t in range(tokens):
+                s = isum[g][t]
+                if kind == "q8_0":
+                    s[k % 2] = _dpbusd(b, s[k % 2], codes, xword[t, k])
+                else:
+                    s[0] = _dpbusd(b, s[0], b.and_(codes, low4), xword[t, k])
+                    s[1] = _dpbusd(b, s[1], b.and_(b.lshr(codes, shift4), low4), xword[t, k + 4])
+    new = [[None] * tokens for _ in range(groups)]
+    for g in range(groups):
+        soff = b.mul(b.add(b.mul(tb, _const(R)), b.mul(b.add(g0, _const(g)), _const(LANES))), _const(2))
+        dw = b.fpext(b.bitcast(_load(b, d, soff, _vec(_i16, LANES), 2), _vec(_half, LANES)), vf64)
+        if kind == "q4_1":
+            mw = b.fpext(b.bitcast(_load(b, m, soff, _vec(_i16, LANES), 2), _vec(_half, LANES)), vf64)
+        for t in range(tokens):
+            dx = b.fpext(_load(b, xd, b.mul(sidx[t], _const(4)), _f32, 4), _f64)
+            sx = _load(b, xs, b.mul(sidx[t], _const(4)), _i32, 4)
+            total = b.add(*isum[g][t])
+            scale = b.fmul(dw, _splat(b, dx, LANES))
+            if kind == "q4_1":  # acc + (d_w d_x isum + m_w (d_x sum x_q)), the portable loops' order
+                mterm = b.fmul(mw, _splat(b, b.fmul(dx, b.sitofp(sx, _f64)), LANES))
+                new[g][t] = b.fadd(acc[g][t], _fma(b, scale, b.sitofp(total, vf64), mterm))
+            else:
+                total = b.sub(total, _splat(b, b.mul(sx, ir.Constant(_i32, 8 if kind == "q4_0" else 128)), LANES))
+                new[g][t] = _fma(b, scale, b.sitofp(total, vf64), acc[g][t])
+    nxt = b.add(blk, _const(1))
+    here = b.block
+    blk.add_incoming(nxt, here)
+    for g in range(groups):
+        for t in range(tokens):
+            acc[g][t].add_incoming(new[g][t], here)
+    b.cbranch(b.icmp_signed("<", nxt, nb), body, done)
+
+    b.position_at_end(done)
+    for g in range(groups):
+        for t in range(tokens):
+            o = b.add(b.mul(b.add(t0, _const(t)), width),
+                      b.add(b.mul(tile, _const(R)), b.mul(b.add(g0, _const(g)), _const(LANES))))
+            b.store(new[g][t], b.bitcast(b.gep(b.bitcast(out, _f64.as_pointer()), [o]), vf64.as_pointer()), align=8)
+    b.ret_void()
+    return fn
+
+
+def block_products(kind: str, groups: int, tokens: int):
+    """A numba intrinsic f(qs, d, m, xq, xd, xs, out, tile, g0, t0) running `_emit`'s function:
+    qs (tiles, blocks, words, R) uint32, d / m (tiles, blocks, R) uint16 (f16 bits; m unused
+    but for q4_1), xq (T, blocks, 32) int8, xd (T, blocks) f32, xs (T, blocks) int32,
+    out (T, >= tiles x R) f64, all C-contiguous."""
+    if kind not in KINDS:
+        raise ValueError(kind)
+
+    @intrinsic
+    def call(typingctx, qs, d, m, xq, xd, xs, out, tile, g0, t0):
+        sig = types.void(qs, d, m, xq, xd, xs, out, types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(ty)(context, builder, a) for ty, a in zip(signature.args[:7], args[:7])]
+            pointers = [builder.bitcast(a.data, _i8.as_pointer()) for a in arrays]
+            nb = cgutils.unpack_tuple(builder, arrays[4].shape, 2)[1]
+            width = cgutils.unpack_tuple(builder, arrays[6].shape, 2)[1]
+            ints = [context.cast(builder, v, ty, types.int64) for v, ty in zip(args[7:], signature.args[7:])]
+            builder.call(_emit(builder.module, kind, groups, tokens), pointers + ints + [nb, width])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return call
+
+
+# -- packing: 16 file rows' blocks into the tiles' [word][row] order -------------------------------
+
+def _emit_pack(module: ir.Module, words: int, heads: int, flip: bool) -> ir.Function:
+    """void f(src: i8*, row_bytes, qs: i8*, d: i8*, m: i8*, tile, group, nb: i64): rows
+    16 group .. 16 group + 15 of `tile`, read from src (the first of them at src), into the tiles."""
+    name = f"netp_pack_w{words}_h{heads}{'_flip' if flip else ''}"
+    if name in module.globals:
+        return module.globals[name]
+    p8 = _i8.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p8, _i64, p8, p8, p8, _i64, _i64, _i64]), name)
+    fn.linkage = "internal"
+    src, row_bytes, qs, d, m, tile, group, nb = fn.args
+    entry, body, done = fn.append_basic_block("entry"), fn.append_basic_block("body"), \
+        fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    b.branch(body)
+    b.position_at_end(body)
+    blk = b.phi(_i64)
+    blk.add_incoming(_const(0), entry)
+    block_bytes = 2 * heads + 4 * words
+    rows = []
+    scales: list[list[ir.Value]] = [[] for _ in range(heads)]
+    for r in range(LANES):
+        at = b.add(b.mul(_const(r), row_bytes), b.mul(blk, _const(block_bytes)))
+        rows.append(_load(b, src, b.add(at, _const(2 * heads)), _vec(_i32, words), 1))
+        for h in range(heads):
+            scales[h].append(_load(b, src, b.add(at, _const(2 * h)), _i16, 1))
+    while len(rows) > 1:  # concatenate: row-major [row][word]
+        n = rows[0].type.count
+        rows = [b.shuffle_vector(rows[i], rows[i + 1], ir.Constant(_vec(_i32, 2 * n), list(range(2 * n))))
+                for i in range(0, len(rows), 2)]
+    allw = rows[0]
+    order = [r * words + w for w in range(words) for r in range(LANES)]  # -> [word][row]
+    allw = b.shuffle_vector(allw, ir.Constant(allw.type, ir.Undefined), ir.Constant(_vec(_i32, len(order)), order))
+    if flip:
+        allw = b.xor(allw, ir.Constant(allw.type, [0x80808080] * len(order)))
+    tb = b.add(b.mul(tile, nb), blk)
+    for w in range(words):
+        part = b.shuffle_vector(allw, ir.Constant(allw.type, ir.Undefined),
+                                ir.Constant(_vec(_i32, LANES), list(range(w * LANES, (w + 1) * LANES))))
+        off = b.add(b.mul(tb, _const(words * R * 4)), b.add(_const(w * R * 4), b.mul(group, _const(LANES * 4))))
+        b.store(part, b.bitcast(b.gep(qs, [off]), _vec(_i32, LANES).as_pointer()), align=1)
+    for h, out in enumerate((d, m)[:heads]):
+        v = ir.Constant(_vec(_i16, LANES), ir.Undefined)
+        for r in range(LANES):
+            v = b.insert_element(v, scales[h][r], ir.Constant(_i32, r))
+        off = b.mul(b.add(b.mul(tb, _const(R)), b.mul(group, _const(LANES))), _const(2))
+        b.store(v, b.bitcast(b.gep(out, [off]), _vec(_i16, LANES).as_pointer()), align=1)
+    nxt = b.add(blk, _const(1))
+    blk.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, nb), body, done)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+def pack_rows(words: int, heads: int, flip: bool):
+    """A numba intrinsic f(src, row, qs, d, m, tile, group): 16 file rows src[row:row + 16] (uint8,
+    (rows, bytes)) into group `group` (16 rows) of tile `tile` of qs (tiles, blocks, words, R, 4)
+    uint8 and d / m (tiles, blocks, R) uint16. Portable IR (shuffles), no CPU feature needed."""
+
+    @intrinsic
+    def call(typingctx, src, row, qs, d, m, tile, group):
+        sig = types.void(src, types.int64, qs, d, m, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            s, q, dd, mm = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4))
+            row_bytes = cgutils.unpack_tuple(builder, s.shape, 2)[1]
+            nb = cgutils.unpack_tuple(builder, q.shape, 5)[1]
+            start = builder.gep(builder.bitcast(s.data, _i8.as_pointer()), [builder.mul(args[1], row_bytes)])
+            ptrs = [builder.bitcast(a.data, _i8.as_pointer()) for a in (q, dd, mm)]
+            builder.call(_emit_pack(builder.module, words, heads, flip),
+                         [start, row_bytes, *ptrs, args[5], args[6], nb])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return call
