@@ -169,14 +169,6 @@ def _tokenizer_for(plan: Plan) -> Path:
 
 # -- running models -------------------------------------------------------------
 
-def teacher_forced(model: RankModel, tokens: Sequence[int], n_prompt: int) -> np.ndarray | None:
-    """Logits (len(tokens), V) on rank 0: the prompt as one batch, then one token at a time."""
-    rows = [model.forward(np.asarray(tokens[:n_prompt]), 0, all_logits=True)]
-    for pos in range(n_prompt, len(tokens)):
-        rows.append(model.forward(np.asarray(tokens[pos:pos + 1]), pos))
-    return np.concatenate([r for r in rows if r is not None]) if model.comm.is_root else None  # rank 0 has all
-
-
 def batch_pass(model: RankModel, tokens: Sequence[int]) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """The tokens as one causal batch: logits (T, V) on rank 0, and the hidden states."""
     trace = ForwardTrace()

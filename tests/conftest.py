@@ -33,6 +33,17 @@ def write_stub_tokenizer(ne_path: Path) -> Path:
     (tok / "tokenizer_config.json").write_text('{"bos_token": "<s>"}')
     return tok
 
+def teacher_forced(model, tokens, n_prompt: int):
+    """Logits (len(tokens), V) on rank 0 (None elsewhere) of given tokens through a RankModel's two
+    paths, as generation runs them: the prompt as one batch, then one token at a time via the KV cache."""
+    import numpy as np
+
+    rows = [model.forward(np.asarray(tokens[:n_prompt]), 0, all_logits=True)]
+    for pos in range(n_prompt, len(tokens)):
+        rows.append(model.forward(np.asarray(tokens[pos:pos + 1]), pos))
+    return np.concatenate([r for r in rows if r is not None]) if model.comm.is_root else None
+
+
 # kind -> (transformers config class name, config kwargs). All 2 layers,
 # vocab 49152 (SmolLM2's tokenizer), head_dim 32 (q4_0 blocks split on
 # head boundaries) and MLP width 384 = 32 * 12 (cuts on 32-value

@@ -123,7 +123,7 @@ def run_logits(model: Path, t: Tiny, world: int = 1) -> np.ndarray:
     the KV cache) on `world` ranks simulated in one process, through the runtime's API."""
     from netp.runtime.comm import run_world
     from netp.runtime.model import load_rank_model
-    from netp.runtime.verify import teacher_forced
+    from conftest import teacher_forced
 
     def rank(comm):
         m = load_rank_model(model, comm, len(t.tokens))

@@ -28,7 +28,7 @@ from netp.runtime.comm import SimWorld, SoloComm, run_world
 from netp.runtime.generate import generate
 from netp.runtime.model import load_rank_model
 from netp.runtime.sampling import Sampler, SamplingParams
-from netp.runtime.verify import teacher_forced
+from conftest import teacher_forced
 
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
