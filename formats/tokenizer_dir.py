@@ -12,7 +12,8 @@ Where it comes from:
   a sentencepiece tokenizer itself (no protobuf needed);
 - a GGUF: built from its metadata with transformers'
   `convert_gguf_tokenizer`, the function `from_pretrained(..., gguf_file=)`
-  uses. transformers' own GGUF reader imports torch, so the metadata comes
+  uses, plus the digit split its `tokenizer.ggml.pre` names where transformers
+  drops it (DIGITS_FIRST_PRE). transformers' own GGUF reader imports torch, so the metadata comes
   from gguf-py and is grouped here exactly as transformers'
   `get_gguf_tokenizer` groups it (a test holds the two together).
 Every folder is written under a temporary name and renamed when complete.
@@ -265,6 +266,22 @@ def gguf_tokenizer_parts(meta: Mapping[str, Any]) -> tuple[str, dict[str, Any], 
     return meta["general.architecture"], tokenizer, tokenizer_config
 
 
+# llama.cpp's `tokenizer.ggml.pre` names whose split is every digit alone, then GPT-2's
+# regex (llama-vocab.cpp's regex_exprs); transformers' GGUF converter drops it (docs/design.md §2).
+DIGITS_FIRST_PRE = frozenset({"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b",
+                              "mellum2"})
+
+
+def gguf_pre_tokenizer(meta: Mapping[str, Any], backend: Any) -> None:
+    """Give `backend` (transformers' conversion) the split `tokenizer.ggml.pre` names, where it lacks it."""
+    from tokenizers import pre_tokenizers
+
+    if meta.get("tokenizer.ggml.pre") in DIGITS_FIRST_PRE and isinstance(backend.pre_tokenizer,
+                                                                         pre_tokenizers.ByteLevel):
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer])
+
+
 def write_gguf_tokenizer(meta: Mapping[str, Any], path: Path, out: Path) -> None:
     """Build tokenizer.json + tokenizer_config.json from a GGUF's metadata into `out`."""
     if "tokenizer.ggml.tokens" not in meta:
@@ -275,6 +292,7 @@ def write_gguf_tokenizer(meta: Mapping[str, Any], path: Path, out: Path) -> None
     try:
         architecture, tokenizer_dict, tokenizer_config = gguf_tokenizer_parts(meta)
         backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        gguf_pre_tokenizer(meta, backend)
         # The same kwargs AutoTokenizer.from_pretrained(..., gguf_file=) hands its tokenizer.
         tok = PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
         tok.save_pretrained(out)

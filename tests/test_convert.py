@@ -280,6 +280,23 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_gguf, smollm2_f32):
     assert AutoTokenizer.from_pretrained(folder)(SEED_PROMPT)["input_ids"] == reference(SEED_PROMPT)["input_ids"]
 
 
+def test_smollm2_tokenizer_splits_digits_first(smollm2_gguf, smollm2_f32):
+    """The GGUF says tokenizer.ggml.pre = smollm: every digit is split off before GPT-2's regex
+    (llama.cpp's split for it), so whitespace before a digit stays one piece ("\\n\\n" then "1"),
+    where transformers' GGUF converter alone gives "\\n", "\\n", "1"."""
+    import gguf
+    import tokenizers
+
+    src = gguf.GGUFReader(smollm2_gguf)
+    assert src.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    vocab = {tok: i for i, tok in enumerate(src.fields["tokenizer.ggml.tokens"].contents())}
+    ours = tokenizers.Tokenizer.from_file(str(smollm2_f32.with_name("smollm2-f32.tokenizer") / "tokenizer.json"))
+    # GPT-2's byte-to-unicode map: "\n" is "\u010a", " " is "\u0120"
+    assert ours.encode("see\n\n1.", add_special_tokens=False).ids == [vocab[t] for t in ("see", "\u010a\u010a", "1", ".")]
+    assert ours.encode("x =   42", add_special_tokens=False).ids == [
+        vocab[t] for t in ("x", "\u0120=", "\u0120\u0120\u0120", "4", "2")]
+
+
 def test_gguf_tokenizer_parts_match_transformers(smollm2_gguf):
     """netp groups the GGUF metadata (read by gguf-py) exactly as transformers' own
     get_gguf_tokenizer does (which reads it with torch imported)."""
