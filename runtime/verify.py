@@ -307,6 +307,7 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> Outcome:
             comparisons[0].seconds = time.perf_counter() - started
     finally:
         model.close()
+    del model  # the target's weights go before the references run in their place (docs/design.md §5)
     if plan.ref is None or (plan.target == plan.ref and plan.world == 1):
         target = None  # the reference itself: nothing more to compare it with
     with comm.agreeing(idle=True):
