@@ -15,6 +15,8 @@ after TEXT_CHARS characters): no download; its sha256 and token count are
 printed (it depends on the Python version).
 
 Figures, all at --ctx (512) over every window of the text:
+- the tokens both sides score, llama.cpp's read back from its
+  --kl-divergence-base file (goal: identical);
 - PPL of the q8_0 and q4_0 files, netp vs llama-perplexity (goal: within 1%);
 - the 2-rank q4_0 shard set under `mpiexec -n 2` vs the unsharded file
   (goal: equal to 4 significant digits);
@@ -33,6 +35,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from cache import cache_dir
 from peers import llama_perplexity, run
@@ -99,6 +103,16 @@ def ne_to_gguf(ne: Path, source: Path, out: Path) -> Path:
     return out
 
 
+def llama_tokens(kl_base: Path) -> np.ndarray:
+    """The tokens llama-perplexity scored, from its --kl-divergence-base file: "_logits_", n_ctx
+    (u32), n_vocab, n_chunk (i32), then n_ctx x n_chunk token ids (i32) (tools/perplexity)."""
+    head = np.fromfile(kl_base, dtype=np.uint8, count=20)
+    if head[:8].tobytes() != b"_logits_":
+        fail(f"{kl_base}: not a llama-perplexity logits file")
+    n_ctx, _, n_chunk = head[8:20].view(np.int32)
+    return np.fromfile(kl_base, dtype=np.int32, count=int(n_ctx) * int(n_chunk), offset=20)
+
+
 def netp_ppl(model: Path, text: Path, ctx: int, threads: int, report: Path, ref: Path | None = None,
              ranks: int | None = None) -> tuple[dict, float, float]:
     cmd = ([str(BIN / "mpiexec"), "-n", str(ranks)] if ranks else []) + \
@@ -135,8 +149,9 @@ def main() -> None:
         ggufs = {k: ne_to_gguf(v, src, work / f"{k}.gguf") for k, v in files.items()}
         from tokenizers import Tokenizer
 
-        n_tok = len(Tokenizer.from_file(str(work / "ne-f32.tokenizer" / "tokenizer.json"))
-                    .encode(text.read_text(encoding="utf-8"), add_special_tokens=False).ids)
+        ids = (Tokenizer.from_file(str(work / "ne-f32.tokenizer" / "tokenizer.json"))
+               .encode(text.read_text(encoding="utf-8"), add_special_tokens=False).ids)
+        n_tok = len(ids)
         digest = hashlib.sha256(text.read_bytes()).hexdigest()[:16]
         print(f"text: pydoc_data.topics of Python {sys.version.split()[0]}, {text.stat().st_size} bytes, "
               f"{n_tok} tokens, sha256 {digest}...; --ctx {args.ctx}: {n_tok // args.ctx} windows", flush=True)
@@ -151,16 +166,22 @@ def main() -> None:
         q4, w_q4, _ = netp_ppl(files["q4_0"], text, args.ctx, t, work / "q4.json", ref=files["f32"])
         base = work / "f32.kld"
         l_f32 = llama_perplexity(ggufs["f32"], text, ctx=args.ctx, threads=t, kl_base=base)
+        llama_ids = llama_tokens(base)  # SmolLM2 adds no BOS: both sides score the text's own tokens
+        netp_ids = ids[:len(llama_ids)]
+        differ = sum(a != b for a, b in zip(netp_ids, llama_ids.tolist())) + abs(len(netp_ids) - len(llama_ids))
         l_q4 = llama_perplexity(ggufs["q4_0"], text, ctx=args.ctx, threads=t)
         l_kl = llama_perplexity(ggufs["q4_0"], text, ctx=args.ctx, threads=t, kl_base=base, kl=True)
         base.unlink(missing_ok=True)
         rows.append(("q4_0", q4, w_q4, l_q4))
         two, w_two, _ = netp_ppl(shards, text, args.ctx, 1, work / "two.json", ranks=2)
 
+    same_tokens = differ == 0
+    ok = same_tokens
+    print(f"\n== tokens: netp {n_tok}, llama.cpp's windows hold {len(llama_ids)} = {len(llama_ids) // args.ctx} x "
+          f"{args.ctx}; positions that differ: {differ}: {'PASS' if same_tokens else 'FAIL'} (same tokens scored)")
     print(f"\n== perplexity of SmolLM2-135M, --ctx {args.ctx}, {q4['windows']} windows, {q4['scored']} tokens scored")
     print(f"  {'file':<6} {'netp PPL':>18} {'llama-perplexity':>20} {'netp/llama':>10}  goal (within 1%)   "
           f"wall netp / llama")
-    ok = True
     for name, ours, wall, theirs in rows:
         ratio = ours["ppl"] / theirs.ppl
         good = abs(ratio - 1) <= 0.01
