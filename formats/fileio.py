@@ -1,4 +1,4 @@
-"""Reading a byte range of a file into a buffer, whatever its size.
+"""Reading files into buffers: a byte range, whatever its size; a whole file's sha256.
 
 One `os.preadv` call returns at most 0x7ffff000 bytes on Linux (~2 GiB),
 and any call may return short, so a read loops until the buffer is full;
@@ -8,6 +8,7 @@ streaming reads, the safetensors reader, the one-pass reader) uses this.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -26,3 +27,25 @@ def read_exact_at(fd: int, out: np.ndarray | memoryview, offset: int, path: str 
         if got <= 0:
             raise NetpError(path, short)
         done += got
+
+
+_HASH_CHUNK = 8 << 20
+
+
+def sha256_fd(fd: int) -> str:
+    """sha256 of the whole file open as `fd`, read with pread in chunks into one reused
+    buffer (the file position is left alone; no memory map: its pages would count as ours)."""
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    offset = 0
+    while n := os.preadv(fd, [view], offset):
+        h.update(view[:n])
+        offset += n
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file (see sha256_fd)."""
+    with open(path, "rb", buffering=0) as f:
+        return sha256_fd(f.fileno())

@@ -323,6 +323,10 @@ class NEReader:
         """Fill `out` (a writable uint8 buffer) with file bytes from `offset`."""
         read_exact_at(self._file.fileno(), out, offset, self.path, f"truncated: short read at offset {offset}")
 
+    def fileno(self) -> int:
+        """The open file's descriptor (for pread-based reads such as hashing)."""
+        return self._file.fileno()
+
     def close(self) -> None:
         if self._mmap is not None:
             try:

@@ -38,9 +38,13 @@ def _checking(prog: str, debug: bool, fn: Any, *args: Any) -> int:
 
 
 def _threads(threads: int | None, model: Path) -> int:
+    from netp.hostenv import launched_under_mpi
     from netp.runtime.blas import default_threads, manifest_world_size, set_blas_threads
 
-    n = threads if threads and threads > 0 else default_threads(manifest_world_size(model))
+    if threads and threads > 0:
+        n = threads
+    else:  # under MPI the launcher says how many ranks share this host; else the set's simulated ranks do
+        n = default_threads(1 if launched_under_mpi() else manifest_world_size(model))
     set_blas_threads(n)
     return n
 

@@ -35,7 +35,7 @@ from netp.runtime.comparisons import kl_divergence, log_softmax
 from netp.runtime.model import RankModel, load_rank_model
 from netp.runtime.report import REPORT_VERSION, check_report_paths, environment, model_inputs, write_json
 from netp.runtime.run import load_tokenizer, tokenizer_path
-from netp.runtime.sources import source_world_size
+from netp.runtime.sources import ResolvedModel, close_model, resolve_model, source_world_size
 
 TEXT_CAP = 1 << 30  # bytes of text read whole (the text is tokenized once, as llama-perplexity does)
 ROWS_PER_STEP = 32  # logits rows scored at once: bounds the f64 work arrays to 32 x n_vocab
@@ -168,7 +168,7 @@ def read_text(path: Path) -> str:
     return text
 
 
-def adds_bos(model: Path, tokenizer: Any, bos: int) -> bool:
+def adds_bos(model: ResolvedModel, tokenizer: Any, bos: int) -> bool:
     """Whether the model's tokenizer puts BOS before a text (llama.cpp's add_bos): its
     tokenizer_config.json's add_bos_token when it says, else whether the tokenizer's own
     post-processor adds it (transformers builds that from add_bos_token)."""
@@ -181,24 +181,24 @@ def adds_bos(model: Path, tokenizer: Any, bos: int) -> bool:
     return with_special[:1] == [bos] and plain[:1] != [bos]
 
 
-def _tokenize(opts: PerplexityOptions) -> tuple[Any, np.ndarray]:
+def _tokenize(opts: PerplexityOptions, resolved: ResolvedModel) -> tuple[Any, np.ndarray]:
     """(tokenizer, the text's token ids without BOS) on rank 0, before the weights load."""
     text = read_text(opts.text)
-    tokenizer = load_tokenizer(opts.model, hint="")
+    tokenizer = load_tokenizer(resolved, hint="")
     ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
     if ids.size == 0:
         raise NetpError(opts.text, "encodes to no tokens")
     return tokenizer, ids
 
 
-def _windows(model: RankModel, opts: PerplexityOptions, tokenizer: Any, ids: np.ndarray
-             ) -> tuple[np.ndarray, bool, int]:
+def _windows(model: RankModel, resolved: ResolvedModel, opts: PerplexityOptions, tokenizer: Any,
+             ids: np.ndarray) -> tuple[np.ndarray, bool, int]:
     """(tokens with BOS first when the model adds one, add_bos, windows to score), checked against the model."""
     hp, ctx = model.hp, opts.ctx
     if hp.max_seq_len and ctx > hp.max_seq_len:
         raise NetpError(opts.model, f"--ctx {ctx} is larger than the model's context of {hp.max_seq_len} tokens")
     bos = hp.bos_token_id
-    add_bos = bos is not None and 0 <= bos < hp.n_vocab and adds_bos(opts.model, tokenizer, bos)
+    add_bos = bos is not None and 0 <= bos < hp.n_vocab and adds_bos(resolved, tokenizer, bos)
     tokens = np.concatenate([[bos], ids]) if add_bos else ids
     if tokens.max() >= hp.n_vocab:
         raise NetpError(opts.model, f"its tokenizer gives token id {int(tokens.max())}, outside the vocabulary "
@@ -224,15 +224,31 @@ def _load_ref(path: Path, opts: PerplexityOptions, model: RankModel) -> RankMode
 
 # -- the program ---------------------------------------------------------------------
 
-def _score(comm: Comm, opts: PerplexityOptions, progress: Progress | None, started: float) -> int:
+def _score(comm: Comm, opts: PerplexityOptions, resolved: ResolvedModel | None, progress: Progress | None,
+           started: float) -> int:
+    """One rank's part; `resolved`: the model found once for every simulated rank, or None
+    under MPI, where each rank resolves its own."""
+    opened = None
+    try:
+        if resolved is None:
+            with comm.agreeing():
+                resolved = opened = resolve_model(opts.model)
+        return _score_model(comm, opts, resolved, progress, started)
+    finally:
+        if opened is not None:
+            close_model(opened)
+
+
+def _score_model(comm: Comm, opts: PerplexityOptions, resolved: ResolvedModel, progress: Progress | None,
+                 started: float) -> int:
     root = comm.is_root
     tokenizer = ids = None
     with comm.agreeing():
         if root:
             check_report_paths({"--json": opts.json},
                                [*model_inputs(opts.model, opts.ref), opts.text])
-            tokenizer, ids = _tokenize(opts)
-        model = load_rank_model(opts.model, comm, opts.ctx, use_mmap=opts.use_mmap, nthread=opts.threads,
+            tokenizer, ids = _tokenize(opts, resolved)
+        model = load_rank_model(resolved, comm, opts.ctx, use_mmap=opts.use_mmap, nthread=opts.threads,
                                 exact=opts.exact)
     try:
         tokens = add_bos = ref = None
@@ -240,7 +256,7 @@ def _score(comm: Comm, opts: PerplexityOptions, progress: Progress | None, start
         with comm.agreeing(idle=True):
             if root:
                 assert ids is not None
-                tokens, add_bos, windows = _windows(model, opts, tokenizer, ids)
+                tokens, add_bos, windows = _windows(model, resolved, opts, tokenizer, ids)
                 if opts.ref is not None:
                     ref = _load_ref(opts.ref, opts, model)
         windows, with_ref = comm.bcast((windows, ref is not None))
@@ -333,5 +349,12 @@ def perplexity(opts: PerplexityOptions, prog: str = "netp perplexity", debug: bo
     if opts.chunks is not None and opts.chunks < 1:
         raise NetpError(None, f"--chunks {opts.chunks}: at least 1 window is scored")
     comm = mpi_world(opts.timeout, prog)
-    size = comm.size if comm is not None else (source_world_size(opts.model) or 1)
-    return run_world(lambda c: _score(c, opts, progress if c.is_root else None, started), size, comm, prog, debug)
+    if comm is not None:  # each rank resolves the model itself, inside the ranks' agreement
+        return run_world(lambda c: _score(c, opts, None, progress if c.is_root else None, started), 1, comm, prog,
+                         debug)
+    resolved = resolve_model(opts.model)
+    try:
+        return run_world(lambda c: _score(c, opts, resolved, progress if c.is_root else None, started),
+                         source_world_size(resolved) or 1, None, prog, debug)
+    finally:
+        close_model(resolved)

@@ -20,7 +20,9 @@ from xml.etree import ElementTree
 
 from netp.errors import NetpError
 from netp.formats.atomic import write_file
+from netp.formats.fileio import sha256_file
 from netp.formats.paths import check_output_place
+from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import tokenizer_dir_for
 from netp.runtime.comparisons import Comparison, text_lines
 
@@ -133,14 +135,10 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
             "first_diverging_layer": c.first_diverging_layer, "seconds": c.seconds, "rows": c.rows}
 
 
-def manifest_hashes(folder: Path) -> dict[str, Any]:
+def manifest_hashes(shards: ShardSet) -> dict[str, Any]:
     """The shard set's identity: its manifest's own sha256 and the sha256s it records."""
-    from netp.formats.manifest import MANIFEST_NAME
-    from netp.shard.check import load_shard_manifest
-    from netp.shard.hashing import sha256_file
-
-    m = load_shard_manifest(folder)
-    return {"sha256": sha256_file(folder / MANIFEST_NAME), "world_size": m.world_size,
+    m = shards.manifest
+    return {"sha256": sha256_file(shards.manifest_path), "world_size": m.world_size,
             "source": {"name": m.source.name, "size": m.source.size, "sha256": m.source.sha256},
             "ranks": [{"file": r.file, "size": r.size, "sha256": r.sha256} for r in m.ranks],
             "tokenizer_files": [{"file": f.file, "size": f.size, "sha256": f.sha256} for f in m.tokenizer_files]}

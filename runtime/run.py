@@ -7,6 +7,7 @@ runs as 1 rank). Rank 0 encodes the prompt, samples and prints.
 from __future__ import annotations
 
 import codecs
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,13 +16,15 @@ from typing import Any, Sequence
 
 from netp.errors import NetpError
 from netp.formats.names import SHARD_TOKENIZER_DIR
+from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import tokenizer_dir_for
+from netp.models import architecture_names
 from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, Traffic, mpi_world, run_world
 from netp.runtime.generate import Generation, generate
 from netp.runtime.kernels import WarmUp
 from netp.runtime.model import RankModel, load_rank_model
 from netp.runtime.sampling import Sampler, SamplingParams
-from netp.runtime.sources import source_world_size, tokenizer_dir
+from netp.runtime.sources import NEFile, ResolvedModel, close_model, resolve_model, source_world_size
 
 
 @dataclass(frozen=True)
@@ -45,22 +48,27 @@ def parse_ids(text: str) -> list[int]:
         raise NetpError(None, f"--ids {text!r:.60}: expected token ids separated by commas or spaces") from e
 
 
-def tokenizer_path(model: Path, name: str, hint: str = "") -> Path:
+def tokenizer_path(model: str | os.PathLike | ResolvedModel, name: str, hint: str = "") -> Path:
     """File `name` of the tokenizer folder travelling with `model` (a shard set's: the one its
-    manifest checksums); a NetpError naming the model when there is none."""
-    folder = tokenizer_dir(model)
-    path = None if folder is None else folder / name
-    if path is not None and model.is_dir():
-        from netp.shard.check import load_shard_manifest, tokenizer_file
-
-        path = tokenizer_file(model, load_shard_manifest(model), name)
+    manifest checksums; a path: an NE file, or a shard-set folder); a NetpError naming the
+    model when there is none."""
+    if not isinstance(model, (NEFile, ShardSet)) and Path(model).is_dir():
+        model = ShardSet.load(model, architecture_names())
+    path: Path | None
+    if isinstance(model, ShardSet):
+        where, expected = model.folder, model.folder / SHARD_TOKENIZER_DIR
+        path = None if model.tokenizer_dir is None else model.tokenizer_file(name)
+    else:
+        where = model.path if isinstance(model, NEFile) else Path(model)
+        expected = tokenizer_dir_for(where)
+        path = expected / name if expected.is_dir() else None
     if path is None or not path.is_file():
-        expected = model / SHARD_TOKENIZER_DIR if model.is_dir() else tokenizer_dir_for(model)
-        raise NetpError(model, f"no tokenizer found (expected {expected}/{name}){hint}")
+        raise NetpError(where, f"no tokenizer found (expected {expected}/{name}){hint}")
     return path
 
 
-def load_tokenizer(model: Path, hint: str = "; pass token ids with --ids instead of -p") -> Any:
+def load_tokenizer(model: str | os.PathLike | ResolvedModel,
+                   hint: str = "; pass token ids with --ids instead of -p") -> Any:
     """The tokenizers.Tokenizer of `model`'s tokenizer folder; hint ends the error when there is none."""
     path = tokenizer_path(model, "tokenizer.json", hint)
     from tokenizers import Tokenizer
@@ -81,7 +89,7 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
-def encode_prompt(model: Path, prompt: str | None, ids: Sequence[int] | None) -> list[int]:
+def encode_prompt(model: ResolvedModel, prompt: str | None, ids: Sequence[int] | None) -> list[int]:
     if ids is not None:
         return list(ids)
     if prompt is None:
@@ -143,49 +151,64 @@ def _slowest_start(starts: Sequence[WarmUp | None]) -> WarmUp | None:
     return max(known, key=lambda w: (w.compiled, w.seconds)) if known else None
 
 
-def _rank_main(comm: Comm, opts: RunOptions) -> int:
-    t0 = time.perf_counter()
-    prompt: list[int] | None = None
-    prompt_error: NetpError | None = None
-    with comm.agreeing():
-        if comm.is_root:  # the tokenizer (~40 MB for SmolLM2's) before the weights, so the process's peak
-            try:          # memory is not both at once; a model error still takes precedence (docs/design.md §5)
-                prompt = encode_prompt(opts.model, opts.prompt, opts.ids)
-            except NetpError as e:
-                prompt_error = e
-        model: RankModel = load_rank_model(opts.model, comm, opts.n_ctx, use_mmap=opts.use_mmap,
-                                           nthread=opts.threads, exact=opts.exact)
+def _rank_main(comm: Comm, opts: RunOptions, resolved: ResolvedModel | None) -> int:
+    """One rank's run; `resolved`: the model found once for every simulated rank, or None
+    under MPI, where each rank resolves its own (one manifest read per rank)."""
+    opened: ResolvedModel | None = None
+    try:
+        t0 = time.perf_counter()
+        prompt: list[int] | None = None
+        prompt_error: NetpError | None = None
+        with comm.agreeing():
+            if resolved is None:
+                resolved = opened = resolve_model(opts.model)
+            if comm.is_root:  # the tokenizer (~40 MB for SmolLM2's) before the weights, so the process's peak
+                try:          # memory is not both at once; a model error still takes precedence (docs/design.md §5)
+                    prompt = encode_prompt(resolved, opts.prompt, opts.ids)
+                except NetpError as e:
+                    prompt_error = e
+            model: RankModel = load_rank_model(resolved, comm, opts.n_ctx, use_mmap=opts.use_mmap,
+                                               nthread=opts.threads, exact=opts.exact)
+            if comm.is_root:
+                if prompt_error is not None:
+                    raise prompt_error
+                assert prompt is not None
+                bad = [t for t in prompt if not 0 <= t < model.hp.n_vocab]
+                if bad:
+                    raise NetpError(opts.model, f"token id {bad[0]} outside the vocabulary of {model.hp.n_vocab}")
+        load_ms = (time.perf_counter() - t0) * 1e3
+        prompt = comm.bcast(prompt)
+        stream = None
         if comm.is_root:
-            if prompt_error is not None:
-                raise prompt_error
-            assert prompt is not None
-            bad = [t for t in prompt if not 0 <= t < model.hp.n_vocab]
-            if bad:
-                raise NetpError(opts.model, f"token id {bad[0]} outside the vocabulary of {model.hp.n_vocab}")
-    load_ms = (time.perf_counter() - t0) * 1e3
-    prompt = comm.bcast(prompt)
-    stream = None
-    if comm.is_root:
-        stream = TextStream(model.source.reader.vocab, model.hp.eos_token_id)
-        if opts.prompt is not None:
-            sys.stdout.write(opts.prompt)
-        else:
-            stream.write_ids(prompt)
-    sampler = Sampler(opts.sampling) if comm.is_root else None
-    gen = generate(model, prompt, opts.n_predict, sampler, stream)
-    stats = comm.allgather((load_ms, model.weights.resident_bytes, model.weights.kernels, gen.decode_sent))
-    if comm.is_root:
-        assert stream is not None
-        stream.finish()
-        print(timing_line(gen, opts.n_ctx, max(s[0] for s in stats), model.weights.mode, [s[1] for s in stats],
-                          comm, opts.threads, _slowest_start([s[2] for s in stats]), [s[3] for s in stats]), flush=True)
-    model.close()
-    return 0
+            stream = TextStream(model.source.reader.vocab, model.hp.eos_token_id)
+            if opts.prompt is not None:
+                sys.stdout.write(opts.prompt)
+            else:
+                stream.write_ids(prompt)
+        sampler = Sampler(opts.sampling) if comm.is_root else None
+        gen = generate(model, prompt, opts.n_predict, sampler, stream)
+        stats = comm.allgather((load_ms, model.weights.resident_bytes, model.weights.kernels, gen.decode_sent))
+        if comm.is_root:
+            assert stream is not None
+            stream.finish()
+            print(timing_line(gen, opts.n_ctx, max(s[0] for s in stats), model.weights.mode, [s[1] for s in stats],
+                              comm, opts.threads, _slowest_start([s[2] for s in stats]), [s[3] for s in stats]), flush=True)
+        model.close()
+        return 0
+    finally:
+        if opened is not None:
+            close_model(opened)
 
 
 def run(opts: RunOptions, prog: str = "ne-run", debug: bool = False) -> int:
     if opts.prompt is not None:
         check_prompt(opts.prompt)  # before any model loads
     comm = mpi_world(opts.timeout, prog)
-    size = comm.size if comm is not None else (source_world_size(opts.model) or 1)
-    return run_world(lambda c: _rank_main(c, opts), size, comm, prog, debug)
+    if comm is not None:  # each rank resolves the model itself, inside the ranks' agreement
+        return run_world(lambda c: _rank_main(c, opts, None), 1, comm, prog, debug)
+    resolved = resolve_model(opts.model)
+    try:
+        return run_world(lambda c: _rank_main(c, opts, resolved), source_world_size(resolved) or 1, None, prog,
+                         debug)
+    finally:
+        close_model(resolved)

@@ -1,43 +1,75 @@
 """Where one rank's tensor bytes come from: its shard file, or its slices of an
 unsharded NE file.
 
-Either way the rank opens exactly one model file and hands out its part of
-each tensor in file form (f32/f16 typed arrays, quantized types as uint8
-rows of blocks), memory-mapped or read into fresh buffers:
+A model is resolved once (`resolve_model`: a ShardSet, its manifest read
+and validated once, or an NEFile, opened once) and handed to whatever reads
+it; nothing downstream finds it again on disk. Either way the rank opens
+exactly one model file and hands out its part of each tensor in file form
+(f32/f16 typed arrays, quantized types as uint8 rows of blocks),
+memory-mapped or read into fresh buffers:
 - `ShardSource`: rank r of a shard set opens only `rank-0000r-of-0000N.bin`,
-  after checking it against the manifest (netp.shard.check.open_rank_file,
-  then its sha256) and the manifest's split ranges against this netp's
-  Mapping;
+  after checking it against the manifest (ShardSet.open_rank_file, then its
+  sha256) and the manifest's split ranges against this netp's Mapping;
 - `SliceSource`: neural-speed's way, `mpiexec -n N ne-run -m ne-q4_0.bin`:
   each rank takes its Mapping slices of the unsharded file, reading only
   those byte ranges.
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry, type_from_name
-from netp.formats.manifest import MANIFEST_NAME, Manifest
+from netp.formats.fileio import sha256_file
 from netp.formats.ne import NEReader
+from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import tokenizer_dir_for
-from netp.models import ne_model
+from netp.models import architecture_names, ne_model
 from netp.models.architecture import Architecture
 from netp.models.hparams import HParams
 from netp.models.mapping import Mapping, SplitError
-from netp.shard.check import load_shard_manifest, open_rank_file
-from netp.shard.hashing import sha256_file
 
 
-def check_world_size(folder: Path, manifest: Manifest, world_size: int) -> None:
-    """Refuse to run a shard set on another number of ranks than it was cut for."""
-    if world_size != manifest.world_size:
-        raise NetpError(folder / MANIFEST_NAME, f"shard set is cut for {manifest.world_size} ranks but {world_size} "
-                                                f"are running (start it with mpiexec -n {manifest.world_size})")
+class NEFile:
+    """An unsharded NE file, opened once: every pass over it and every check of it
+    (verify runs its reference twice and hashes it) reads through this reader."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.reader = NEReader(self.path)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+# A model as the runtime takes it: found and checked once, then handed on.
+ResolvedModel = Union[NEFile, ShardSet]
+
+
+def resolve_model(model: str | os.PathLike) -> ResolvedModel:
+    """A shard-set folder (its manifest read and validated) or an NE file (opened)."""
+    path = Path(model)
+    if path.is_dir():
+        return ShardSet.load(path, architecture_names())
+    if not path.exists():
+        raise NetpError(path, "no such file or shard set")
+    return NEFile(path)
+
+
+def close_model(model: ResolvedModel) -> None:
+    """Close what resolve_model opened (a shard set holds no open file)."""
+    if isinstance(model, NEFile):
+        model.close()
+
+
+def model_path(model: ResolvedModel) -> Path:
+    """The path the user gave: the shard-set folder or the NE file."""
+    return model.folder if isinstance(model, ShardSet) else model.path
 
 
 def make_mapping(world_size: int, rank: int, hp: HParams, arch: Architecture, path: Path) -> Mapping:
@@ -104,12 +136,14 @@ class _Checksum:
 class ShardSource(RankSource):
     """Rank `rank` of a shard set: its own rank file, checked against the manifest."""
 
-    def __init__(self, folder: Path, manifest: Manifest, rank: int, world_size: int, check_sha256: bool = True):
-        self.folder, self.manifest, self.rank = folder, manifest, rank
-        manifest_path = folder / MANIFEST_NAME
-        check_world_size(folder, manifest, world_size)
-        self.reader = open_rank_file(folder, manifest, rank)
+    def __init__(self, shards: ShardSet, rank: int, world_size: int, check_sha256: bool = True):
+        manifest = self.manifest = shards.manifest
+        self.rank = rank
+        manifest_path = shards.manifest_path
+        shards.check_world_size(world_size)
+        self.reader = shards.open_rank_file(rank)
         self.path = self.reader.path
+        self.shards = shards
         self._checksum = _Checksum(self.path) if check_sha256 else None
         try:
             self.global_shapes = {t.name: t.shape for t in manifest.tensors.values()}
@@ -132,8 +166,7 @@ class ShardSource(RankSource):
             digest = checksum.result()
         except OSError as e:
             raise NetpError(self.path, f"cannot read: {e.strerror or e}") from e
-        if digest != self.manifest.ranks[self.rank].sha256:
-            raise NetpError(self.path, "sha256 differs from the manifest (corrupt, or from another shard set)")
+        self.shards.check_rank_sha256(self.rank, self.path, digest)
 
     def _check_split_plan(self, manifest_path: Path) -> None:
         """The manifest cuts every tensor where this netp's Mapping cuts it (the rank
@@ -152,11 +185,12 @@ class ShardSource(RankSource):
 
 
 class SliceSource(RankSource):
-    """Rank `rank`'s Mapping slices of an unsharded NE file, read by byte range."""
+    """Rank `rank`'s Mapping slices of an unsharded NE file, read by byte range.
+    `owned`: closing the source closes the file (else its opener does)."""
 
-    def __init__(self, path: Path, rank: int, world_size: int):
-        self.path = Path(path)
-        self.reader = NEReader(self.path)
+    def __init__(self, file: NEFile, rank: int, world_size: int, owned: bool = False):
+        self.file, self.owned = file, owned
+        self.path, self.reader = file.path, file.reader
         try:
             tensors = self.reader.tensors
             self.global_shapes = self.reader.shapes
@@ -164,8 +198,12 @@ class SliceSource(RankSource):
             self.arch, self.hp = ne_model(self.reader.header, self.global_shapes, str(self.path))
             self.mapping = make_mapping(world_size, rank, self.hp, self.arch, self.path)
         except BaseException:
-            self.reader.close()
+            self.close()
             raise
+
+    def close(self) -> None:
+        if self.owned:
+            self.file.close()
 
     def part(self, name: str, mapped: bool) -> np.ndarray | None:
         info = self.reader.info(name)
@@ -204,30 +242,36 @@ class SliceSource(RankSource):
         return out
 
 
-def open_source(model: Path, rank: int, world_size: int, check_sha256: bool = True) -> RankSource:
-    """This rank's source for an NE file or a shard-set folder."""
-    model = Path(model)
-    if model.is_dir():
-        return ShardSource(model, load_shard_manifest(model), rank, world_size, check_sha256)
-    if not model.exists():
-        raise NetpError(model, "no such file or shard set")
-    return SliceSource(model, rank, world_size)
+def open_source(model: str | os.PathLike | ResolvedModel, rank: int, world_size: int,
+                check_sha256: bool = True) -> RankSource:
+    """This rank's source for a resolved model (or a path, resolved here and owned by the source)."""
+    owned = not isinstance(model, (NEFile, ShardSet))
+    resolved = resolve_model(model) if not isinstance(model, (NEFile, ShardSet)) else model
+    if isinstance(resolved, ShardSet):
+        return ShardSource(resolved, rank, world_size, check_sha256)
+    return SliceSource(resolved, rank, world_size, owned)
 
 
-def source_world_size(model: Path) -> int | None:
+def _shard_set_or_path(model: str | os.PathLike | ResolvedModel) -> ShardSet | Path:
+    """A resolved model's shard set or NE path; a path names a shard set when it is a folder
+    (read here: pass a resolved model where one is at hand)."""
+    if isinstance(model, ShardSet):
+        return model
+    path = model.path if isinstance(model, NEFile) else Path(model)
+    return ShardSet.load(path, architecture_names()) if path.is_dir() else path
+
+
+def source_world_size(model: str | os.PathLike | ResolvedModel) -> int | None:
     """The world size a shard set was cut for (None for an NE file)."""
-    model = Path(model)
-    if model.is_dir():
-        return load_shard_manifest(model).world_size
-    return None
+    found = _shard_set_or_path(model)
+    return found.world_size if isinstance(found, ShardSet) else None
 
 
-def tokenizer_dir(model: Path) -> Path | None:
-    """The tokenizer folder travelling with a model: `<stem>.tokenizer/` beside an
-    NE file, the manifest's folder inside a shard set."""
-    model = Path(model)
-    if model.is_dir():
-        name = load_shard_manifest(model).tokenizer
-        return model / name if name else None
-    candidate = tokenizer_dir_for(model)
+def tokenizer_dir(model: str | os.PathLike | ResolvedModel) -> Path | None:
+    """The tokenizer folder travelling with a model: the manifest's folder inside a
+    shard set, `<stem>.tokenizer/` beside an NE file."""
+    found = _shard_set_or_path(model)
+    if isinstance(found, ShardSet):
+        return found.tokenizer_dir
+    candidate = tokenizer_dir_for(found)
     return candidate if candidate.is_dir() else None

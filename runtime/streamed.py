@@ -26,7 +26,7 @@ from netp.quantize.codecs import dequantize_rows
 from netp.runtime.comm import SoloComm
 from netp.runtime.comparisons import Pass
 from netp.runtime.model import RankModel
-from netp.runtime.sources import RankSource, open_source
+from netp.runtime.sources import NEFile, RankSource, open_source
 from netp.runtime.weights import RankWeights
 
 
@@ -116,11 +116,11 @@ class StreamedWeights(RankWeights):
         return self.source.reader.read(name, rows=(start, stop))
 
 
-def streamed_pass(path: Path, tokens: Sequence[int], nthread: int = 1, exact: bool = False,
+def streamed_pass(path: Path | NEFile, tokens: Sequence[int], nthread: int = 1, exact: bool = False,
                   name: str | None = None) -> Pass:
-    """Logits (T, V) and hidden states of NE file `path` over `tokens` as one causal batch at 1 rank,
-    its weights streamed layer by layer."""
-    source = open_source(Path(path), 0, 1)
+    """Logits (T, V) and hidden states of NE file `path` (or one opened once: runtime.sources.NEFile)
+    over `tokens` as one causal batch at 1 rank, its weights streamed layer by layer."""
+    source = open_source(path if isinstance(path, NEFile) else Path(path), 0, 1)
     try:
         weights = StreamedWeights(source, nthread=nthread, exact=exact)
         model = RankModel(source, SoloComm(), weights, len(tokens))
@@ -128,6 +128,6 @@ def streamed_pass(path: Path, tokens: Sequence[int], nthread: int = 1, exact: bo
         logits = model.forward(np.asarray(tokens), 0, all_logits=True, trace=trace)
         assert logits is not None  # one rank: rank 0
         source.confirm()  # a shard set's rank file: its sha256, computed meanwhile
-        return Pass(name or Path(path).name, logits, trace.states)
+        return Pass(name or (path.path if isinstance(path, NEFile) else Path(path)).name, logits, trace.states)
     finally:
         source.close()

@@ -20,8 +20,12 @@ Exit status 0 all passed, 1 one failed (its reason naming the first layer
 whose hidden state differs by more than --max-dlogit of its own scale),
 2 a bad input; --json and --junit reports from the same records.
 
-The reference, f32 and transformers runs happen on rank 0 alone while the
-other ranks wait idle; the target runs on every rank and is closed first.
+Rank 0 alone resolves the plan (`resolve`, once: the manifest read and
+validated once, --ref and --f32 opened and hashed once) and runs the
+reference, f32 and transformers passes while the other ranks wait idle;
+those touch nothing but their own rank file and the manifest (a host
+needs no copy of --ref, --f32 or --hf). The target runs on every rank and
+is closed first.
 """
 from __future__ import annotations
 
@@ -36,8 +40,9 @@ import numpy as np
 
 from netp.errors import NetpError, error_line
 from netp.formats.atomic import write_file
-from netp.formats.ne import NEReader
 from netp.formats.paths import regular_file
+from netp.formats.shardset import ShardSet
+from netp.models import architecture_names
 from netp.models.context import ForwardTrace
 from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, SoloComm, mpi_world, run_world
 from netp.runtime.comparisons import Comparison, Pass, compare_kl, compare_logits, text_lines
@@ -50,8 +55,7 @@ from netp.runtime.report import (
     write_json,
 )
 from netp.runtime.run import check_prompt, load_tokenizer
-from netp.runtime.sources import check_world_size, tokenizer_dir
-from netp.shard.check import load_shard_manifest
+from netp.runtime.sources import NEFile, ResolvedModel, close_model, resolve_model, tokenizer_dir
 
 # The limits' defaults (docs/design.md §5, "Verification"; the CLI writes them out for --help)
 MAX_DLOGIT = 1e-3  # two runs of the same weights: only the order of sums differs
@@ -80,19 +84,25 @@ class VerifyOptions:
 
 @dataclass
 class Plan:
-    """What will be compared, resolved from the options and the manifest."""
+    """What will be compared: rank 0 resolves it once, from the options and the manifest.
+    The NE files are open (each once, shared where two options name the same file)."""
 
-    target: Path
+    target_path: Path  # as given
+    target: ResolvedModel
     world: int  # ranks the target runs on
-    ref: Path | None
-    f32: Path | None
+    ref: NEFile | None
+    f32: NEFile | None
     hf: str | None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def compares_target(self) -> bool:
+        """Whether the target runs against the reference (not when it is the reference on 1 rank)."""
+        return self.ref is not None and (self.target is not self.ref or self.world > 1)
 
-def _is_f32(path: Path) -> bool:
-    with NEReader(path) as r:
-        return r.header.ftype == 0
+    def close(self) -> None:
+        for model in {id(m): m for m in (self.target, self.ref, self.f32) if m is not None}.values():
+            close_model(model)
 
 
 def _find_source(folder: Path, name: str, size: int) -> Path | None:
@@ -103,64 +113,78 @@ def _find_source(folder: Path, name: str, size: int) -> Path | None:
 
 
 def resolve(opts: VerifyOptions, comm_size: int | None) -> Plan:
-    target = Path(opts.target)
+    """The plan, made on rank 0 only: the shard set's manifest read once, each NE file opened once."""
+    target_path = Path(opts.target)
     notes: list[str] = []
-    ref = opts.ref
-    if target.is_dir():
-        manifest = load_shard_manifest(target)
-        world = manifest.world_size
+    ref_path = opts.ref
+    shards: ShardSet | None = None
+    if target_path.is_dir():
+        shards = ShardSet.load(target_path, architecture_names())
+        world = shards.world_size
         if comm_size is not None:
-            check_world_size(target, manifest, comm_size)
-        if ref is None:
-            ref = _find_source(target, manifest.source.name, manifest.source.size)
-            if ref is None:
-                notes.append(f"the manifest's source {manifest.source.name} was not found beside the shard set; "
-                             f"pass --ref to compare with it")
-    elif os.path.lexists(target):
-        regular_file(target, "an NE file or a shard set")
+            shards.check_world_size(comm_size)
+        if ref_path is None:
+            ref_path = _find_source(target_path, shards.manifest.source.name, shards.manifest.source.size)
+            if ref_path is None:
+                notes.append(f"the manifest's source {shards.manifest.source.name} was not found beside the "
+                             f"shard set; pass --ref to compare with it")
+    elif os.path.lexists(target_path):
+        regular_file(target_path, "an NE file or a shard set")
         world = comm_size or 1
-        ref = ref or target
+        ref_path = ref_path or target_path
     else:
-        raise NetpError(target, "no such file or shard set")
-    for p in (ref, opts.f32):
+        raise NetpError(target_path, "no such file or shard set")
+    for p in (ref_path, opts.f32):
         if p is not None:
             regular_file(p, "an NE file")
-    f32 = opts.f32
-    if f32 is None and ref is not None and _is_f32(Path(ref)):
-        f32 = ref
-    if ref is None and f32 is None:
-        raise NetpError(target, "nothing to verify against: pass --ref (the unsharded file) and/or --f32")
-    if opts.hf is not None and f32 is None:
-        raise NetpError(opts.hf, "--hf is compared with the f32 NE file: pass --f32 too")
-    _check_provenance(target, None if ref is None else Path(ref), None if f32 is None else Path(f32))
-    return Plan(target, world, None if ref is None else Path(ref), None if f32 is None else Path(f32),
-                opts.hf, notes)
+    opened: list[NEFile] = []
+
+    def open_ne(path: Path) -> NEFile:  # one NEFile per file, however many options name it
+        found = next((f for f in opened if f.path == Path(path)), None)
+        if found is None:
+            found = NEFile(path)
+            opened.append(found)
+        return found
+
+    try:
+        ref = None if ref_path is None else open_ne(ref_path)
+        f32 = None if opts.f32 is None else open_ne(opts.f32)
+        if f32 is None and ref is not None and ref.reader.header.ftype == 0:
+            f32 = ref
+        if ref is None and f32 is None:
+            raise NetpError(target_path, "nothing to verify against: pass --ref (the unsharded file) and/or --f32")
+        if opts.hf is not None and f32 is None:
+            raise NetpError(opts.hf, "--hf is compared with the f32 NE file: pass --f32 too")
+        _check_provenance(shards, ref, f32)
+        target: ResolvedModel = shards if shards is not None else open_ne(target_path)
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
+    return Plan(target_path, target, world, ref, f32, opts.hf, notes)
 
 
-def _check_provenance(target: Path, ref: Path | None, f32: Path | None) -> None:
+def _check_provenance(shards: ShardSet | None, ref: NEFile | None, f32: NEFile | None) -> None:
     """Refuse files of another model before any runs (docs/design.md §8): a shard set's --ref
     must be its source, and --f32 the file the quantized one was made from."""
     from netp.runtime.provenance import check_derived_from, check_ref_is_source
 
-    manifest = load_shard_manifest(target) if target.is_dir() else None
-    if manifest is not None and ref is not None:
-        check_ref_is_source(ref, manifest, target)
+    if shards is not None and ref is not None:
+        check_ref_is_source(ref.reader, shards.manifest, shards.folder)
     if f32 is None:
         return
-    if not _is_f32(f32):
-        raise NetpError(f32, "is not an f32 NE file (its header's ftype is not f32): --f32 takes the f32 source")
-    if ref is not None and ref != f32:
-        with NEReader(ref) as other:
-            check_derived_from(f32, other)
-    elif manifest is not None and ref is None:  # no --ref: prove --f32 against rank 0's file
-        from netp.shard.check import open_rank_file
-
+    if f32.reader.header.ftype != 0:
+        raise NetpError(f32.path, "is not an f32 NE file (its header's ftype is not f32): --f32 takes the f32 source")
+    if ref is not None and ref is not f32:
+        check_derived_from(f32.reader, ref.reader)
+    elif shards is not None and ref is None:  # no --ref: prove --f32 against rank 0's file
+        manifest = shards.manifest
         rows = {t.name: None if t.axis is None else t.ranges[0] for t in manifest.tensors.values() if t.axis != 1}
-        with open_rank_file(target, manifest, 0) as rank0:
-            check_derived_from(f32, rank0, {t.name: t.shape for t in manifest.tensors.values()}, rows)
+        with shards.open_rank_file(0) as rank0:
+            check_derived_from(f32.reader, rank0, {t.name: t.shape for t in manifest.tensors.values()}, rows)
 
 
-def _tokenizer_for(plan: Plan) -> Path:
+def _tokenizer_for(plan: Plan) -> ResolvedModel:
     for model in (plan.target, plan.ref, plan.f32):
         if model is not None and tokenizer_dir(model) is not None:
             return model
@@ -176,9 +200,8 @@ def batch_pass(model: RankModel, tokens: Sequence[int]) -> tuple[np.ndarray | No
     return logits, trace.states
 
 
-def _has_blocks(path: Path) -> bool:
-    with NEReader(path) as r:
-        return any(t.ggml_type in KERNEL_TYPES for t in r.tensors.values())
+def _has_blocks(file: NEFile) -> bool:
+    return any(t.ggml_type in KERNEL_TYPES for t in file.reader.tensors.values())
 
 
 def _show(c: Comparison) -> Comparison:
@@ -188,16 +211,17 @@ def _show(c: Comparison) -> Comparison:
 
 # -- the program ----------------------------------------------------------------------
 
-def _prompt(comm: Comm, opts: VerifyOptions, plan: Plan) -> tuple[Any, list[int]]:
+def _prompt(comm: Comm, opts: VerifyOptions, plan: Plan | None) -> tuple[Any, list[int]]:
     """Rank 0 encodes the prompt; every rank learns it. The tokenizer on rank 0 only."""
     tokenizer = prompt = None
     with comm.agreeing():
         if comm.is_root:
+            assert plan is not None
             tokenizer = load_tokenizer(_tokenizer_for(plan))
             prompt = tokenizer.encode(opts.prompt).ids
             if not prompt:
                 raise NetpError(None, "the prompt encodes to no tokens")
-            print(f"verify {plan.target}: prompt {len(prompt)} tokens + {opts.n_tokens} greedy tokens of the "
+            print(f"verify {plan.target_path}: prompt {len(prompt)} tokens + {opts.n_tokens} greedy tokens of the "
                   f"target, teacher-forced; references streamed layer by layer; limits: max |dlogit| <= "
                   f"{opts.max_dlogit:g}, mean KL <= {opts.max_kl:g}, top-1 >= {opts.min_top1:g}", flush=True)
             for note in plan.notes:
@@ -224,7 +248,7 @@ def _decode_vs_batch(opts: VerifyOptions, plan: Plan, model: RankModel, tokenize
     sequence as one batch. With f32 activations only the order of sums differs: max |dlogit|. With the
     default q8_0 activations an ulp may flip an activation's rounding, which grows through the layers
     (docs/design.md §5): a lossy step, held to the KL limits."""
-    title = f"{plan.target}: prompt batch + {len(tokens) - n_prompt} decode steps vs one batch"
+    title = f"{plan.target_path}: prompt batch + {len(tokens) - n_prompt} decode steps vs one batch"
     dense = all(t in ("f32", "f16") for t in model.weights.matrix_types)
     if opts.exact or dense:
         return compare_logits("decode-vs-batch", title, batch, decoded, tokens, opts.max_dlogit, tokenizer)
@@ -245,29 +269,29 @@ def _on_root(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int],
     if plan.ref is not None:
         ref, ref_s = timed(streamed_pass, plan.ref, tokens, opts.threads, opts.exact)
     if target is not None and ref is not None and plan.ref is not None:
-        c = compare_logits("target", f"{plan.target} on {world} vs {plan.ref.name} on 1 rank, one batch", ref,
+        c = compare_logits("target", f"{plan.target_path} on {world} vs {plan.ref.path.name} on 1 rank, one batch", ref,
                            target, tokens, opts.max_dlogit, tokenizer)
         c.seconds = ref_s or 0.0
         out.append(_show(c))
     f32, f32_s = ref, 0.0
-    if plan.f32 is not None and plan.f32 != plan.ref:
+    if plan.f32 is not None and plan.f32 is not plan.ref:
         f32, f32_s = timed(streamed_pass, plan.f32, tokens, opts.threads, opts.exact)
     if plan.hf is not None and f32 is not None and plan.f32 is not None:
         hf, hf_s = timed(transformers_pass, plan.hf, tokens, opts.threads)
         # transformers' last hidden state is after the final norm: compare the ones before it
-        c = compare_logits("f32-vs-transformers", f"{plan.f32.name} (1 rank) vs transformers {plan.hf}", hf, f32,
+        c = compare_logits("f32-vs-transformers", f"{plan.f32.path.name} (1 rank) vs transformers {plan.hf}", hf, f32,
                            tokens, opts.max_dlogit, tokenizer, n_states=len(hf.states or []) - 1)
         c.seconds = f32_s + hf_s
         out.append(_show(c))
     if f32 is not None and ref is not None and plan.ref is not None and plan.f32 is not None and f32 is not ref:
-        c = compare_kl("quantized-vs-f32", f"{plan.ref.name} (quantized) vs {plan.f32.name}: KL divergence", f32,
+        c = compare_kl("quantized-vs-f32", f"{plan.ref.path.name} (quantized) vs {plan.f32.path.name}: KL divergence", f32,
                        ref, tokens, opts.max_kl, opts.min_top1, tokenizer)
         c.seconds = f32_s
         out.append(_show(c))
     if ref is not None and plan.ref is not None and _has_blocks(plan.ref):
         other, other_s = timed(streamed_pass, plan.ref, tokens, opts.threads, not opts.exact)
         default, exact = (other, ref) if opts.exact else (ref, other)
-        c = compare_kl("kernel-modes", f"{plan.ref.name}: default kernels (q8_0 activations) vs --exact "
+        c = compare_kl("kernel-modes", f"{plan.ref.path.name}: default kernels (q8_0 activations) vs --exact "
                                        "(f32 activations)", exact, default, tokens, opts.max_kl, opts.min_top1,
                        tokenizer, table=False)
         c.seconds = other_s
@@ -285,14 +309,24 @@ class Outcome:
     n_prompt: int
 
 
-def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> Outcome:
+def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan | None) -> Outcome:
     """Every rank runs this: the target on every rank, the references on rank 0 (the others wait
-    idle); rank 0 prints the tables."""
+    idle); rank 0 prints the tables. `plan`: rank 0's (also every simulated rank's); under MPI the
+    other ranks have none and find the target themselves: their rank file and the manifest only."""
     root = comm.is_root
     tokenizer, prompt = _prompt(comm, opts, plan)
-    with comm.agreeing():
-        model = load_rank_model(plan.target, comm, len(prompt) + opts.n_tokens, use_mmap=opts.use_mmap,
-                                nthread=opts.threads, exact=opts.exact)
+    target_model = None if plan is None else plan.target
+    opened = None
+    try:
+        with comm.agreeing():
+            if target_model is None:
+                target_model = opened = resolve_model(opts.target)
+            model = load_rank_model(target_model, comm, len(prompt) + opts.n_tokens, use_mmap=opts.use_mmap,
+                                    nthread=opts.threads, exact=opts.exact)
+    except BaseException:
+        if opened is not None:
+            close_model(opened)
+        raise
     comparisons: list[Comparison] = []
     try:
         started = time.perf_counter()
@@ -300,18 +334,21 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan) -> Outcome:
         batch, states = batch_pass(model, tokens)
         target = None
         if root:
-            assert decoded is not None and batch is not None
-            target = Pass(str(plan.target), batch, states)
+            assert plan is not None and decoded is not None and batch is not None
+            target = Pass(str(plan.target_path), batch, states)
             comparisons.append(_show(_decode_vs_batch(opts, plan, model, tokenizer, tokens, len(prompt),
-                                                      Pass(str(plan.target), decoded), target)))
+                                                      Pass(str(plan.target_path), decoded), target)))
             comparisons[0].seconds = time.perf_counter() - started
     finally:
         model.close()
+        if opened is not None:
+            close_model(opened)
     del model  # the target's weights go before the references run in their place (docs/design.md §5)
-    if plan.ref is None or (plan.target == plan.ref and plan.world == 1):
+    if plan is not None and not plan.compares_target:
         target = None  # the reference itself: nothing more to compare it with
     with comm.agreeing(idle=True):
         if root:
+            assert plan is not None
             comparisons += _on_root(opts, plan, tokenizer, tokens, target, comm.describe())
     status = comm.bcast(0 if all(c.passed for c in comparisons) else 1)
     return Outcome(status, comparisons, tokens, len(prompt))
@@ -324,9 +361,9 @@ def _write_reports(opts: VerifyOptions, plan: Plan, outcome: Outcome, comm_kind:
         return
     doc = {
         "report": "netp-verify", "version": REPORT_VERSION, "passed": outcome.status == 0, "status": outcome.status,
-        "target": str(plan.target), "ref": None if plan.ref is None else str(plan.ref),
-        "f32": None if plan.f32 is None else str(plan.f32), "hf": plan.hf, "exact": opts.exact,
-        "manifest": manifest_hashes(plan.target) if plan.target.is_dir() else None,
+        "target": str(plan.target_path), "ref": None if plan.ref is None else str(plan.ref.path),
+        "f32": None if plan.f32 is None else str(plan.f32.path), "hf": plan.hf, "exact": opts.exact,
+        "manifest": manifest_hashes(plan.target) if isinstance(plan.target, ShardSet) else None,
         "prompt": {"text": opts.prompt, "tokens": outcome.tokens, "n_prompt": outcome.n_prompt},
         "thresholds": {"max_dlogit": opts.max_dlogit, "max_kl": opts.max_kl, "min_top1": opts.min_top1},
         "notes": plan.notes,
@@ -356,9 +393,10 @@ def verify(opts: VerifyOptions, prog: str = "netp verify", debug: bool = False) 
     check_prompt(opts.prompt)  # before any model loads
     comm = mpi_world(opts.timeout, prog)
 
-    def finish(c: Comm, plan: Plan) -> int:
+    def finish(c: Comm, plan: Plan | None) -> int:
         outcome = _verify_rank(c, opts, plan)
         if c.is_root:
+            assert plan is not None
             _write_reports(opts, plan, outcome, c.kind, c.size, time.perf_counter() - started)
             print(f"\nverify: {'FAIL' if outcome.status else 'PASS'}", flush=True)
             failed = [x for x in outcome.comparisons if not x.passed]
@@ -368,15 +406,27 @@ def verify(opts: VerifyOptions, prog: str = "netp verify", debug: bool = False) 
         return outcome.status
 
     def rank_main(c: Comm) -> int:
-        with c.agreeing():
-            plan = resolve(opts, c.size)
-            if c.is_root:
-                _check_reports(opts)
-        return finish(c, plan)
+        plan = None
+        try:
+            with c.agreeing():  # rank 0 alone makes the plan; its error ends every rank, in one line
+                if c.is_root:
+                    plan = resolve(opts, c.size)
+                    _check_reports(opts)
+            return finish(c, plan)
+        finally:
+            if plan is not None:
+                plan.close()
 
     if comm is None:
         with SoloComm().agreeing():
-            plan = resolve(opts, None)
-            _check_reports(opts)
-        return int(run_world(lambda c: finish(c, plan), plan.world, None, prog, debug))
+            solo_plan = resolve(opts, None)
+            try:
+                _check_reports(opts)
+            except BaseException:
+                solo_plan.close()
+                raise
+        try:
+            return int(run_world(lambda c: finish(c, solo_plan), solo_plan.world, None, prog, debug))
+        finally:
+            solo_plan.close()
     return int(run_world(rank_main, 1, comm, prog, debug))

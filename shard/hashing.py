@@ -1,8 +1,8 @@
-"""sha256 of the files of a shard set.
+"""sha256 on a background thread while a shard set is written.
 
-`sha256_file` hashes a whole file; the rest runs sha256 on a background
-thread, in order, so hashing overlaps reading and writing (hashlib releases
-the GIL for buffers over 2 KiB).
+Each worker runs sha256 in order, so hashing overlaps reading and writing
+(hashlib releases the GIL for buffers over 2 KiB); a whole file's sha256 is
+netp.formats.fileio.sha256_file.
 
 Callers hand over views of reused buffers; `fence()` after the last update
 that used a buffer and `wait(fence)` before refilling it keep the worker
@@ -11,22 +11,9 @@ from hashing bytes that have already been overwritten.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import threading
 from typing import Any
-
-_FILE_CHUNK = 8 << 20
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file, read in chunks into one reused buffer (no memory map: its pages would count as ours)."""
-    h = hashlib.sha256()
-    view = memoryview(bytearray(_FILE_CHUNK))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 class HashWorker:

@@ -27,16 +27,18 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats import atomic
 from netp.formats.constants import TYPE_NAMES, block_geometry
+from netp.formats.fileio import sha256_file
 from netp.formats.manifest import Manifest, RankFile, SourceInfo, TensorEntry, rank_file_name
-from netp.formats.ne import NEContents, NEReader, NEWriter, TensorInfo
 from netp.formats.names import SHARD_TOKENIZER_DIR
+from netp.formats.ne import NEContents, NEReader, NEWriter, TensorInfo
 from netp.formats.paths import check_output_place, refuse_indirect_dir
+from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
 from netp.models import ne_model
 from netp.models.architecture import Architecture
 from netp.models.hparams import HParams
 from netp.models.mapping import Mapping, SplitError
-from netp.shard.hashing import HashPool, QueuedSha256, sha256_file
+from netp.shard.hashing import HashPool, QueuedSha256
 from netp.sizes import human_size
 
 CHUNK_BYTES = 8 << 20  # per read buffer; 3 slots x (read + gather) = 48 MiB
@@ -308,10 +310,8 @@ def _tokenizer_files(tmp: Path, tokenizer: Any) -> list[RankFile]:
 
 def _finish(tmp: Path, manifest: Manifest) -> None:
     """Check the rank files read back as the manifest says, then write manifest.json."""
-    from netp.shard.check import open_rank_file
-
     for r in range(manifest.world_size):
-        open_rank_file(tmp, manifest, r).close()
+        ShardSet(tmp, manifest).open_rank_file(r).close()
     manifest.save(tmp)
 
 

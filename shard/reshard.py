@@ -25,12 +25,13 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.constants import type_from_name
-from netp.formats.manifest import Manifest, load_manifest
+from netp.formats.manifest import Manifest
 from netp.formats.names import MANIFEST_NAME
-from netp.formats.ne import NEReader, StreamedNE, TensorInfo
 from netp.formats.names import SHARD_TOKENIZER_DIR
+from netp.formats.ne import NEReader, StreamedNE, TensorInfo
+from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import copy_tokenizer_folder
-from netp.shard.check import check_shard_set, open_rank_file
+from netp.shard.check import check_shard_set
 from netp.shard.pipeline import (
     Progress, ShardResult, _byte_cuts, check_outdir, check_world_size, plan_tensors, write_shard_set,
 )
@@ -87,8 +88,9 @@ def reshard(shards: str | os.PathLike, outdir: str | os.PathLike, world_size: in
     shards, outdir = Path(shards), Path(outdir)
     check_world_size(shards, world_size)
     t0 = time.perf_counter()
-    manifest = load_manifest(shards)
-    readers = [open_rank_file(shards, manifest, r) for r in range(manifest.world_size)]
+    shard_set = ShardSet.load(shards)
+    manifest = shard_set.manifest
+    readers = [shard_set.open_rank_file(r) for r in range(manifest.world_size)]
     try:
         tensors = [(t.name, type_from_name(t.type), t.shape) for t in manifest.tensors.values()]
         stream = StreamedNE(shards, manifest.ne_header(), readers[0].vocab, tensors, _RankSlices(manifest, readers))

@@ -171,6 +171,11 @@ exec ip netns exec "$ns" unshare --uts --mount sh -c \\
                 if src not in skip and src.exists():
                     _link_tree(src, dst)
 
+    def give(self, rank: int, src: Path) -> Path:
+        """Put file or folder `src` on host `rank` alone; returns the path it has there."""
+        _link_tree(src, self.root / "hosts" / host_name(rank) / src.name)
+        return self.mount / src.name
+
     # -- running ------------------------------------------------------------------------
 
     def mpiexec_argv(self, command: Sequence[str], n: int | None = None, options: Sequence[str] = ()) -> list[str]:

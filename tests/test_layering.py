@@ -105,6 +105,14 @@ def test_stages_import_only_earlier_stages():
         assert not later, (module, later)
 
 
+def test_runtime_does_not_import_the_shard_stage():
+    # The runtime runs a shard set through netp.formats.shardset.ShardSet; the stage that
+    # writes shard sets (netp.shard) is not among its dependencies.
+    for module, imps in IMPORTS.items():
+        if _stage(module) == "runtime":
+            assert not [i for i in imps if _stage(i) == "shard"], module
+
+
 def test_no_import_cycle():
     graph = {m: {i for i in imps if i in MODULES and i != m} for m, imps in IMPORTS.items()}
     done: set[str] = set()
@@ -124,7 +132,7 @@ def test_no_import_cycle():
 
 def test_the_walk_sees_real_edges():
     # The checks above mean something only if the graph holds the imports known to exist.
-    assert "netp.formats.ne" in IMPORTS["netp.shard.check"]
+    assert "netp.formats.shardset" in IMPORTS["netp.shard.check"]
     assert "netp.models.architecture" in IMPORTS["netp.models.mapping"]
     assert "click" in IMPORTS["netp.shard.cli"]
 

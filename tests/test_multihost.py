@@ -129,6 +129,23 @@ def test_hosts_match_one_host_over_the_bridge(n, shard_sets, smollm2_q4_0, clust
     assert table(v.stdout) == table(vref.stdout)
 
 
+def test_verify_with_the_references_on_rank_0s_host_only(shard_sets, smollm2_q4_0, smollm2_f32, smollm2_gguf,
+                                                        cluster):
+    """README's recipe: --ref, --f32 and --hf exist on rank 0's host only; the other host
+    holds its rank file, the manifest and the tokenizer, and verify passes (rank 0 alone
+    resolves the plan and runs the references)."""
+    c = cluster(2)
+    c.place(shard_sets[2])
+    ref, f32, hf = (c.give(0, p) for p in (smollm2_q4_0, smollm2_f32, smollm2_gguf))
+    assert not (c.root / "hosts" / host_name(1) / smollm2_q4_0.name).exists()
+    v = c.run([NETP, "verify", str(c.mount), "--ref", str(ref), "--f32", str(f32), "--hf", str(hf),
+               "-n", "3", "-t", "1"])
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "on 2 MPI ranks vs smollm2-q4_0.bin on 1 rank" in v.stdout
+    assert "vs transformers" in v.stdout and "KL divergence" in v.stdout
+    assert v.stdout.rstrip().endswith("verify: PASS") and "FAIL" not in v.stdout
+
+
 @pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_host_without_its_rank_file_fails_in_one_line(n, shard_sets, cluster):
     shards = shard_sets[n]

@@ -489,6 +489,29 @@ def test_mpi_verify_q4_0_shards_against_unsharded(kind, ranks, tiny_ne, tiny_sha
 
 
 @pytest.mark.mpi
+def test_mpi_verify_needs_the_references_on_rank_0_only(tiny_ne, tiny_shards, tiny_hf_model, tmp_path):
+    """--ref, --f32 and --hf as paths relative to each rank's working folder: rank 0's holds
+    them, rank 1's is empty. Rank 0 alone resolves the plan and runs the references, so
+    rank 1 needs none of them (as on a second host holding only its rank file)."""
+    shards = tiny_shards("llama_gqa", "q4_0", 2)
+    home, elsewhere = tmp_path / "rank0", tmp_path / "rank1"
+    home.mkdir()
+    elsewhere.mkdir()
+    shutil.copyfile(tiny_ne("llama_gqa", "q4_0"), home / "ne-q4_0.bin")
+    shutil.copyfile(tiny_ne("llama_gqa"), home / "ne-f32.bin")
+    shutil.copytree(tiny_hf_model("llama_gqa"), home / "hf")
+    args = [str(BIN / "netp"), "verify", str(shards), "--ref", "ne-q4_0.bin", "--f32", "ne-f32.bin", "--hf", "hf",
+            "-n", "3", "-t", "1"]
+    p = subprocess.run([str(MPIEXEC), "-n", "1", "-wdir", str(home), *args, ":",
+                        "-n", "1", "-wdir", str(elsewhere), *args], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "on 2 MPI ranks vs ne-q4_0.bin on 1 rank" in p.stdout
+    assert "ne-f32.bin (1 rank) vs transformers hf" in p.stdout and "KL divergence" in p.stdout
+    assert p.stdout.rstrip().endswith("verify: PASS") and "FAIL" not in p.stdout
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.mpi
 def test_mpi_broken_shard_sets_stop_every_rank(tiny_shards, tmp_path):
     shards = tiny_shards("gptj", "q4_0", 2)
     bad = _broken_copies(shards, tmp_path)

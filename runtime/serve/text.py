@@ -28,12 +28,13 @@ def _side_file(model: Path, name: str) -> Path | None:
     if folder is None:
         return None
     if model.is_dir():
-        from netp.shard.check import load_shard_manifest, tokenizer_file
+        from netp.formats.shardset import ShardSet
+        from netp.models import architecture_names
 
-        manifest = load_shard_manifest(model)
-        if not any(f.file == name for f in manifest.tokenizer_files):
+        shards = ShardSet.load(model, architecture_names())
+        if not any(f.file == name for f in shards.manifest.tokenizer_files):
             return None
-        return tokenizer_file(model, manifest, name)
+        return shards.tokenizer_file(name)
     path = folder / name
     return path if path.is_file() else None
 
