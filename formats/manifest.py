@@ -3,53 +3,8 @@
 A shard set is a folder holding one NE file per tensor-parallel rank
 (`rank-00000-of-00002.bin`, ...: 5-digit rank and world size), the
 tokenizer folder and this manifest, which says what every rank file holds
-and how to check it. Schema (format version 1), JSON:
-
-```
-{
-  "format": "netp-shards",        constant, identifies the file
-  "version": 1,                   manifest format version (readers refuse newer ones)
-  "source": {                     the unsharded NE file the set was cut from
-    "name": "ne-q4_0.bin",        its file name (as given, without folders)
-    "size": 123456,               bytes
-    "sha256": "<64 hex>"
-  },
-  "world_size": 2,                number of ranks = number of rank files
-  "architecture": "llama",        netp's architecture name (models/)
-  "hparams": {...},               the source's NE header, every field by name
-                                  (version, n_vocab, n_embd, ..., sep_token_id):
-                                  global values, the same in every rank file
-  "tokenizer": "tokenizer",       tokenizer folder inside the set, or null
-  "tensors": [                    every tensor of the source, in file order
-    {
-      "name": "layers.0.attention.wk.weight",
-      "shape": [192, 576],        global shape, numpy order (last = row length = ne[0])
-      "type": "q4_0",             ggml type: f32 f16 q4_0 q4_1 q8_0
-      "split": "rows",            rows | cols | rank0 | replicated
-      "unit": "kv_heads",         what the cut counts (q_heads kv_heads qkv_heads
-                                  ffn vocab); null for rank0/replicated
-      "axis": 0,                  numpy axis of the source tensor that is cut:
-                                  0 = rows (ne[1]; a 1-D tensor's only axis),
-                                  1 = columns (ne[0]); null = stored whole
-      "ranges": [[0, 128], [64, 192]]
-                                  per rank, [start, stop) in elements of `axis`
-                                  (ranges of KV projections may overlap: a KV
-                                  head shared by two ranks' query heads is on
-                                  both); for whole tensors [0, shape[0]] on a
-                                  rank that stores it, null on a rank that
-                                  does not (rank0: only rank 0 stores it)
-    }, ...
-  ],
-  "ranks": [                      per rank, in rank order
-    {"file": "rank-00000-of-00002.bin", "size": 1234, "sha256": "<64 hex>"}, ...
-  ],
-  "tokenizer_files": [            the files of the tokenizer folder (absent or
-                                  empty when tokenizer is null), checked like
-                                  rank files: plain names netp knows
-    {"file": "tokenizer.json", "size": 2104, "sha256": "<64 hex>"}, ...
-  ]
-}
-```
+and how to check it. Its schema (format version 1) is written once, in
+docs/design.md §4, "manifest.json".
 
 Each rank file is a complete NE file: the source's header and vocab
 unchanged, then only that rank's tensors (a subset of `tensors`, same order),
