@@ -11,6 +11,9 @@ import struct
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GGMLType
 
+from netp.typenames import QK as _CHEAP_QK
+from netp.typenames import TYPE_NAMES as _CHEAP_TYPE_NAMES
+
 __all__ = [
     "GGMLType", "SUPPORTED_TYPES", "QUANTIZED_TYPES", "BLOCK_SIZE", "block_geometry",
     "row_nbytes", "NE_MAGIC", "NE_FILE_VERSION", "NE_ALIGNMENT", "FTYPE_OF_TYPE",
@@ -23,6 +26,7 @@ SUPPORTED_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGM
 QUANTIZED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 BLOCK_SIZE = 32  # values per block for every quantized type netp writes
 TYPE_NAMES = {t: t.name.lower() for t in SUPPORTED_TYPES}  # "q4_0", "f32", ...
+assert tuple(TYPE_NAMES.values()) == _CHEAP_TYPE_NAMES and BLOCK_SIZE == _CHEAP_QK  # the cheap copy agrees
 
 
 # How a tensor is cut across tensor-parallel ranks: the manifest records these and

@@ -9,6 +9,7 @@ import click
 
 from netp.cliutil import NetpCommand, common_options, progress_bar, run_reporting
 from netp.quantize.cli import type_override_options
+from netp.typenames import TYPE_NAMES
 
 
 class PipelineCommand(NetpCommand):
@@ -19,7 +20,7 @@ class PipelineCommand(NetpCommand):
 @click.command("pipeline", cls=PipelineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", metavar="MODEL")
 @click.argument("outdir", metavar="OUTDIR", type=click.Path(path_type=Path))
-@click.option("--outtype", type=click.Choice(["f32", "f16", "q4_0", "q4_1", "q8_0"]), default="q4_0",
+@click.option("--outtype", type=click.Choice(list(TYPE_NAMES)), default="q4_0",
               show_default=True, help="Type of the 2-D weights (q*: quantized from f32, as quantize does).")
 @click.option("--ranks", "-r", type=int, required=True, help="Number of tensor-parallel ranks.")
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it exists and is not empty.")

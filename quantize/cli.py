@@ -19,14 +19,14 @@ import click
 
 from netp.cliutil import NetpCommand, common_options, progress_bar, run_reporting
 from netp.errors import NetpError
-
-TYPE_CHOICES = ("q4_0", "q4_1", "q8_0")
-OVERRIDE_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")  # = netp.quantize.rules.OVERRIDE_TYPES (a test holds them)
+from netp.typenames import OVERRIDE_TYPE_NAMES as OVERRIDE_TYPES
+from netp.typenames import QK
+from netp.typenames import QUANTIZED_TYPE_NAMES as TYPE_CHOICES
 
 # neural-speed --weight_dtype / --alg -> ggml type name
 NS_TYPES = {("int4", "sym"): "q4_0", ("int4", "asym"): "q4_1", ("int8", "sym"): "q8_0"}
 NS_SUPPORTED = "int4 sym = q4_0, int4 asym = q4_1, int8 sym = q8_0"
-GROUP_SIZE = 32  # ggml's blocks hold 32 values
+GROUP_SIZE = QK  # ggml's blocks hold 32 values
 
 
 class QuantizeCommand(NetpCommand):

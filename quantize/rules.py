@@ -35,13 +35,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from netp.formats.constants import BLOCK_SIZE, FTYPE_OF_TYPE, QUANTIZED_TYPES, GGMLType
+from netp.typenames import OVERRIDE_TYPE_NAMES
 
 if TYPE_CHECKING:
     from netp.models.architecture import Architecture
 
 __all__ = ["target_type", "header_ftype", "tensor_types", "type_overrides", "OVERRIDE_TYPES"]
 
-OVERRIDE_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0")  # what --output_type / --embedding_type take
+OVERRIDE_TYPES = OVERRIDE_TYPE_NAMES  # what --output_type / --embedding_type take
 
 
 def target_type(shape: Sequence[int], source: GGMLType, chosen: GGMLType) -> GGMLType:

@@ -64,9 +64,9 @@ from numba import njit, prange  # noqa: E402
 
 from netp.formats.constants import GGMLType, block_geometry  # noqa: E402
 from netp.runtime import vnni  # noqa: E402
+from netp.typenames import QK  # noqa: E402
 
 R = vnni.R  # output rows per tile (docs/design.md §5)
-QK = 32  # values per block
 KERNEL_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 _KIND = {GGMLType.Q4_0: 0, GGMLType.Q4_1: 1, GGMLType.Q8_0: 2}  # the compiled code's type switch
 _WORDS = {GGMLType.Q4_0: 4, GGMLType.Q4_1: 4, GGMLType.Q8_0: 8}  # 32-bit words of codes per row and block

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The order data flows in; pipeline (one pass) composes convert, quantize and shard.
 STAGES = ("formats", "models", "convert", "quantize", "shard", "pipeline", "runtime")
 CLI_LAYER = ("netp.cli", "netp.cliutil", "netp.inspect", "click", "tqdm")
-FLOOR = ("netp.errors", "netp.hostenv", "netp.sizes")  # netp/ modules every layer may import
+FLOOR = ("netp.errors", "netp.hostenv", "netp.sizes", "netp.typenames")  # netp/ modules every layer may import
 # Stage modules that still draw their own progress bar (none: each stage takes a
 # progress callback and its cli.py owns the bar).
 PENDING_PROGRESS: set[str] = set()
