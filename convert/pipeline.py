@@ -2,9 +2,11 @@
 
 The pipeline knows no architecture: models/ answers which architecture a
 config or GGUF is, its hparams and header fields, every NE tensor with its
-shape in file order, the HF/GGUF -> NE name maps, the HF hook that reworks
-or cuts a tensor on the way in (LLaMA's q/k permutation, Phi-3's fused
-projections; HF input only), and the tensors config.json alone determines.
+shape in file order, which rows of which checkpoint tensor each NE tensor
+is (the whole tensor, a part of a fused one such as Phi-3's qkv_proj, one
+expert of a merged 3-D one: each read alone, so memory stays near one
+expert's matrix), the HF hook that reworks a tensor on the way in (LLaMA's
+q/k permutation; HF input only), and the tensors config.json alone determines.
 
 Everything that can be checked is checked before any output exists
 (config, architecture, every expected tensor present with its shape, no
@@ -14,6 +16,7 @@ last, so a crash never leaves an NE file without its tokenizer.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from netp.formats.ne import NEHeader, NEWriter
 from netp.formats.paths import check_output_place, regular_file
 from netp.formats.tokenizer_dir import check_tokenizer_files, tokenizer_dir_for
 from netp.formats.vocab import Vocab
-from netp.models.architecture import Architecture
+from netp.models.architecture import Architecture, SourcePart
 from netp.models.checks import check_hparams, check_source_values
 from netp.models.hparams import HParams
 from netp.sizes import human_size
@@ -46,12 +49,16 @@ class Source:
     path: Path
     arch: Architecture
     hp: HParams
-    tensors: Checkpoint  # names(), shape(name), read(name) -> f32
-    ne_names: Callable[[str], tuple[str, ...] | None]  # source name -> NE names ((): drop), None unknown
-    transform: bool  # HF weights go through arch.hf_tensors; GGUF ones are already in NE layout
+    tensors: Checkpoint  # names(), shape(name), read(name) / read_rows(name, row0, rows) -> f32
+    gguf: bool  # source names are llama.cpp's (else Hugging Face's)
+    transform: bool  # HF weights go through arch.hf_tensor; GGUF ones are already in NE layout
     tie_output: bool  # the output head may come from the embedding when the input has none
     vocab: Callable[[], Vocab]
     write_tokenizer: Callable[[Path], None]
+
+    def parts(self, name: str) -> tuple[tuple[SourcePart, ...], tuple[int, ...]] | None:
+        """The NE tensors a source tensor holds and the shape it needs (Architecture.source_parts)."""
+        return self.arch.source_parts(name, self.hp, self.gguf)
 
     def transforms(self, ne: str) -> bool:
         """Whether this tensor's values change on the way in (else its bytes may be copied)."""
@@ -96,7 +103,7 @@ def open_hf_folder(folder: Path) -> Source:
     except BaseException:
         tensors.close()
         raise
-    return Source(folder, arch, hp, tensors, arch.ne_names_from_hf, transform=True, tie_output=hp.tie_embeddings,
+    return Source(folder, arch, hp, tensors, gguf=False, transform=True, tie_output=hp.tie_embeddings,
                   vocab=lambda: vocab_for_folder(folder, hp.n_vocab),
                   write_tokenizer=lambda out: write_folder_tokenizer(folder, out))
 
@@ -109,7 +116,7 @@ def open_gguf(path: Path) -> Source:
 
     g = GGUFFile(path)
     try:
-        arch = by_gguf_architecture(g.architecture, str(path))
+        arch = by_gguf_architecture(g.architecture, str(path), g.names())
         check_source_values(arch, g.metadata, str(path), gguf=True)
         hp = arch.hparams_from_gguf(g.metadata, str(path), g.names())
         check_hparams(hp, str(path), n_tensors=len(g.names()), source="GGUF metadata")
@@ -117,7 +124,7 @@ def open_gguf(path: Path) -> Source:
         g.close()
         raise
     # llama.cpp writes no output.weight for tied embeddings.
-    return Source(path, arch, hp, g, arch.ne_names_from_gguf, transform=False, tie_output=True,
+    return Source(path, arch, hp, g, gguf=True, transform=False, tie_output=True,
                   vocab=lambda: vocab_from_gguf(g.metadata, hp.n_vocab, path),
                   write_tokenizer=lambda out: write_gguf_tokenizer(g.metadata, path, out))
 
@@ -133,18 +140,38 @@ def open_source(path: Path) -> Source:
     raise NetpError(path, "is neither a Hugging Face model folder nor a GGUF file")
 
 
-def plan_tensors(src: Source) -> dict[str, tuple[str | None, tuple[int, ...]]]:
-    """NE name -> (source tensor name, None for a generated one; shape), in NE file
-    order; refuses what does not fit."""
+@dataclass(frozen=True)
+class Planned:
+    """Where one NE tensor comes from: rows [row0, row0 + rows) of source tensor `source`
+    seen as a (rows, row length) matrix; source None: generated from the config."""
+
+    source: str | None
+    row0: int = 0
+    rows: int = 0
+
+
+def _holds(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """A source shape holds the values of `want`: equal, or with leading axes of 1 more
+    (Qwen2-MoE's shared_expert_gate, (1, n_embd) in HF, is the vector llama.cpp stores)."""
+    extra = len(got) - len(want)
+    return extra >= 0 and all(d == 1 for d in got[:extra]) and tuple(got[extra:]) == tuple(want)
+
+
+def plan_tensors(src: Source) -> dict[str, tuple[Planned, tuple[int, ...]]]:
+    """NE name -> (where its values are, shape), in NE file order; refuses what does not fit."""
     expected = src.arch.tensor_shapes(src.hp)
-    found: dict[str, str | None] = {}
+    found: dict[str, Planned] = {}
     for name in src.tensors.names():
-        nes = src.ne_names(name)
-        if nes is None or any(ne not in expected for ne in nes):
+        layout = src.parts(name)
+        if layout is None or any(part.ne not in expected for part in layout[0]):
             raise NetpError(src.path, f"tensor {name} is not part of a {src.arch.name} model with this config "
                                       f"({src.hp.n_layer} layers); netp refuses weights it would not use")
-        found |= {ne: name for ne in nes}
-    found |= {ne: None for ne in src.generated() if ne in expected and ne not in found}
+        parts, want = layout
+        if parts and not _holds(tuple(src.tensors.shape(name)), want):
+            raise NetpError(src.path, f"tensor {name} has shape {list(src.tensors.shape(name))}; this config "
+                                      f"needs {list(want)}")
+        found |= {part.ne: Planned(name, part.row0, part.rows) for part in parts}
+    found |= {ne: Planned(None) for ne in src.generated() if ne in expected and ne not in found}
     embedding, output = src.arch.embedding_name, src.arch.output_name
     if output in expected and output not in found and src.tie_output and embedding in found:
         found[output] = found[embedding]  # tied embeddings: the head is the embedding matrix
@@ -153,17 +180,7 @@ def plan_tensors(src: Source) -> dict[str, tuple[str | None, tuple[int, ...]]]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise NetpError(src.path, f"missing tensor {missing[0]}{more} of a {src.arch.name} model "
                                   f"with {src.hp.n_layer} layers")
-    plan: dict[str, tuple[str | None, tuple[int, ...]]] = {}
-    for ne, shape in expected.items():
-        source = found[ne]
-        if source is not None:
-            parts = src.ne_names(source) or ()
-            want = (sum(expected[p][0] for p in parts), *shape[1:]) if len(parts) > 1 else shape  # fused: parts' rows
-            got = src.tensors.shape(source)
-            if tuple(got) != tuple(want):
-                raise NetpError(src.path, f"tensor {source} has shape {list(got)}; this config needs {list(want)}")
-        plan[ne] = (source, tuple(shape))
-    return plan
+    return {ne: (found[ne], tuple(shape)) for ne, shape in expected.items()}
 
 
 Progress = Callable[[int, int], None]  # (units just done, total units); the CLI draws the bar
@@ -184,13 +201,17 @@ class NETensor:
     name: str
     ggml_type: GGMLType
     shape: tuple[int, ...]
-    source_name: str | None  # None: generated from the config (no source tensor)
+    source: Planned
+
+    @property
+    def source_name(self) -> str | None:  # None: generated from the config (no source tensor)
+        return self.source.source
 
 
-def ne_tensors(plan: dict[str, tuple[str | None, tuple[int, ...]]], out_type: GGMLType) -> list[NETensor]:
+def ne_tensors(plan: dict[str, tuple[Planned, tuple[int, ...]]], out_type: GGMLType) -> list[NETensor]:
     """The NE file's tensors in file order; 1-D tensors (norms, biases) stay f32."""
-    return [NETensor(ne, GGMLType.F32 if len(shape) == 1 else out_type, shape, name)
-            for ne, (name, shape) in plan.items()]
+    return [NETensor(ne, GGMLType.F32 if len(shape) == 1 else out_type, shape, planned)
+            for ne, (planned, shape) in plan.items()]
 
 
 def ne_header(src: Source, out_type: GGMLType) -> NEHeader:
@@ -200,32 +221,31 @@ def ne_header(src: Source, out_type: GGMLType) -> NEHeader:
 def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NETensor, np.ndarray | Extent]]:
     """Each NE tensor in file order with its data: an Extent when the source bytes are
     the NE bytes (f32 to f32, untransformed), else its f32 values in NE layout (which
-    may live in a buffer the next tensor reuses: consume before advancing): read as it
-    is, reworked or cut by the HF hook (one read serves every part of a fused tensor,
-    asked for in a row), or generated from the config (no source tensor)."""
+    may live in a buffer the next tensor reuses: consume before advancing): its rows of
+    the source tensor read (only those: one expert of a merged tensor at a time),
+    reworked by the HF hook, or generated from the config (no source tensor)."""
     extent_of = getattr(src.tensors, "f32_extent", None)
     generated = src.generated()
-    cut: dict[str, np.ndarray] = {}
-    cut_from: str | None = None
     for t in tensors:
-        if t.source_name is None:
+        name, row0, rows = t.source.source, t.source.row0, t.source.rows
+        if name is None:
             yield t, generated[t.name]
             continue
         copyable = t.ggml_type == GGMLType.F32 and not src.transforms(t.name)
-        extent = extent_of(t.source_name) if copyable and extent_of is not None else None
+        extent = extent_of(name, row0, rows) if copyable and extent_of is not None else None
         if extent is not None:
             yield t, Extent(*extent)
             continue
-        if not src.transforms(t.name):
-            data = src.tensors.read(t.source_name)
-        else:
-            if cut_from != t.source_name or t.name not in cut:
-                cut.clear()
-                cut.update(src.arch.hf_tensors(t.source_name, src.tensors.read(t.source_name), src.hp))
-                cut_from = t.source_name
-            data = cut.pop(t.name)
+        whole = row0 == 0 and rows == _n_rows(src.tensors.shape(name))
+        data = (src.tensors.read(name) if whole else src.tensors.read_rows(name, row0, rows)).reshape(t.shape)
+        if src.transforms(t.name):
+            data = src.arch.hf_tensor(t.name, data, src.hp)
         yield t, data
         del data
+
+
+def _n_rows(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[:-1]) if len(shape) > 1 else 1
 
 
 def _write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> None:

@@ -72,20 +72,33 @@ class GGUFFile:
         return tuple(int(d) for d in reversed(self._tensors[name].shape))
 
     def read(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        return self._dequantize(name, t.data, int(t.data_offset)).reshape(self.shape(name))
+
+    def read_rows(self, name: str, row0: int, rows: int) -> np.ndarray:
+        """Rows [row0, row0 + rows) of the tensor seen as (rows, ne[0]): one expert of a
+        merged ffn_*_exps tensor is dequantized (and its pages touched) alone."""
+        t = self._tensors[name]
+        data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
+        part = data[row0:row0 + rows]
+        offset = int(t.data_offset) + row0 * part.strides[0]
+        return self._dequantize(name, part, offset).reshape(rows, self.shape(name)[-1])
+
+    def _dequantize(self, name: str, data: Any, offset: int) -> np.ndarray:
         import gguf
 
         t = self._tensors[name]
         try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            values = gguf.quants.dequantize(data, t.tensor_type)
         except NotImplementedError as e:
             raise NetpError(self.path, f"tensor {name} has type {t.tensor_type.name}, which gguf-py cannot "
                                        "dequantize") from e
         except Exception as e:
             raise NetpError(self.path, f"tensor {name}: cannot dequantize ({type(e).__name__}: {e})") from e
-        out = np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape(name))
+        out = np.ascontiguousarray(values, dtype=np.float32)
         if np.may_share_memory(out, self._reader.data):
             out = out.copy()  # f32 tensors come back as views of the map: copy before dropping its pages
-        self._drop_pages(int(t.data_offset), int(t.n_bytes))
+        self._drop_pages(offset, int(data.nbytes))
         return out
 
     def _drop_pages(self, offset: int, nbytes: int) -> None:

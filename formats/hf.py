@@ -58,6 +58,12 @@ class Checkpoint(Protocol):
         buffer the next read reuses: use it (write it) before reading another."""
         ...
 
+    def read_rows(self, name: str, row0: int, rows: int) -> np.ndarray:
+        """Rows [row0, row0 + rows) of the tensor seen as (rows, last axis), as float32
+        (one expert of a merged 3-D tensor, one part of a fused one): only those bytes
+        are read. The same buffer rule as read."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -115,11 +121,17 @@ class SafetensorsFile:
         self._data_start = 8 + n
         return json.loads(os.pread(self._fd, n, 8))
 
-    def read_into(self, name: str, buffer: _Buffer) -> np.ndarray:
+    def read_into(self, name: str, buffer: _Buffer, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor (or rows [a, b) of it seen as (rows, last axis)) as f32 in `buffer`."""
         dtype_name, shape, begin, end = self.tensors[name]
         raw_dtype = _SAFETENSORS_DTYPES.get(dtype_name)
         if raw_dtype is None:
             raise NetpError(self.path, f"tensor {name} has dtype {dtype_name}; netp converts F32, F16, BF16 and F64")
+        if rows is not None:
+            row_len = shape[-1] if shape else 1
+            begin += rows[0] * row_len * raw_dtype.itemsize
+            end = begin + (rows[1] - rows[0]) * row_len * raw_dtype.itemsize
+            shape = (rows[1] - rows[0], row_len)
         count = (end - begin) // raw_dtype.itemsize
         out = buffer.get(count)
         if raw_dtype == np.float32:
@@ -136,10 +148,16 @@ class SafetensorsFile:
                     np.copyto(out[start:start + part.size], part, casting="unsafe")
         return out.reshape(shape)
 
-    def f32_extent(self, name: str) -> tuple[int, int, int] | None:
-        """(fd, offset, nbytes) of a tensor stored as little-endian f32, else None."""
-        dtype_name, _, begin, end = self.tensors[name]
-        return (self._fd, begin, end - begin) if dtype_name == "F32" else None
+    def f32_extent(self, name: str, row0: int = 0, rows: int | None = None) -> tuple[int, int, int] | None:
+        """(fd, offset, nbytes) of a tensor (or of its rows [row0, row0 + rows)) stored as
+        little-endian f32, else None."""
+        dtype_name, shape, begin, end = self.tensors[name]
+        if dtype_name != "F32":
+            return None
+        if rows is None:
+            return self._fd, begin, end - begin
+        row_bytes = (shape[-1] if shape else 1) * 4
+        return self._fd, begin + row0 * row_bytes, rows * row_bytes
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -178,9 +196,12 @@ class SafetensorsCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read_into(name, self._buffer)
 
-    def f32_extent(self, name: str) -> tuple[int, int, int] | None:
-        """Where a tensor's bytes already are NE f32 data, for an in-kernel copy."""
-        return self._where[name].f32_extent(name)
+    def read_rows(self, name: str, row0: int, rows: int) -> np.ndarray:
+        return self._where[name].read_into(name, self._buffer, (row0, row0 + rows))
+
+    def f32_extent(self, name: str, row0: int = 0, rows: int | None = None) -> tuple[int, int, int] | None:
+        """Where a tensor's (or its rows') bytes already are NE f32 data, for an in-kernel copy."""
+        return self._where[name].f32_extent(name, row0, rows)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -224,7 +245,13 @@ class TorchBinCheckpoint:
         return tuple(self._tensors[name].shape)
 
     def read(self, name: str) -> np.ndarray:
+        return self._f32(name, self._tensors[name])
+
+    def read_rows(self, name: str, row0: int, rows: int) -> np.ndarray:
         t = self._tensors[name]
+        return self._f32(name, t.reshape(-1, t.shape[-1])[row0:row0 + rows])
+
+    def _f32(self, name: str, t: Any) -> np.ndarray:
         torch = self._torch
         if t.dtype == torch.bfloat16:
             return bf16_bits_to_f32(t.contiguous().view(torch.int16).numpy().view(np.uint16))

@@ -19,7 +19,8 @@ _HF_EXTRA_COUNTS = ("num_key_value_heads", "head_dim", "n_inner", "rotary_dim", 
                     "n_positions")
 # GGUF metadata read as numbers (llama.cpp's key names, after "<arch>.").
 _GGUF_COUNTS = ("block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
-                "attention.head_count", "attention.head_count_kv", "rope.dimension_count")
+                "attention.head_count", "attention.head_count_kv", "rope.dimension_count", "expert_count",
+                "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length")
 _GGUF_REALS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base",
                "rope.scaling.factor")
 _GGUF_TOKEN_IDS = ("bos_token_id", "eos_token_id", "padding_token_id")
@@ -108,6 +109,33 @@ def check_hparams(hp: HParams, path: str, n_tensors: int | None = None, source: 
             raise NetpError(path, f"{name} is {getattr(hp, name)}; it must be -1 (none) or a token id")
     if n_tensors is not None and hp.n_layer > n_tensors:
         raise NetpError(path, f"{source} says {hp.n_layer} layers, more than its {n_tensors} tensors can hold")
+    if hp.n_expert or hp.n_expert_used:
+        _check_experts(hp, path, source)
+
+
+MAX_EXPERTS = 1024  # experts per layer netp takes (the largest models today have 512)
+MAX_EXPERT_TENSORS = 1 << 18  # experts over all layers (Qwen3-235B-A22B: 94 x 128 = 12032)
+
+
+def _check_experts(hp: HParams, path: str, source: str) -> None:
+    """An MoE model's counts, before a tensor list is built from them: merged expert
+    tensors hold any number of experts in one tensor, so the tensor count bounds
+    the layers but not the experts."""
+    if not 1 <= hp.n_expert <= MAX_EXPERTS:
+        raise NetpError(path, f"{source} says {hp.n_expert} experts; netp takes 1 .. {MAX_EXPERTS}")
+    if not 1 <= hp.n_expert_used <= hp.n_expert:
+        raise NetpError(path, f"{source} says {hp.n_expert_used} experts per token out of {hp.n_expert}")
+    for name in ("n_ff_expert", "moe_step"):
+        if not 1 <= getattr(hp, name) <= _INT32_MAX:
+            raise NetpError(path, f"{name} is {getattr(hp, name)}; it must be 1 .. {_INT32_MAX}")
+    if not 0 <= hp.n_ff_shared <= _INT32_MAX:
+        raise NetpError(path, f"n_ff_shared is {hp.n_ff_shared}; it must be 0 .. {_INT32_MAX}")
+    moe_layers = sum(hp.is_moe_layer(i) for i in range(min(hp.n_layer, _INT32_MAX)))
+    if not moe_layers:
+        raise NetpError(path, f"{source} gives no layer experts (every layer a dense MLP): not a mixture of experts")
+    if moe_layers * hp.n_expert > MAX_EXPERT_TENSORS:
+        raise NetpError(path, f"{source} says {moe_layers} MoE layers of {hp.n_expert} experts; netp takes up to "
+                              f"{MAX_EXPERT_TENSORS} experts in all")
 
 
 def refuse(path: str, what: str) -> NetpError:

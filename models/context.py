@@ -110,3 +110,8 @@ class ForwardTrace:
 
     states: list[np.ndarray] = field(default_factory=list)
     experts: list[np.ndarray | None] = field(default_factory=list)
+
+    @property
+    def routed(self) -> list[np.ndarray] | None:
+        """The MoE layers' expert ids, in layer order; None for a dense model."""
+        return [ids for ids in self.experts if ids is not None] or None

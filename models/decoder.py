@@ -17,11 +17,11 @@ import numpy as np
 
 from netp.models.architecture import Architecture
 from netp.models.checks import refuse
-from netp.models.context import ForwardTrace, RankContext
+from netp.models.context import ForwardTrace, RankContext, Tensors
 from netp.models.gguf_meta import GGUFMeta
 from netp.models.hparams import HParams, token_id
 from netp.models.rope import rope_from_hf, rope_scaling_from_hf
-from netp.models.layers import add_rms_norm, linear, rms_norm, rotate_halves, rotate_pairs, self_attention, silu_mul
+from netp.models.layers import add_rms_norm, rms_norm, linear, rotate_halves, rotate_pairs, self_attention, swiglu
 
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -104,11 +104,12 @@ class Decoder(Architecture):
         }
 
     def hparams_from_ne(self, header: Any, shapes: Mapping[str, tuple[int, ...]]) -> HParams:
-        ffn = next(s.name(0) for s in self.tensors if s.ne.endswith(("w1.weight", "gate_proj.weight")))
+        n_ff = header.ffn_hidden_size or shapes[
+            next(s.name(0) for s in self.tensors if s.ne.endswith(("w1.weight", "gate_proj.weight")))][0]
         return HParams(
             arch=self.name, n_vocab=header.n_vocab, n_embd=header.n_embd, n_head=header.n_head,
             n_head_kv=header.n_head_kv or header.n_head, n_layer=header.n_layer,
-            n_ff=header.ffn_hidden_size or shapes[ffn][0], n_rot=header.n_rot,
+            n_ff=n_ff, n_rot=header.n_rot,
             norm_eps=header.norm_eps, rope_theta=header.freq_base, bos_token_id=header.bos_token_id,
             eos_token_id=header.eos_token_id, pad_token_id=header.pad_token_id, max_seq_len=header.max_seq_len,
             n_embd_head=header.n_embd_head_k, freq_scale=header.freq_scale,
@@ -135,6 +136,13 @@ class Decoder(Architecture):
         return out
 
     # -- runtime -------------------------------------------------------------------
+    def feed_forward(self, m: RankContext, layer: int, h: np.ndarray, w: Tensors,
+                     trace: ForwardTrace | None) -> np.ndarray:
+        """This rank's partial sum of layer `layer`'s MLP on the normed h (T, n_embd),
+        for the all-reduce: the SiLU-gated MLP on this rank's slice of its width.
+        A mixture of experts overrides it (models/moe.py)."""
+        return swiglu(h, w["w13"], w["w2"])
+
     def forward(self, m: RankContext, tokens: np.ndarray, start: int, all_logits: bool = False,
                 trace: ForwardTrace | None = None) -> np.ndarray:
         hp, allreduce, rotate = m.hp, m.comm.allreduce, type(self).rotate
@@ -148,11 +156,10 @@ class Decoder(Architecture):
             if w.get("bqkv") is not None:
                 qkv += w["bqkv"]
             attn = self_attention(m, i, qkv, start, rotate, w.get("q_norm"), w.get("k_norm"))  # (T, nq hd)
-            # wo and w2 are cut by columns: partial sums over ranks. Each residual step is fused
-            # with the norm after it (x changes in place).
+            # wo and the MLP's down are cut by columns: partial sums over ranks. Each residual step
+            # is fused with the norm after it (x changes in place).
             h = add_rms_norm(x, allreduce(linear(attn, w["wo"])), w["ffn_norm"], hp.norm_eps)
-            gate_up = linear(h, w["w13"])  # (T, 2 f): this rank's slice of the MLP width
-            delta = allreduce(linear(silu_mul(gate_up), w["w2"]))
+            delta = allreduce(self.feed_forward(m, i, h, w, trace))  # one all-reduce, dense or MoE
             if i + 1 < hp.n_layer:
                 h = add_rms_norm(x, delta, m.weights.layer(i + 1)["attention_norm"], hp.norm_eps)
             else:

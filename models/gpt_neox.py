@@ -128,7 +128,7 @@ class GPTNeoX(Architecture):
     embedding_name = "gpt_neox.embed_in.weight"
     output_name = "embed_out.weight"
 
-    def runtime_tensors(self, layer: int | None) -> dict[str, tuple[str, ...]]:
+    def runtime_tensors(self, layer: int | None, hp: HParams) -> dict[str, tuple[str, ...]]:
         if layer is None:
             return {"ln_f": ("gpt_neox.final_layer_norm.weight",), "ln_f_bias": ("gpt_neox.final_layer_norm.bias",),
                     "output": ("embed_out.weight",)}

@@ -93,7 +93,7 @@ class GPTJ(Architecture):
     embedding_name = "transformer.wte.weight"
     output_name = "lm_head.weight"
 
-    def runtime_tensors(self, layer: int | None) -> dict[str, tuple[str, ...]]:
+    def runtime_tensors(self, layer: int | None, hp: HParams) -> dict[str, tuple[str, ...]]:
         if layer is None:
             return {"ln_f": ("transformer.ln_f.weight",), "ln_f_bias": ("transformer.ln_f.bias",),
                     "output": ("lm_head.weight",), "output_bias": ("lm_head.bias",)}

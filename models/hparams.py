@@ -30,6 +30,14 @@ class HParams:
     rope_freqs: bool = False  # the file carries rope_freqs.weight (Llama 3 per-pair frequency divisors)
     rope_freq_factors: tuple[float, ...] = ()  # its values, when computed from config.json
     sliding_window: int = 0  # a position attends to the last sliding_window keys, itself included; 0: all
+    # Mixtures of experts (docs/design.md §2 "Mixtures of experts"); n_expert 0: a dense model.
+    n_expert: int = 0  # experts per MoE layer
+    n_expert_used: int = 0  # experts each token is routed to (top-k)
+    n_ff_expert: int = 0  # one expert's MLP width
+    n_ff_shared: int = 0  # the shared expert's MLP width (Qwen2-MoE); 0: none
+    norm_topk_prob: bool = False  # the k chosen probabilities renormalised to sum 1
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP of width n_ff (mlp_only_layers)
+    moe_step: int = 1  # Qwen's decoder_sparse_step: only layers i with (i + 1) % moe_step == 0 route
 
     @property
     def head_dim(self) -> int:
@@ -43,6 +51,10 @@ class HParams:
     @property
     def n_embd_kv(self) -> int:
         return self.n_head_kv * self.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` routes each token to experts (else its MLP is dense)."""
+        return self.n_expert > 0 and layer not in self.dense_layers and (layer + 1) % self.moe_step == 0
 
 
 

@@ -95,6 +95,14 @@ def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     return out
 
 
+def swiglu(x: np.ndarray, w13: np.ndarray | Matrix, w2: np.ndarray | Matrix) -> np.ndarray:
+    """LLaMA's SiLU-gated MLP, down(silu(gate x) * up x), on this rank's slice of its
+    width: w13 holds the gate rows then the up rows (one product), w2 the matching
+    columns of down, so the result is this rank's partial sum (f64 from block
+    kernels, for the all-reduce to round once). x (T, in) -> (T, out)."""
+    return linear(silu_mul(linear(x, w13)), w2)
+
+
 # erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (+-1 beyond, in f32): Eigen's rational
 # approximation of float erf, within 5e-7 of the true erf over the reals.
 _ERF_P = tuple(np.float32(c) for c in (

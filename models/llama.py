@@ -9,7 +9,7 @@ forward rotates adjacent pairs. GGUF files are already permuted.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -93,21 +93,20 @@ class Llama(Decoder):
 
     def transforms_hf(self, ne_name: str) -> bool:
         # llama.cpp's rotary row permutation of wq/wk (GGUF input already has it)
-        return ne_name.endswith(("attention.wq.weight", "attention.wk.weight")) or super().transforms_hf(ne_name)
+        return ne_name.endswith(("attention.wq.weight", "attention.wk.weight"))
 
-    def hf_tensors(self, hf_name: str, data: np.ndarray, hp: HParams) -> Iterator[tuple[str, np.ndarray]]:
-        for ne, part in super().hf_tensors(hf_name, data, hp):
-            if ne.endswith("attention.wq.weight"):
-                part = permute_rotary(part, hp.n_head)
-            elif ne.endswith("attention.wk.weight"):
-                part = permute_rotary(part, hp.n_head_kv)
-            yield ne, part
+    def hf_tensor(self, ne_name: str, data: np.ndarray, hp: HParams) -> np.ndarray:
+        if ne_name.endswith("attention.wq.weight"):
+            return permute_rotary(data, hp.n_head)
+        if ne_name.endswith("attention.wk.weight"):
+            return permute_rotary(data, hp.n_head_kv)
+        return data
 
     # -- runtime: the rank-local numpy forward is Decoder.forward -----------------
     embedding_name = "tok_embeddings.weight"
     output_name = "output.weight"
 
-    def runtime_tensors(self, layer: int | None) -> dict[str, tuple[str, ...]]:
+    def runtime_tensors(self, layer: int | None, hp: HParams) -> dict[str, tuple[str, ...]]:
         if layer is None:
             return {"norm": ("norm.weight",), "output": ("output.weight",)}
         p = f"layers.{layer}."

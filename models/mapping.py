@@ -7,7 +7,8 @@ Rules (docs/design.md §4), one for every world size N:
 - each rank holds every KV head its query heads use, so a KV head whose
   group straddles two ranks is held by both (ranges overlap);
 - MLP width and vocab are cut in whole 32-value blocks, as evenly as
-  possible, so f32 and quantized shard sets of one model cut alike.
+  possible, so f32 and quantized shard sets of one model cut alike; every
+  expert (and a shared expert) is cut like a dense MLP of its own width.
 """
 from __future__ import annotations
 
@@ -63,8 +64,15 @@ class Mapping:
             raise SplitError(f"rank {rank} outside world size {world_size}")
         self.world_size, self.rank, self.hp, self.arch = world_size, rank, hp, arch
         self._q = even_ranges(hp.n_head, world_size)
-        self._ffn = block_ranges(hp.n_ff, world_size, "MLP width")
         self._vocab = block_ranges(hp.n_vocab, world_size, "vocab")
+        # Every MLP width the model has (dense, one expert's, the shared expert's), cut alike;
+        # one that cannot be cut is refused here, by name.
+        self._ffn: dict[int, list[tuple[int, int]]] = {}
+        dense = not hp.n_expert or any(not hp.is_moe_layer(i) for i in range(hp.n_layer))
+        for w, what in ((hp.n_ff_expert, "expert MLP width"), (hp.n_ff_shared, "shared expert MLP width"),
+                        (hp.n_ff if dense else 0, "MLP width")):
+            if w and w not in self._ffn:
+                self._ffn[w] = block_ranges(w, world_size, what)
 
     # -- heads -----------------------------------------------------------------
     def q_heads(self, rank: int | None = None) -> tuple[int, int]:
@@ -76,14 +84,19 @@ class Mapping:
         group = self.hp.n_head // self.hp.n_head_kv
         return h0 // group, (h1 - 1) // group + 1
 
-    def ffn(self, rank: int | None = None) -> tuple[int, int]:
-        return self._ffn[self.rank if rank is None else rank]
+    def ffn(self, rank: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The rank's range of an MLP width (default: the dense MLP's, hp.n_ff)."""
+        width = self.hp.n_ff if width is None else width
+        if width not in self._ffn:
+            self._ffn[width] = block_ranges(width, self.world_size, "MLP width")
+        return self._ffn[width][self.rank if rank is None else rank]
 
     def vocab(self, rank: int | None = None) -> tuple[int, int]:
         return self._vocab[self.rank if rank is None else rank]
 
-    def unit_range(self, unit: str, rank: int | None = None) -> tuple[int, int]:
-        """Element range along the split axis for a split unit."""
+    def unit_range(self, unit: str, rank: int | None = None, extent: int | None = None) -> tuple[int, int]:
+        """Element range along the split axis for a split unit; `extent`: the axis's
+        length, which says which MLP an "ffn" cut is of (dense, expert, shared expert)."""
         hd = self.hp.head_dim
         if unit == "q_heads":
             a, b = self.q_heads(rank)
@@ -95,7 +108,7 @@ class Mapping:
             a, b = self.q_heads(rank)
             return 3 * a * hd, 3 * b * hd
         if unit == "ffn":
-            return self.ffn(rank)
+            return self.ffn(rank, extent)
         if unit == "vocab":
             return self.vocab(rank)
         raise KeyError(f"unknown split unit {unit!r}")
@@ -112,7 +125,7 @@ class Mapping:
         assert rule.axis is not None and rule.unit is not None  # a rows/cols rule (SplitRule checks)
         # A 1-D tensor split "by rows" (a bias) is cut along its only axis.
         axis = min(rule.axis, len(shape) - 1)
-        start, stop = self.unit_range(rule.unit, rank)
+        start, stop = self.unit_range(rule.unit, rank, shape[axis])
         if stop > shape[axis]:
             raise SplitError(f"{ne_name}: range {start}:{stop} exceeds axis {axis} of shape {shape}")
         return TensorSlice(rule, axis, start, stop)

@@ -95,7 +95,7 @@ class Qwen2(Decoder):
     embedding_name = "model.embed_tokens.weight"
     output_name = "lm_head.weight"
 
-    def runtime_tensors(self, layer: int | None) -> dict[str, tuple[str, ...]]:
+    def runtime_tensors(self, layer: int | None, hp: HParams) -> dict[str, tuple[str, ...]]:
         if layer is None:
             return {"norm": ("model.norm.weight",), "output": ("lm_head.weight",)}
         p = f"model.layers.{layer}."

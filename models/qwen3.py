@@ -5,7 +5,7 @@ the file follows its qwen2 naming, and convert warns that only netp's
 runtime computes the q/k norms."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from netp.models.checks import refuse
 from netp.models.hparams import HParams
@@ -18,7 +18,7 @@ class Qwen3(Qwen2):
     name = "qwen3"
     hf_model_types = ("qwen3",)
     gguf_architectures = ("qwen3",)
-    ns_model_names = ("qwen3",)
+    ns_model_names: ClassVar[tuple[str, ...]] = ("qwen3",)
     # Qwen3Config's defaults (tests hold these against transformers).
     hf_defaults = {**Qwen2.hf_defaults, "head_dim": 128, "attention_bias": False}
     tensors = qwen_tensors(biases=False, qk_norms=True)

@@ -163,7 +163,8 @@ def run_pipeline(model: str, outdir: str | os.PathLike, outtype: str, world_size
         types = {t.name: t.ggml_type for t in tensors}
         if quantizing:
             overrides = rules.type_overrides(src.arch, output_type and type_from_name(output_type),
-                                             embedding_type and type_from_name(embedding_type))
+                                             embedding_type and type_from_name(embedding_type),
+                                             [t.name for t in tensors])
             types = rules.tensor_types({t.name: (t.shape, t.ggml_type) for t in tensors}, chosen, overrides)
             header = dataclasses.replace(header, ftype=rules.header_ftype(chosen))
         rows = _ConvertedRows(src, tensors, types, quantizing, nthread)

@@ -82,7 +82,8 @@ def quantize_command(ctx: click.Context, src: str, dst: str, type_arg: str | Non
 
     \b
     Every 2-D weight matrix whose rows fill 32-value blocks is quantized
-    (token embedding and output head included); norms and biases stay f32.
+    (token embedding and output head included); norms, biases and MoE
+    routers stay f32.
     Bytes are identical to gguf-py's gguf.quants (ggml's reference). The
     tokenizer folder IN-stem.tokenizer/ is copied to OUT-stem.tokenizer/.
 

@@ -148,7 +148,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGM
         _refuse_quantized(reader)
         arch = _check_arch(reader, model_name)
         plan = rules.tensor_types({name: (info.shape, info.ggml_type) for name, info in reader.tensors.items()},
-                                  ggml_type, rules.type_overrides(arch, output_type, embedding_type))
+                                  ggml_type, rules.type_overrides(arch, output_type, embedding_type, reader.tensors))
         header = dataclasses.replace(reader.header, ftype=rules.header_ftype(ggml_type))
         total = sum(info.nbytes for info in reader.tensors.values())
         with NEWriter(dst, header, reader.vocab) as writer:

@@ -26,13 +26,18 @@ f32, f16, q8_0, q4_1 or q4_0. For a tied model the NE file holds the shared
 matrix as the embedding and its copy as the output head, one flag each.
 A block type that the rows cannot fill falls back as above.
 
+An MoE router (`ffn_gate_inp`, `mlp.gate`) stays f32, as llama-quantize
+keeps it: it is small (experts x hidden per layer) and decides which
+experts run, where a 4-bit step flips a choice (the architecture's table
+marks it: TensorSpec.blocks).
+
 The header's ftype is the chosen type (neural-speed's loader reads it as the
 type of the bulk of the weights); every tensor's own type field says what it
 really holds.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from netp.formats.constants import BLOCK_SIZE, FTYPE_OF_TYPE, QUANTIZED_TYPES, GGMLType
 from netp.typenames import OVERRIDE_TYPE_NAMES
@@ -59,11 +64,13 @@ def header_ftype(chosen: GGMLType) -> int:
     return FTYPE_OF_TYPE[chosen]
 
 
-def type_overrides(arch: Architecture, output_type: GGMLType | None,
-                   embedding_type: GGMLType | None) -> dict[str, GGMLType]:
-    """NE tensor name -> the type --output_type / --embedding_type ask for it."""
+def type_overrides(arch: Architecture, output_type: GGMLType | None, embedding_type: GGMLType | None,
+                   names: Iterable[str] = ()) -> dict[str, GGMLType]:
+    """NE tensor name -> the type --output_type / --embedding_type ask for it, and f32 for
+    the matrices of `names` the architecture keeps out of blocks (MoE routers)."""
     wanted = {arch.output_name: output_type, arch.embedding_name: embedding_type}
-    return {name: GGMLType(t) for name, t in wanted.items() if t is not None}
+    kept = {name: GGMLType.F32 for name in names if not arch.blocks(name)}
+    return kept | {name: GGMLType(t) for name, t in wanted.items() if t is not None}
 
 
 def tensor_types(tensors: Mapping[str, tuple[Sequence[int], GGMLType]], chosen: GGMLType,

@@ -132,6 +132,9 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
                    "divergence, nats per position.")
 @click.option("--min-top1", "min_top1", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="A lossy step: smallest share of positions with the same most likely token.")
+@click.option("--min-routing", "min_routing", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="A mixture of experts, the same weights in f32: smallest share of (token, MoE layer) pairs "
+                   "routed to the reference's experts (reported, not held, for a lossy step).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Write every comparison's figures, limits and verdict as JSON (schema: docs/design.md §5).")
 @click.option("--junit", "junit_path", type=click.Path(path_type=Path), default=None,
@@ -142,7 +145,7 @@ def run_command(model: Path, prompt: str | None, ids: str | None, n_predict: int
 @timeout_option
 @common_options
 def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | None, prompt: str, n_tokens: int,
-                   max_dlogit: float, max_kl: float, min_top1: float, json_path: Path | None,
+                   max_dlogit: float, max_kl: float, min_top1: float, min_routing: float, json_path: Path | None,
                    junit_path: Path | None, threads: int | None, no_mmap: bool, exact: bool, timeout: float,
                    quiet: bool, debug: bool) -> None:
     """Prove a shard set right: logits under N ranks against the unsharded
@@ -153,7 +156,7 @@ def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | N
     `mpiexec -n N` it uses the real ranks. Teacher-forced along the
     target's own greedy tokens; the references (--ref, --f32, --hf) run on
     rank 0 one layer at a time. Each comparison is held to its limits
-    (--max-dlogit, --max-kl, --min-top1); a failure names the first layer
+    (--max-dlogit, --max-kl, --min-top1, --min-routing); a failure names the first layer
     whose hidden state diverged. Exit status: 0 every comparison passed,
     1 one failed, 2 a bad input or usage.
     \b
@@ -166,7 +169,8 @@ def verify_command(shards: Path, ref: Path | None, f32: Path | None, hf: str | N
     from netp.runtime.verify import VerifyOptions, verify as run_verify
 
     opts = VerifyOptions(target=shards, ref=ref, f32=f32, hf=hf, prompt=prompt, n_tokens=n_tokens,
-                         max_dlogit=max_dlogit, max_kl=max_kl, min_top1=min_top1, json=json_path,
+                         max_dlogit=max_dlogit, max_kl=max_kl, min_top1=min_top1, min_routing=min_routing,
+                         json=json_path,
                          junit=junit_path, threads=n_threads, use_mmap=not no_mmap, exact=exact, timeout=timeout)
     raise SystemExit(_checking(prog, debug, run_verify, opts, prog, debug))
 

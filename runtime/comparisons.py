@@ -22,11 +22,13 @@ from netp.errors import NetpError
 
 @dataclass
 class Pass:
-    """One model's teacher-forced run: logits (T, V) and hidden states (n_layer + 1) x (T, n_embd)."""
+    """One model's teacher-forced run: logits (T, V), hidden states (n_layer + 1) x (T, n_embd) and,
+    for a mixture of experts, the experts each MoE layer routed each token to, (T, k) per MoE layer."""
 
     name: str
     logits: np.ndarray
     states: list[np.ndarray] | None = None
+    experts: list[np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,25 @@ def compare_kl(id: str, title: str, ref: Pass, other: Pass, tokens: Sequence[int
                       rows, ("token", "kl", "top1") if table else ())
 
 
+def compare_routing(id: str, title: str, ref: Pass, other: Pass, tokens: Sequence[int], min_share: float | None,
+                    tokenizer: Any) -> Comparison | None:
+    """A mixture of experts: the share of (token, MoE layer) pairs where `other` chose the same experts
+    as `ref` (as sets: the order among a token's k does not change the sum), held to min_share
+    (None: reported only). None when either side has no routing (a dense model)."""
+    if not ref.experts or not other.experts:
+        return None
+    if len(ref.experts) != len(other.experts):
+        raise NetpError(None, f"{title}: {len(other.experts)} MoE layers vs {len(ref.experts)}")
+    alike = np.stack([(np.sort(a, axis=1) == np.sort(b, axis=1)).all(axis=1)
+                      for a, b in zip(ref.experts, other.experts)], axis=1)  # (T, MoE layers)
+    rows = [{"position": pos, "token_id": int(tokens[pos]), "token": _token_text(tokenizer, tokens[pos]),
+             "layers_alike": int(alike[pos].sum())} for pos in range(alike.shape[0])]
+    figures = {"routing": float(alike.mean()), "pairs_alike": int(alike.sum()), "pairs": int(alike.size),
+               "moe_layers": alike.shape[1]}
+    return Comparison(id, title, "routing", figures, [] if min_share is None else [Limit("routing", ">=", min_share)],
+                      rows)
+
+
 # -- the printed table ------------------------------------------------------------------------
 
 # row key -> (header, width: > 0 right-aligned, < 0 left-aligned, 0 as it comes; cell format)
@@ -213,6 +234,10 @@ def summary_line(c: Comparison) -> str:
         return (f"mean KL divergence {f['mean_kl']:.6f}, max {f['max_kl']:.6f}; top-1 agreement "
                 f"{f['top1'] * 100:.1f}% over {f['positions']} positions; max |dlogit| {f['max_dlogit']:.3e} "
                 f"[{limits}]: {verdict}")
+    if c.kind == "routing":
+        return (f"the same experts at {f['pairs_alike']}/{f['pairs']} (token, MoE layer) pairs "
+                f"({f['routing'] * 100:.1f}%) over {f['moe_layers']} MoE layers "
+                f"[{limits or 'reported, not held'}]: {verdict}")
     figures = ", ".join(f"{k} {_fmt(v)}" for k, v in f.items())
     return f"{figures} [{limits}]: {verdict}"
 

@@ -154,7 +154,7 @@ def _streamed_model(folder: Path, files: dict[str, Path]) -> Any | None:
 
 
 def transformers_pass(hf: str, tokens: Sequence[int], threads: int) -> Pass:
-    """transformers' logits and hidden states of `tokens` in float32 (hf: a folder, a cached hub id,
+    """transformers' logits, hidden states (and a mixture of experts' routing) of `tokens` in float32 (hf: a folder, a cached hub id,
     or a .gguf file); a safetensors checkpoint's decoder layers streamed one at a time."""
     try:
         import torch
@@ -182,7 +182,12 @@ def transformers_pass(hf: str, tokens: Sequence[int], threads: int) -> Pass:
         raise
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         raise NetpError(hf, f"transformers cannot load it: {type(e).__name__}: {e}") from e
+    k = getattr(model.config, "num_experts_per_tok", None)  # a mixture of experts: its routing too
     with torch.no_grad():
-        out = model(torch.tensor([list(tokens)]), output_hidden_states=True)
+        out = model(torch.tensor([list(tokens)]), output_hidden_states=True,
+                    **({"output_router_logits": True} if k else {}))
     states = [h[0].float().numpy() for h in out.hidden_states]
-    return Pass(f"transformers ({p.name})", out.logits[0].float().numpy(), states)
+    # transformers' routing: torch.topk over the softmax of each MoE layer's router logits (T, E)
+    experts = [torch.topk(torch.softmax(r.float(), dim=-1), k, dim=-1).indices.numpy()
+               for r in out.router_logits] if k else None
+    return Pass(f"transformers ({p.name})", out.logits[0].float().numpy(), states, experts or None)

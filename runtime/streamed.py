@@ -90,14 +90,14 @@ class StreamedWeights(RankWeights):
         if self._layer is None or self._layer[0] != i:
             self._drop_layer()  # drop layer i - 1 before reading layer i
             self._head = None
-            self._layer = (i, self._held(self._assemble(self.source.arch.runtime_tensors(i))))
+            self._layer = (i, self._held(self._assemble(self.source.arch.runtime_tensors(i, self.source.hp))))
         return self._layer[1]
 
     @property
     def globals(self) -> dict[str, Any]:
         if self._head is None:
             self._drop_layer()
-            self._head = self._held(self._assemble(self.source.arch.runtime_tensors(None)))
+            self._head = self._held(self._assemble(self.source.arch.runtime_tensors(None, self.source.hp)))
         return self._head
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
@@ -118,7 +118,8 @@ class StreamedWeights(RankWeights):
 
 def streamed_pass(path: Path | NEFile, tokens: Sequence[int], nthread: int = 1, exact: bool = False,
                   name: str | None = None) -> Pass:
-    """Logits (T, V) and hidden states of NE file `path` (or one opened once: runtime.sources.NEFile)
+    """Logits (T, V), hidden states and routed experts of NE file `path` (or one opened once:
+    runtime.sources.NEFile)
     over `tokens` as one causal batch at 1 rank, its weights streamed layer by layer."""
     source = open_source(path if isinstance(path, NEFile) else Path(path), 0, 1)
     try:
@@ -128,6 +129,7 @@ def streamed_pass(path: Path | NEFile, tokens: Sequence[int], nthread: int = 1, 
         logits = model.forward(np.asarray(tokens), 0, all_logits=True, trace=trace)
         assert logits is not None  # one rank: rank 0
         source.confirm()  # a shard set's rank file: its sha256, computed meanwhile
-        return Pass(name or (path.path if isinstance(path, NEFile) else Path(path)).name, logits, trace.states)
+        return Pass(name or (path.path if isinstance(path, NEFile) else Path(path)).name, logits, trace.states,
+                    trace.routed)
     finally:
         source.close()

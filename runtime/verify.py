@@ -14,7 +14,11 @@ run it as one batch (docs/design.md §5). Comparisons, each a record
 3. `quantized-vs-f32`: a quantized reference vs the f32 file: mean KL
    divergence <= --max-kl, top-1 agreement >= --min-top1 (llama.cpp's
    --kl-divergence figures);
-4. `kernel-modes`: a quantized reference under --exact (f32 activations)
+4. `routing` (mixtures of experts), beside `target`, `f32-vs-transformers` and
+   `quantized-vs-f32`: the share of (token, MoE layer) pairs routed to the
+   reference's experts, >= --min-routing where both sides compute in f32,
+   reported for a lossy step;
+5. `kernel-modes`: a quantized reference under --exact (f32 activations)
    vs the default block kernels (q8_0 activations, as ggml): the same limits.
 Exit status 0 all passed, 1 one failed (its reason naming the first layer
 whose hidden state differs by more than --max-dlogit of its own scale),
@@ -45,7 +49,7 @@ from netp.formats.shardset import ShardSet
 from netp.models import architecture_names
 from netp.models.context import ForwardTrace
 from netp.runtime.comm import DEFAULT_TIMEOUT, Comm, SoloComm, mpi_world, run_world
-from netp.runtime.comparisons import Comparison, Pass, compare_kl, compare_logits, text_lines
+from netp.runtime.comparisons import Comparison, Pass, compare_kl, compare_logits, compare_routing, text_lines
 from netp.runtime.hf_reference import transformers_pass
 from netp.runtime.kernels import KERNEL_TYPES
 from netp.runtime.model import RankModel, load_rank_model
@@ -61,6 +65,7 @@ from netp.runtime.sources import NEFile, ResolvedModel, close_model, resolve_mod
 MAX_DLOGIT = 1e-3  # two runs of the same weights: only the order of sums differs
 MAX_KL = 1.0  # mean KL(ref || q) of a lossy step, nats per position
 MIN_TOP1 = 0.25  # share of positions with the same most likely token
+MIN_ROUTING = 1.0  # share of (token, MoE layer) pairs routed alike, same weights in f32
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class VerifyOptions:
     max_dlogit: float = MAX_DLOGIT
     max_kl: float = MAX_KL
     min_top1: float = MIN_TOP1
+    min_routing: float = MIN_ROUTING
     json: Path | None = None
     junit: Path | None = None
     timeout: float | None = DEFAULT_TIMEOUT  # seconds a collective may take under MPI (docs/design.md §9)
@@ -193,11 +199,11 @@ def _tokenizer_for(plan: Plan) -> ResolvedModel:
 
 # -- running models -------------------------------------------------------------
 
-def batch_pass(model: RankModel, tokens: Sequence[int]) -> tuple[np.ndarray | None, list[np.ndarray]]:
-    """The tokens as one causal batch: logits (T, V) on rank 0, and the hidden states."""
+def batch_pass(model: RankModel, tokens: Sequence[int]) -> tuple[np.ndarray | None, ForwardTrace]:
+    """The tokens as one causal batch: logits (T, V) on rank 0, and the hidden states and routing."""
     trace = ForwardTrace()
     logits = model.forward(np.asarray(tokens), 0, all_logits=True, trace=trace)
-    return logits, trace.states
+    return logits, trace
 
 
 def _has_blocks(file: NEFile) -> bool:
@@ -257,9 +263,16 @@ def _decode_vs_batch(opts: VerifyOptions, plan: Plan, model: RankModel, tokenize
 
 
 def _on_root(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int], target: Pass | None,
-             world: str) -> list[Comparison]:
+             world: str, f32_target: bool) -> list[Comparison]:
     """Rank 0: every reference streamed over the target's tokens as one batch, and the comparisons."""
     out: list[Comparison] = []
+
+    def routing(id: str, title: str, ref: Pass, other: Pass, held: bool) -> None:
+        """A mixture of experts: the routing record beside a comparison (nothing for a dense model)."""
+        c = compare_routing(id, f"{title}: routing", ref, other, tokens, opts.min_routing if held else None,
+                            tokenizer)
+        if c is not None:
+            out.append(_show(c))
 
     def timed(make: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
         started = time.perf_counter()
@@ -273,6 +286,7 @@ def _on_root(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int],
                            target, tokens, opts.max_dlogit, tokenizer)
         c.seconds = ref_s or 0.0
         out.append(_show(c))
+        routing("routing", c.title, ref, target, f32_target)
     f32, f32_s = ref, 0.0
     if plan.f32 is not None and plan.f32 is not plan.ref:
         f32, f32_s = timed(streamed_pass, plan.f32, tokens, opts.threads, opts.exact)
@@ -283,11 +297,13 @@ def _on_root(opts: VerifyOptions, plan: Plan, tokenizer: Any, tokens: list[int],
                            tokens, opts.max_dlogit, tokenizer, n_states=len(hf.states or []) - 1)
         c.seconds = f32_s + hf_s
         out.append(_show(c))
+        routing("routing-f32-vs-transformers", c.title, hf, f32, True)
     if f32 is not None and ref is not None and plan.ref is not None and plan.f32 is not None and f32 is not ref:
         c = compare_kl("quantized-vs-f32", f"{plan.ref.path.name} (quantized) vs {plan.f32.path.name}: KL divergence", f32,
                        ref, tokens, opts.max_kl, opts.min_top1, tokenizer)
         c.seconds = f32_s
         out.append(_show(c))
+        routing("routing-quantized-vs-f32", c.title, f32, ref, False)
     if ref is not None and plan.ref is not None and _has_blocks(plan.ref):
         other, other_s = timed(streamed_pass, plan.ref, tokens, opts.threads, not opts.exact)
         default, exact = (other, ref) if opts.exact else (ref, other)
@@ -331,11 +347,13 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan | None) -> Outcome:
     try:
         started = time.perf_counter()
         tokens, decoded = greedy_forced(model, prompt, opts.n_tokens)
-        batch, states = batch_pass(model, tokens)
+        batch, trace = batch_pass(model, tokens)
         target = None
+        # the target computes in f32 (dense weights, or --exact): its routing is held to --min-routing
+        f32_target = opts.exact or all(t in ("f32", "f16") for t in model.weights.matrix_types)
         if root:
             assert plan is not None and decoded is not None and batch is not None
-            target = Pass(str(plan.target_path), batch, states)
+            target = Pass(str(plan.target_path), batch, trace.states, trace.routed)
             comparisons.append(_show(_decode_vs_batch(opts, plan, model, tokenizer, tokens, len(prompt),
                                                       Pass(str(plan.target_path), decoded), target)))
             comparisons[0].seconds = time.perf_counter() - started
@@ -349,7 +367,7 @@ def _verify_rank(comm: Comm, opts: VerifyOptions, plan: Plan | None) -> Outcome:
     with comm.agreeing(idle=True):
         if root:
             assert plan is not None
-            comparisons += _on_root(opts, plan, tokenizer, tokens, target, comm.describe())
+            comparisons += _on_root(opts, plan, tokenizer, tokens, target, comm.describe(), f32_target)
     status = comm.bcast(0 if all(c.passed for c in comparisons) else 1)
     return Outcome(status, comparisons, tokens, len(prompt))
 
@@ -365,7 +383,8 @@ def _write_reports(opts: VerifyOptions, plan: Plan, outcome: Outcome, comm_kind:
         "f32": None if plan.f32 is None else str(plan.f32.path), "hf": plan.hf, "exact": opts.exact,
         "manifest": manifest_hashes(plan.target) if isinstance(plan.target, ShardSet) else None,
         "prompt": {"text": opts.prompt, "tokens": outcome.tokens, "n_prompt": outcome.n_prompt},
-        "thresholds": {"max_dlogit": opts.max_dlogit, "max_kl": opts.max_kl, "min_top1": opts.min_top1},
+        "thresholds": {"max_dlogit": opts.max_dlogit, "max_kl": opts.max_kl, "min_top1": opts.min_top1,
+                       "min_routing": opts.min_routing},
         "notes": plan.notes,
         "comparisons": [comparison_json(c) for c in outcome.comparisons],
         "first_diverging_layer": next((c.first_diverging_layer for c in outcome.comparisons

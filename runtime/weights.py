@@ -74,8 +74,8 @@ class RankWeights:
         self.embedding = EmbeddingTable(emb, source.type_of(arch.embedding_name))
         if not use_mmap:
             self.resident_bytes += emb.nbytes  # --no_mmap: the table is read into memory
-        self._globals = self._assemble(arch.runtime_tensors(None))
-        self.layers = [self._assemble(arch.runtime_tensors(i)) for i in range(source.hp.n_layer)]
+        self._globals = self._assemble(arch.runtime_tensors(None, source.hp))
+        self.layers = [self._assemble(arch.runtime_tensors(i, source.hp)) for i in range(source.hp.n_layer)]
 
     def _setup(self, source: RankSource, use_mmap: bool, nthread: int, exact: bool) -> None:
         self.source, self.use_mmap, self.nthread, self.exact = source, use_mmap, nthread, exact

@@ -315,7 +315,8 @@ def test_gguf_tokenizer_parts_match_transformers(smollm2_gguf):
 # -- models/ defaults against transformers -------------------------------------------------
 @pytest.mark.parametrize("arch_name,config_class", [
     ("llama", "LlamaConfig"), ("gptj", "GPTJConfig"), ("mistral", "MistralConfig"), ("phi3", "Phi3Config"),
-    ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
+    ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config"), ("mixtral", "MixtralConfig"),
+    ("qwen2_moe", "Qwen2MoeConfig"), ("qwen3_moe", "Qwen3MoeConfig")])
 def test_hf_defaults_match_transformers(arch_name, config_class):
     import transformers
 
@@ -343,17 +344,27 @@ TINY_CONFIGS = {  # small vocab: every tensor of each architecture goes through 
                         intermediate_size=384, num_hidden_layers=2),
     "Qwen3Config": dict(vocab_size=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=384, num_hidden_layers=2, head_dim=64),
+    # transformers 5's own state dicts hold merged 3-D experts (mlp.experts.gate_up_proj, down_proj)
+    "MixtralConfig": dict(vocab_size=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=96, num_hidden_layers=2, num_local_experts=4),
+    "Qwen2MoeConfig": dict(vocab_size=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=96, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                           num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, decoder_sparse_step=2),
+    "Qwen3MoeConfig": dict(vocab_size=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=96, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                           num_hidden_layers=3, mlp_only_layers=[1], head_dim=64),
 }
 
 
 def test_transforms_hf_names_exactly_the_tensors_the_hf_hook_changes():
     """convert copies the bytes of a tensor transforms_hf does not name, so the
-    predicate must agree with what the HF hook (hf_tensors) does to real data:
-    every tensor of transformers' own state dict, each NE tensor once."""
+    predicate must agree with what the HF hook (hf_tensor, on each NE tensor's rows
+    of its HF tensor: source_parts) does to real data: every tensor of
+    transformers' own state dict, each NE tensor once."""
     import torch
     import transformers
 
-    from netp.models import all_architectures, by_hf_config
+    from netp.models import by_hf_config
 
     seen = set()
     for config_class, kwargs in TINY_CONFIGS.items():
@@ -367,20 +378,21 @@ def test_transforms_hf_names_exactly_the_tensors_the_hf_hook_changes():
         changed, produced = set(), {}
         for name, tensor in state.items():
             data = tensor.float().numpy()
-            for ne, out in arch.hf_tensors(name, data, hp):
-                produced[ne] = out.shape
-                if out.shape != data.shape or not np.array_equal(out, data):
-                    changed.add(ne)
+            layout = arch.source_parts(name, hp)
+            assert layout is not None, (arch.name, name)
+            rows = data.reshape(-1, data.shape[-1])
+            for part in layout[0]:
+                value = rows[part.row0:part.row0 + part.rows].reshape(arch.spec(part.ne).shape(hp))
+                out = arch.hf_tensor(part.ne, value, hp)
+                produced[part.ne] = out.shape
+                if not np.array_equal(out, value):
+                    changed.add(part.ne)
         expected = arch.tensor_shapes(hp)
         assert produced == {ne: s for ne, s in expected.items() if ne in produced}, arch.name
         assert set(expected) - set(produced) <= {arch.output_name}, arch.name  # tied heads come from the embedding
         assert changed == {ne for ne in expected if arch.transforms_hf(ne)}, arch.name
-        if arch.name in ("llama", "mistral"):  # the rotary permutation of wq/wk, every layer
+        if arch.name in ("llama", "mistral", "phi3"):  # the rotary permutation of wq/wk, every layer
             assert changed == {f"layers.{i}.attention.{w}.weight" for i in range(2) for w in ("wq", "wk")}
-        if arch.name == "phi3":  # fused q|k|v and gate|up cut apart (and wq/wk permuted)
-            assert changed == {f"layers.{i}.{w}.weight" for i in range(2) for w in (
-                "attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")}
-    assert seen == {a.name for a in all_architectures()}, "an architecture without a tiny config here"
 
 
 # -- hub cache --------------------------------------------------------------------------------
@@ -458,8 +470,10 @@ BAD = {
                                         rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
                   "unsupported config: rope scaling 'yarn' (factor 4.0); netp implements for llama: none, linear, "
                   "llama3"),
-    "moe": (lambda d: edit_config(d, model_type="mixtral", num_local_experts=8),
-            "unsupported config: mixture of experts (num_local_experts 8)"),
+    "moe": (lambda d: edit_config(d, model_type="olmoe", num_experts=8),
+            "unsupported config: mixture of experts: OLMoE"),
+    "llama-as-mixtral": (lambda d: edit_config(d, model_type="mixtral", num_local_experts=8),
+                         "tensor model.layers.0.mlp.down_proj.weight is not part of a mixtral model"),
 }
 
 

@@ -656,7 +656,7 @@ def test_smollm2_q4_0_holds_blocks_not_f32(ranks, smollm2_q4_0, smollm2_shards):
         """File bytes of the quantized matrices this rank's forward uses (a tied head: the embedding's vocab rows)."""
         src, arch, total = m.source, m.arch, 0
         for layer in (None, *range(m.hp.n_layer)):
-            for name in (n for names in arch.runtime_tensors(layer).values() for n in names):
+            for name in (n for names in arch.runtime_tensors(layer, m.hp).values() for n in names):
                 if src.has(name):
                     data, t = src.part(name, mapped=True), src.type_of(name)
                 else:

@@ -81,7 +81,7 @@ def test_passing_run_reports_every_comparison(tiny, tmp_path):
     assert ids == ["decode-vs-batch", "target", "f32-vs-transformers", "quantized-vs-f32", "kernel-modes"]
     assert doc["passed"] and doc["status"] == 0 and doc["first_diverging_layer"] is None
     assert doc["environment"]["ranks"] == 2 and doc["environment"]["world"] == "simulated"
-    assert doc["thresholds"] == {"max_dlogit": 1e-3, "max_kl": 1.0, "min_top1": 0.25}
+    assert doc["thresholds"] == {"max_dlogit": 1e-3, "max_kl": 1.0, "min_top1": 0.25, "min_routing": 1.0}
     # the tokens: the prompt as the tokenizer encodes it, then 3 greedy tokens
     from tokenizers import Tokenizer
 
@@ -151,12 +151,13 @@ def test_limits_are_options(tiny, tmp_path):
 def test_cli_defaults_are_the_runtime_limits():
     """--help writes the defaults out (no runtime import): they must be the runtime's."""
     from netp.runtime.cli import verify_command
-    from netp.runtime.verify import MAX_DLOGIT, MAX_KL, MIN_TOP1, VerifyOptions
+    from netp.runtime.verify import MAX_DLOGIT, MAX_KL, MIN_ROUTING, MIN_TOP1, VerifyOptions
 
     defaults = {o.name: o.default for o in verify_command.params}
-    assert (defaults["max_dlogit"], defaults["max_kl"], defaults["min_top1"]) == (MAX_DLOGIT, MAX_KL, MIN_TOP1)
+    limits = ("max_dlogit", "max_kl", "min_top1", "min_routing")
+    assert tuple(defaults[k] for k in limits) == (MAX_DLOGIT, MAX_KL, MIN_TOP1, MIN_ROUTING)
     opts = VerifyOptions(Path("x"))
-    assert (opts.max_dlogit, opts.max_kl, opts.min_top1) == (MAX_DLOGIT, MAX_KL, MIN_TOP1)
+    assert tuple(getattr(opts, k) for k in limits) == (MAX_DLOGIT, MAX_KL, MIN_TOP1, MIN_ROUTING)
 
 
 @pytest.mark.parametrize("case, needle", [
