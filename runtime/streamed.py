@@ -119,8 +119,8 @@ class StreamedWeights(RankWeights):
 def streamed_pass(path: Path | NEFile, tokens: Sequence[int], nthread: int = 1, exact: bool = False,
                   name: str | None = None) -> Pass:
     """Logits (T, V), hidden states and routed experts of NE file `path` (or one opened once:
-    runtime.sources.NEFile)
-    over `tokens` as one causal batch at 1 rank, its weights streamed layer by layer."""
+    runtime.sources.NEFile) over `tokens` as one causal batch at 1 rank, its weights streamed
+    layer by layer."""
     source = open_source(path if isinstance(path, NEFile) else Path(path), 0, 1)
     try:
         weights = StreamedWeights(source, nthread=nthread, exact=exact)
