@@ -129,7 +129,7 @@ def open_gguf(path: Path) -> Source:
                   write_tokenizer=lambda out: write_gguf_tokenizer(g.metadata, path, out))
 
 
-def open_source(path: Path) -> Source:
+def open_input(path: Path) -> Source:
     if path.is_dir():
         return open_hf_folder(path)
     regular_file(path, "a Hugging Face model folder or GGUF file")  # a FIFO would block the read below
@@ -157,7 +157,7 @@ def _holds(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
     return extra >= 0 and all(d == 1 for d in got[:extra]) and tuple(got[extra:]) == tuple(want)
 
 
-def plan_tensors(src: Source) -> dict[str, tuple[Planned, tuple[int, ...]]]:
+def plan_ne_tensors(src: Source) -> dict[str, tuple[Planned, tuple[int, ...]]]:
     """NE name -> (where its values are, shape), in NE file order; refuses what does not fit."""
     expected = src.arch.tensor_shapes(src.hp)
     found: dict[str, Planned] = {}
@@ -273,7 +273,7 @@ def open_model(model: str, outputs: Sequence[Path] = ()) -> Source:
     path = resolve_model(model)
     for out in outputs:
         check_output_place(out, [path], "output")
-    return open_source(path)
+    return open_input(path)
 
 
 def out_type_of(outtype: str) -> GGMLType:
@@ -294,7 +294,7 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *,
     tok_target = tokenizer_dir_for(outfile)
     src = open_model(model, [outfile, tok_target])
     try:
-        tensors = ne_tensors(plan_tensors(src), out_type)
+        tensors = ne_tensors(plan_ne_tensors(src), out_type)
         vocab = src.vocab()
         with atomic_dir(tok_target) as tok_tmp:
             src.write_tokenizer(tok_tmp)
@@ -326,5 +326,5 @@ def summary_line(r: ConvertResult) -> str:
             f"in {r.seconds:.1f} s")
 
 
-__all__ = ["convert", "open_source", "open_model", "plan_tensors", "ne_tensors", "ne_header", "converted_tensors",
+__all__ = ["convert", "open_input", "open_model", "plan_ne_tensors", "ne_tensors", "ne_header", "converted_tensors",
            "summary_line", "ConvertResult", "Source", "NETensor", "Extent", "OUT_TYPES"]

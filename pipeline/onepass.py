@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from netp.convert.pipeline import (
-    Extent, NETensor, Source, converted_tensors, ne_header, ne_tensors, open_model, plan_tensors as convert_plan,
+    Extent, NETensor, Source, converted_tensors, ne_header, ne_tensors, open_model, plan_ne_tensors as convert_plan,
 )
 from netp.errors import NetpError
 from netp.formats.constants import QUANTIZED_TYPES, TYPE_NAMES, GGMLType, type_from_name
@@ -42,7 +42,7 @@ from netp.formats.tokenizer_dir import build_tokenizer_dir
 from netp.hostenv import cpu_count
 from netp.quantize import rules
 from netp.quantize.pipeline import NonFiniteRow, encode_rows
-from netp.shard.pipeline import check_outdir, check_world_size, plan_tensors as shard_plan, write_shard_set
+from netp.shard.pipeline import check_outdir, check_ranks_option, plan_split as shard_plan, write_shard_set
 
 __all__ = ["PipelineResult", "run_pipeline", "source_name", "summary_line", "OUT_TYPES"]
 
@@ -152,7 +152,7 @@ def run_pipeline(model: str, outdir: str | os.PathLike, outtype: str, world_size
     if not quantizing and (output_type or embedding_type):
         raise NetpError(None, f"--output_type and --embedding_type are quantize's options: they need a quantized "
                               f"--outtype (q4_0, q4_1, q8_0), not {outtype}")
-    check_world_size(outdir, world_size)
+    check_ranks_option(outdir, world_size)
     nthread = nthread or cpu_count()
 
     src = open_model(model)

@@ -15,7 +15,7 @@ from netp.models.layers import rotary_tables
 from netp.runtime import kernels  # noqa: F401 - before numba loads: it sets numba's cache folder
 from netp.runtime.comm import Comm
 from netp.runtime.kvcache import KVCache
-from netp.runtime.sources import RankSource, ResolvedModel, open_source
+from netp.runtime.sources import RankSource, ResolvedModel, open_rank_source
 from netp.runtime.weights import RankWeights
 
 
@@ -105,7 +105,7 @@ def load_rank_model(model: str | os.PathLike | ResolvedModel, comm: Comm, n_ctx:
     """Open this rank's file of a resolved model (runtime.sources.resolve_model; a path is
     resolved here) and load its weights (the caller wraps this in comm.agreeing()).
     nthread: kernel (and BLAS) threads of this rank; exact: f32 activations in the block kernels."""
-    source = open_source(model, comm.rank, comm.size, check_sha256)
+    source = open_rank_source(model, comm.rank, comm.size, check_sha256)
     try:
         try:
             weights = RankWeights(source, use_mmap=use_mmap, nthread=nthread, exact=exact)

@@ -242,7 +242,7 @@ class SliceSource(RankSource):
         return out
 
 
-def open_source(model: str | os.PathLike | ResolvedModel, rank: int, world_size: int,
+def open_rank_source(model: str | os.PathLike | ResolvedModel, rank: int, world_size: int,
                 check_sha256: bool = True) -> RankSource:
     """This rank's source for a resolved model (or a path, resolved here and owned by the source)."""
     owned = not isinstance(model, (NEFile, ShardSet))

@@ -26,7 +26,7 @@ from netp.quantize.codecs import dequantize_rows
 from netp.runtime.comm import SoloComm
 from netp.runtime.comparisons import Pass
 from netp.runtime.model import RankModel
-from netp.runtime.sources import NEFile, RankSource, open_source
+from netp.runtime.sources import NEFile, RankSource, open_rank_source
 from netp.runtime.weights import RankWeights
 
 
@@ -121,7 +121,7 @@ def streamed_pass(path: Path | NEFile, tokens: Sequence[int], nthread: int = 1, 
     """Logits (T, V), hidden states and routed experts of NE file `path` (or one opened once:
     runtime.sources.NEFile) over `tokens` as one causal batch at 1 rank, its weights streamed
     layer by layer."""
-    source = open_source(path if isinstance(path, NEFile) else Path(path), 0, 1)
+    source = open_rank_source(path if isinstance(path, NEFile) else Path(path), 0, 1)
     try:
         weights = StreamedWeights(source, nthread=nthread, exact=exact)
         model = RankModel(source, SoloComm(), weights, len(tokens))

@@ -54,7 +54,7 @@ class ShardResult:
 
 
 # -- planning -------------------------------------------------------------------
-def plan_tensors(reader: NEContents, world_size: int) -> tuple[Architecture, HParams, list[TensorEntry]]:
+def plan_split(reader: NEContents, world_size: int) -> tuple[Architecture, HParams, list[TensorEntry]]:
     """Architecture, hparams and every tensor's per-rank ranges; refuses what cannot be cut."""
     path = reader.path
     arch, hp = ne_model(reader.header, reader.shapes, str(path))
@@ -237,7 +237,7 @@ def check_replaceable(outdir: Path) -> None:
 Progress = Callable[[int, int], None]  # (bytes just copied, total bytes); the CLI draws the bar
 
 
-def check_world_size(path: Path, world_size: int) -> None:
+def check_ranks_option(path: Path, world_size: int) -> None:
     if world_size < 1:
         raise NetpError(path, f"--ranks must be at least 1, got {world_size}")
 
@@ -246,10 +246,10 @@ def shard_file(src: str | Path, outdir: str | Path, world_size: int, *, force: b
                on_progress: Progress | None = None) -> ShardResult:
     """Cut NE file `src` into `world_size` rank files + manifest.json + tokenizer/ in `outdir`."""
     src, outdir = Path(src), Path(outdir)
-    check_world_size(src, world_size)
+    check_ranks_option(src, world_size)
     t0 = time.perf_counter()
     with NEReader(src) as reader:
-        arch, _, entries = plan_tensors(reader, world_size)
+        arch, _, entries = plan_split(reader, world_size)
         check_outdir(src, outdir, force)
         # A source without `<stem>.tokenizer/` still shards (token ids work; prompts need a tokenizer).
         tokenizer = (lambda tmp: copy_tokenizer_dir(src, tmp)) if tokenizer_dir_for(src).is_dir() else None
@@ -327,5 +327,5 @@ def summary_line(result: ShardResult) -> str:
             + ("" if m.tokenizer else "; no tokenizer folder beside the source, none copied"))
 
 
-__all__ = ["plan_tensors", "shard_file", "write_shard_set", "summary_line", "ShardResult", "check_outdir",
-           "check_world_size"]
+__all__ = ["plan_split", "shard_file", "write_shard_set", "summary_line", "ShardResult", "check_outdir",
+           "check_ranks_option"]

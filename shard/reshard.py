@@ -33,7 +33,7 @@ from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import copy_tokenizer_folder
 from netp.shard.check import check_shard_set
 from netp.shard.pipeline import (
-    Progress, ShardResult, _byte_cuts, check_outdir, check_world_size, plan_tensors, write_shard_set,
+    Progress, ShardResult, _byte_cuts, check_outdir, check_ranks_option, plan_split, write_shard_set,
 )
 
 __all__ = ["reshard"]
@@ -86,7 +86,7 @@ def reshard(shards: str | os.PathLike, outdir: str | os.PathLike, world_size: in
     """Cut the shard set in `shards` for `world_size` ranks into `outdir`, as
     `shard --ranks world_size` of its source would."""
     shards, outdir = Path(shards), Path(outdir)
-    check_world_size(shards, world_size)
+    check_ranks_option(shards, world_size)
     t0 = time.perf_counter()
     shard_set = ShardSet.load(shards)
     manifest = shard_set.manifest
@@ -97,7 +97,7 @@ def reshard(shards: str | os.PathLike, outdir: str | os.PathLike, world_size: in
         if stream.file_size != manifest.source.size:
             raise NetpError(shards / MANIFEST_NAME, f"its tensors make a source of {stream.file_size} bytes, "
                                                      f"its source says {manifest.source.size}")
-        arch, _, entries = plan_tensors(stream, world_size)  # refuses a cut M cannot make, as shard does
+        arch, _, entries = plan_split(stream, world_size)  # refuses a cut M cannot make, as shard does
         check_outdir(shards, outdir, force)
         if (error := check_shard_set(shards).error()) is not None:
             raise error

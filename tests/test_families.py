@@ -435,7 +435,7 @@ def test_refusals_name_the_feature_and_what_is_supported(case, tmp_path, capsys)
 def test_gguf_rope_scaling_yarn_is_refused(family_hf, tokenizer_meta, tmp_path):
     import gguf
 
-    from netp.convert.pipeline import open_source
+    from netp.convert.pipeline import open_input
 
     def yarn(w):
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -443,7 +443,7 @@ def test_gguf_rope_scaling_yarn_is_refused(family_hf, tokenizer_meta, tmp_path):
 
     path = write_gguf("qwen2", family_hf("qwen2"), tokenizer_meta, tmp_path / "yarn.gguf", extra=yarn)
     with pytest.raises(NetpError, match="rope scaling 'yarn'; netp implements: none, linear, llama3"):
-        open_source(path)
+        open_input(path)
 
 
 def test_netp_verify_hf_on_a_windowed_fused_family(family_hf, family_ne, family_shards):

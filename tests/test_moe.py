@@ -684,7 +684,7 @@ def test_other_mixtures_of_experts_are_refused_by_name(case, tmp_path, capsys):
 def test_foreign_moe_gguf_is_refused_with_what_is_supported(tmp_path):
     import gguf
 
-    from netp.convert.pipeline import open_source
+    from netp.convert.pipeline import open_input
 
     path = tmp_path / "deepseek.gguf"
     w = gguf.GGUFWriter(path, "deepseek2")
@@ -695,4 +695,4 @@ def test_foreign_moe_gguf_is_refused_with_what_is_supported(tmp_path):
     w.close()
     with pytest.raises(NetpError, match=r"unsupported GGUF architecture 'deepseek2' \(supported: .*qwen2moe, qwen3, "
                                         r"qwen3moe\)"):
-        open_source(path)
+        open_input(path)

@@ -498,12 +498,12 @@ def test_smollm2_q4_0_over_3_ranks(smollm2_q4_0, tmp_path, capsys):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_smollm2_f32_and_q4_0_cut_alike(smollm2_f32, smollm2_q4_0, world):
     """docs/design.md §4: cuts are multiples of 32 for every type, so both files' shard sets cut at the same places."""
-    from netp.shard.pipeline import plan_tensors
+    from netp.shard.pipeline import plan_split
 
     plans = []
     for src in (smollm2_f32, smollm2_q4_0):
         with NEReader(src) as r:
-            plans.append([(e.name, e.split, e.axis, e.ranges) for e in plan_tensors(r, world)[2]])
+            plans.append([(e.name, e.split, e.axis, e.ranges) for e in plan_split(r, world)[2]])
     assert plans[0] == plans[1]
 
 

@@ -67,12 +67,12 @@ def test_streamed_ne_equals_the_whole_model(tiny_ne, kind, qtype):
 
 def test_streamed_weights_hold_one_layer_at_a_time(tiny_ne):
     """The most weight bytes held at once is the largest of one layer and the head, not the model."""
-    from netp.runtime.sources import open_source
+    from netp.runtime.sources import open_rank_source
     from netp.runtime.model import RankModel
 
     path = tiny_ne("llama_gqa", "f32")
     _, _, whole = whole_pass(path)
-    source = open_source(path, 0, 1)
+    source = open_rank_source(path, 0, 1)
     try:
         weights = StreamedWeights(source)
         model = RankModel(source, SoloComm(), weights, len(TOKENS))
