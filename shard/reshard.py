@@ -32,7 +32,7 @@ from netp.formats.ne import NEReader, StreamedNE, TensorInfo
 from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import copy_tokenizer_folder
 from netp.shard.check import check_shard_set
-from netp.shard.pipeline import (
+from netp.shard.stage import (
     Progress, ShardResult, _byte_cuts, check_outdir, check_ranks_option, plan_split, write_shard_set,
 )
 

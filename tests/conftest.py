@@ -97,7 +97,7 @@ def smollm2_tokenizer_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathF
 def smollm2_f32(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2 converted to NE f32 once per session: `<tmp>/smollm2-f32.bin`, with
     `<tmp>/smollm2-f32.tokenizer/` beside it. Read-only for tests: copy before changing."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
 
     out = tmp_path_factory.mktemp("smollm2-f32") / "smollm2-f32.bin"
     convert(str(smollm2_gguf), out, "f32")
@@ -160,7 +160,7 @@ def smollm2_q4_0(smollm2_f32: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """smollm2_f32 quantized to q4_0 once per session (`<tmp>/smollm2-q4_0.bin`, with
     `<tmp>/smollm2-q4_0.tokenizer/` beside it). Read-only for tests: copy before changing."""
     from netp.formats.constants import GGMLType
-    from netp.quantize.pipeline import quantize_file
+    from netp.quantize.stage import quantize_file
 
     out = tmp_path_factory.mktemp("smollm2-q4_0") / "smollm2-q4_0.bin"
     quantize_file(smollm2_f32, out, GGMLType.Q4_0)
@@ -172,7 +172,7 @@ def smollm2_shards2(smollm2_q4_0: Path, tmp_path_factory: pytest.TempPathFactory
     """smollm2_q4_0 sharded over 2 ranks once per session: `<tmp>/shards/` with
     rank-00000-of-00002.bin, rank-00001-of-00002.bin, manifest.json and tokenizer/.
     Read-only for tests: copy before changing."""
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     out = tmp_path_factory.mktemp("smollm2-shards2") / "shards"
     shard_file(smollm2_q4_0, out, 2)

@@ -156,7 +156,7 @@ def ne_f32(tmp_path: Path) -> Path:
 @pytest.fixture()
 def shard_set(ne_f32: Path, tmp_path: Path) -> Path:
     """That file cut for 2 ranks."""
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     shard_file(ne_f32, tmp_path / "s", 2)
     return tmp_path / "s"

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import SEED_PROMPT
 from netp.convert.cli import convert_command
-from netp.convert.pipeline import convert
+from netp.convert.stage import convert
 from netp.formats.ne import NEReader
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -81,9 +81,9 @@ def family_hf(smollm2_tokenizer_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def family_ne(family_hf, tmp_path_factory):
     """family_ne(family, qtype) -> NE file: f32 from netp convert, q4_0 from netp quantize."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
-    from netp.quantize.pipeline import quantize_file
+    from netp.quantize.stage import quantize_file
 
     cache: dict[tuple[str, str], Path] = {}
 
@@ -102,7 +102,7 @@ def family_ne(family_hf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def family_shards(family_ne, tmp_path_factory):
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     cache: dict[tuple[str, int], Path] = {}
 
@@ -200,7 +200,7 @@ def test_feature_is_carried_and_matters(family_hf, family_ne, tmp_path):
 
 
 def test_convert_warns_by_name_where_neural_speed_lacks_the_math(family_hf, tmp_path):
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
 
     expected = {"llama3": "rope_freqs.weight", "mistral": "sliding_window 5", "qwen3": "q/k RMSNorm",
                 "phi3": "LLaMA layout", "qwen2": "grouped KV heads"}
@@ -324,7 +324,7 @@ def test_gguf_converts_to_the_hf_twin_and_matches_transformers(family, family_hf
                                                                 tmp_path):
     """Same NE tensors as the HF folder (so a Llama 3 GGUF's own rope_freqs.weight is kept),
     and the file computes what transformers computes on the HF twin."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
 
     gguf_path = write_gguf(family, family_hf(family), tokenizer_meta, tmp_path / f"{family}.gguf")
     out = tmp_path / "from-gguf.bin"
@@ -435,7 +435,7 @@ def test_refusals_name_the_feature_and_what_is_supported(case, tmp_path, capsys)
 def test_gguf_rope_scaling_yarn_is_refused(family_hf, tokenizer_meta, tmp_path):
     import gguf
 
-    from netp.convert.pipeline import open_input
+    from netp.convert.stage import open_input
 
     def yarn(w):
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)

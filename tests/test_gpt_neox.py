@@ -106,12 +106,12 @@ def ne_file(t: Tiny, qtype: str) -> Path:
     if qtype not in t.files:
         out = t.folder.parent / f"ne-{qtype}.bin"
         if qtype == "f32":
-            from netp.convert.pipeline import convert
+            from netp.convert.stage import convert
 
             convert(str(t.folder), out, "f32")
         else:
             from netp.formats.constants import GGMLType
-            from netp.quantize.pipeline import quantize_file
+            from netp.quantize.stage import quantize_file
 
             quantize_file(ne_file(t, "f32"), out, GGMLType.Q4_0, model_name="gpt_neox", nthread=1)
         t.files[qtype] = out
@@ -313,7 +313,7 @@ def test_wrong_rotary_would_be_caught(tiny, monkeypatch):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_shard_set_matches_unsharded(tiny, kind, qtype, world):
     from netp.formats.manifest import load_manifest
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     t = tiny(kind)
     src = ne_file(t, qtype)
@@ -352,7 +352,7 @@ def test_verify_under_mpiexec_two_ranks(tiny):
     mpiexec = BIN / "mpiexec"
     if not mpiexec.exists():
         pytest.skip("mpiexec not installed (pip install 'netp[mpi]')")
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     t = tiny("sequential_rot100")
     src = ne_file(t, "q4_0")

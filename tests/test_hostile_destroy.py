@@ -138,7 +138,7 @@ def test_shard_force_removes_only_a_shard_set(ne_f32, tmp_path, monkeypatch, mak
     elif make == "shards":
         (tmp_path / "shards").mkdir()
     elif make == "shardset+stray":
-        from netp.shard.pipeline import shard_file
+        from netp.shard.stage import shard_file
 
         shard_file(ne_f32, tmp_path / "set", 1)
         (tmp_path / "set" / "notes.txt").write_text("mine")
@@ -159,7 +159,7 @@ def test_shard_outdir_holding_the_input(ne_f32, tmp_path):
 @pytest.mark.parametrize("existing", ["shard set", "empty folder", "absent"])
 def test_shard_force_replaces_a_shard_set_or_an_empty_folder(ne_f32, tmp_path, existing):
     from netp.formats.manifest import load_manifest
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     outdir = tmp_path / "s"
     if existing == "shard set":

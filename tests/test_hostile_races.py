@@ -25,12 +25,12 @@ def test_the_run_that_finishes_second_is_refused(ne_f32, tmp_path, monkeypatch, 
     """The race window itself: another run fills OUTDIR after this one checked it was empty."""
     from netp.errors import NetpError
     from netp.formats.manifest import load_manifest
-    from netp.shard import pipeline
+    from netp.shard import stage
 
     ATTACKS.append(["shard", "race", str(force)])
     outdir = tmp_path / "s"
     outdir.mkdir()
-    real_finish = pipeline._finish
+    real_finish = stage._finish
     other = {"done": False}
 
     def finish_after_the_other_run(tmp, manifest):
@@ -38,15 +38,15 @@ def test_the_run_that_finishes_second_is_refused(ne_f32, tmp_path, monkeypatch, 
         if not other["done"]:
             other["done"] = True
             # the other run (another process: its own temporary name) claims the folder this one checked
-            pipeline.shard_file(ne_f32, tmp_path / "elsewhere" / "s", 1)
+            stage.shard_file(ne_f32, tmp_path / "elsewhere" / "s", 1)
             os.rename(tmp_path / "elsewhere" / "s", outdir)
             if force:  # and something the other user put there meanwhile
                 (outdir / "theirs.txt").write_text("mine")
 
-    monkeypatch.setattr(pipeline, "_finish", finish_after_the_other_run)
+    monkeypatch.setattr(stage, "_finish", finish_after_the_other_run)
     match = "holds theirs.txt" if force else "was filled by someone else"
     with pytest.raises(NetpError, match=match):
-        pipeline.shard_file(ne_f32, outdir, 2, force=force)
+        stage.shard_file(ne_f32, outdir, 2, force=force)
     assert load_manifest(outdir).world_size == 1  # the other run's set, whole
     assert not [p for p in tmp_path.iterdir() if ".netp-partial-" in p.name]
     assert sorted(p.name for p in outdir.iterdir()) == sorted(["manifest.json", "rank-00000-of-00001.bin", "tokenizer"]

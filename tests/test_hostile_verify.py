@@ -20,12 +20,12 @@ from test_fuzz import write_tiny_hf, write_tiny_ne
 def models(tmp_path_factory) -> dict[str, Path]:
     """The tiny HF LLaMA (with a real tokenizer) as f32, q4_0 and a 2-rank q4_0 shard set;
     `other_f32`/`other_q4_0`: the same structure with other weights; `alien`: another structure."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
     from netp.formats.ne import NEReader, NEWriter
     from netp.formats.tokenizer_dir import copy_tokenizer_dir
-    from netp.quantize.pipeline import quantize_file
-    from netp.shard.pipeline import shard_file
+    from netp.quantize.stage import quantize_file
+    from netp.shard.stage import shard_file
 
     root = tmp_path_factory.mktemp("verify-pairs")
     write_tiny_hf(root / "hf")

@@ -94,9 +94,9 @@ def moe_hf(smollm2_tokenizer_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe_ne(moe_hf, tmp_path_factory):
     """moe_ne(family, qtype="f32") -> NE file: f32 from netp convert, q4_0 from netp quantize."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
-    from netp.quantize.pipeline import quantize_file
+    from netp.quantize.stage import quantize_file
 
     cache: dict[tuple[str, str], Path] = {}
 
@@ -115,7 +115,7 @@ def moe_ne(moe_hf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def moe_shards(moe_ne, tmp_path_factory):
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     cache: dict[tuple[str, int], Path] = {}
 
@@ -185,7 +185,7 @@ def test_qwen_moe_layouts(moe_ne):
 def test_merged_checkpoint_converts_to_the_same_file(family, moe_hf, moe_ne, tmp_path):
     """transformers 5's own state dict (3-D mlp.experts.gate_up_proj / down_proj) gives the
     bytes of the per-expert checkpoint's NE file."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
 
     out = tmp_path / "merged.bin"
     convert(str(moe_hf(family, "merged")), out, "f32")
@@ -194,7 +194,7 @@ def test_merged_checkpoint_converts_to_the_same_file(family, moe_hf, moe_ne, tmp
 
 def test_a_merged_tensor_is_read_one_expert_at_a_time(moe_hf, tmp_path, monkeypatch):
     """No read of a merged expert tensor is larger than one expert's part of it."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.hf import SafetensorsCheckpoint
 
     reads: list[tuple[str, int | None]] = []
@@ -336,7 +336,7 @@ def assert_same_ne_tensors(a: Path, b: Path, window: bool = True) -> None:
 def test_gguf_converts_to_the_hf_twin(family, moe_gguf, moe_ne, tmp_path):
     """llama.cpp's merged experts are read one expert at a time into the NE file of the HF twin
     (a Mixtral GGUF is architecture `llama` with expert tensors)."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
 
     out = tmp_path / "from-gguf.bin"
     assert convert(str(moe_gguf(family)), out, "f32").arch == family
@@ -359,7 +359,7 @@ def test_llama_cpps_own_converter(moe_hf, moe_ne, tmp_path):
     if p.returncode != 0 and "No module named" in p.stderr:
         pytest.skip(f"llama.cpp's converter lacks a module here: {p.stderr.strip().splitlines()[-1]}")
     assert p.returncode == 0, p.stderr[-2000:]
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
 
     ne = tmp_path / "from-llama-cpp.bin"
     convert(str(out), ne, "f32")
@@ -414,7 +414,7 @@ def test_pipeline_and_reshard_give_the_three_step_bytes(moe_hf, moe_shards, tmp_
 
 
 def test_a_width_that_cannot_be_cut_is_refused_by_name(moe_ne, tmp_path):
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     with pytest.raises(NetpError, match="cannot shard over 4 ranks: expert MLP width of 96 cannot be cut into 4"):
         shard_file(moe_ne("mixtral", "q4_0"), tmp_path / "x4", 4)
@@ -476,7 +476,7 @@ def test_f32_matches_transformers_and_routes_alike(family, moe_hf, moe_ne):
 def test_tied_router_chooses_as_torch_topk(family, smollm2_tokenizer_dir, tmp_path):
     """A router of zeros (transformers' own init for Qwen MoE routers): every probability ties,
     and torch.topk's pick among them is the one netp must make (models/topk.py)."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
 
     config, model = make_model(family, zero_router=True)
     folder = save_model(config, model, tmp_path / "hf", "experts", smollm2_tokenizer_dir)
@@ -597,7 +597,7 @@ def test_netp_verify_hf_q4_0_set(family, ranks, moe_hf, moe_ne, moe_shards, tmp_
 def test_f32_set_routes_as_the_unsharded_file(moe_hf, moe_ne, tmp_path):
     """An f32 Qwen2-MoE set over 3 ranks (shared expert, a dense first layer): held to the same
     experts at every (token, MoE layer) pair as its unsharded file and as transformers."""
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     family = "qwen2_moe"
     shard_file(moe_ne(family), tmp_path / "x3", 3)
@@ -684,7 +684,7 @@ def test_other_mixtures_of_experts_are_refused_by_name(case, tmp_path, capsys):
 def test_foreign_moe_gguf_is_refused_with_what_is_supported(tmp_path):
     import gguf
 
-    from netp.convert.pipeline import open_input
+    from netp.convert.stage import open_input
 
     path = tmp_path / "deepseek.gguf"
     w = gguf.GGUFWriter(path, "deepseek2")

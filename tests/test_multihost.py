@@ -37,7 +37,7 @@ NETP = str(BIN / "netp")
 @pytest.fixture(scope="module")
 def shard_sets(smollm2_q4_0, smollm2_shards2, tmp_path_factory):
     """{2: the session's 2-rank SmolLM2 q4_0 set, 3: a 3-rank one} (read-only)."""
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     three = tmp_path_factory.mktemp("mh-shards3") / "shards"
     shard_file(smollm2_q4_0, three, 3)

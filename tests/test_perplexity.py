@@ -36,10 +36,10 @@ def netp(args: list[str], mpi: int | None = None, timeout: float = 300) -> subpr
 def tiny(tiny_hf_model, tmp_path_factory) -> dict[str, Path]:
     """The tiny LLaMA (GQA) as NE f32 and q4_0, a 2-rank q4_0 shard set, and a copy of the f32
     file whose tokenizer_config.json says add_bos_token (SmolLM2's tokenizer adds no BOS)."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
-    from netp.quantize.pipeline import quantize_file
-    from netp.shard.pipeline import shard_file
+    from netp.quantize.stage import quantize_file
+    from netp.shard.stage import shard_file
 
     root = tmp_path_factory.mktemp("ppl")
     hf = tiny_hf_model("llama_gqa")

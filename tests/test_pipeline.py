@@ -96,8 +96,8 @@ def model_path(tiny_hf_model, neox_hf_model, smollm2_gguf):
 def three_step(model_path, request, tmp_path_factory: pytest.TempPathFactory):
     """(kind, type) -> the unsharded NE file of convert (f32/f16) -> quantize (q*), named
     ne-<type>.bin, made once; SmolLM2's f32 file is the session's."""
-    from netp.convert.pipeline import convert
-    from netp.quantize.pipeline import quantize_file
+    from netp.convert.stage import convert
+    from netp.quantize.stage import quantize_file
 
     made: dict[tuple[str, str], Path] = {}
 
@@ -123,7 +123,7 @@ def three_step(model_path, request, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def sharded(three_step, tmp_path_factory: pytest.TempPathFactory):
     """(kind, type, ranks) -> `shard --ranks` of the three-step file, made once."""
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     made: dict[tuple[str, str, int], Path] = {}
 
@@ -153,10 +153,10 @@ def test_pipeline_equals_three_steps(kind, outtype, ranks, model_path, sharded, 
 @pytest.mark.parametrize("variant", ["bf16", pytest.param("sharded", marks=pytest.mark.slow)])
 def test_pipeline_equals_three_steps_bf16_and_sharded_checkpoints(variant, tiny_hf_model, tmp_path):
     """Real checkpoints are bf16 (widened into a buffer each read reuses) and split over files."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.pipeline.onepass import run_pipeline
-    from netp.quantize.pipeline import quantize_file
-    from netp.shard.pipeline import shard_file
+    from netp.quantize.stage import quantize_file
+    from netp.shard.stage import shard_file
 
     model = str(tiny_hf_model("llama_gqa", variant))
     convert(model, tmp_path / "ne-f32.bin", "f32")
@@ -340,8 +340,8 @@ def test_type_overrides(entry, three_step, tmp_path, capsys):
 def test_pipeline_type_overrides_equal_three_steps(kind, ranks, output_type, embedding_type, model_path,
                                                    three_step, tmp_path):
     from netp.pipeline.onepass import run_pipeline
-    from netp.quantize.pipeline import quantize_file
-    from netp.shard.pipeline import shard_file
+    from netp.quantize.stage import quantize_file
+    from netp.shard.stage import shard_file
 
     q = tmp_path / "three" / "ne-q4_0.bin"
     q.parent.mkdir()

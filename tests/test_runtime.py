@@ -44,8 +44,8 @@ BOUND = 1e-3
 @pytest.fixture(scope="module")
 def tiny_ne(tiny_hf_model, tmp_path_factory):
     """tiny_ne(kind, qtype) -> NE file of a tiny model (f32 from netp convert, q4_0 from netp quantize)."""
-    from netp.convert.pipeline import convert
-    from netp.quantize.pipeline import quantize_file
+    from netp.convert.stage import convert
+    from netp.quantize.stage import quantize_file
 
     cache: dict[tuple[str, str], Path] = {}
 
@@ -67,7 +67,7 @@ def tiny_ne(tiny_hf_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_shards(tiny_ne, tmp_path_factory):
     """tiny_shards(kind, qtype, ranks) -> shard-set folder cut by netp shard."""
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     cache: dict[tuple[str, str, int], Path] = {}
 
@@ -105,7 +105,7 @@ def smollm2_shards(request, smollm2_q4_0, tmp_path_factory):
     try:
         return request.getfixturevalue("smollm2_shards2")
     except pytest.FixtureLookupError:
-        from netp.shard.pipeline import shard_file
+        from netp.shard.stage import shard_file
 
         out = tmp_path_factory.mktemp("rt-smollm2-shards2") / "shards"
         shard_file(smollm2_q4_0, out, 2)

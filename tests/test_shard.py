@@ -391,7 +391,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, capsys, monkeypatch):
 # -- the manifest module ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def good_set(sources, tmp_path_factory):
-    from netp.shard.pipeline import shard_file
+    from netp.shard.stage import shard_file
 
     outdir = tmp_path_factory.mktemp("good") / "s"
     shard_file(sources[("llama-gqa-4/2", "q4_0")], outdir, 3)
@@ -498,7 +498,7 @@ def test_smollm2_q4_0_over_3_ranks(smollm2_q4_0, tmp_path, capsys):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_smollm2_f32_and_q4_0_cut_alike(smollm2_f32, smollm2_q4_0, world):
     """docs/design.md §4: cuts are multiples of 32 for every type, so both files' shard sets cut at the same places."""
-    from netp.shard.pipeline import plan_split
+    from netp.shard.stage import plan_split
 
     plans = []
     for src in (smollm2_f32, smollm2_q4_0):

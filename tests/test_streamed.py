@@ -21,9 +21,9 @@ TOKENS = [1, 504, 2113, 260, 857, 28, 1380, 4936, 30, 355, 47, 7140]
 
 @pytest.fixture(scope="module")
 def tiny_ne(tiny_hf_model, tmp_path_factory):
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
-    from netp.quantize.pipeline import quantize_file
+    from netp.quantize.stage import quantize_file
 
     cache: dict[tuple[str, str], Path] = {}
 

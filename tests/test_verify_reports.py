@@ -31,11 +31,11 @@ def netp(args: list[str], mpi: int | None = None, timeout: float = 300) -> subpr
 def tiny(tiny_hf_model, tmp_path_factory) -> dict[str, Path]:
     """The tiny LLaMA (GQA): f32, q4_0, a 2-rank q4_0 shard set, and a copy of the set whose
     rank 1 holds a changed layer-1 w2 slice (its manifest's sha256 updated to match)."""
-    from netp.convert.pipeline import convert
+    from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
     from netp.formats.ne import NEReader
-    from netp.quantize.pipeline import quantize_file
-    from netp.shard.pipeline import shard_file
+    from netp.quantize.stage import quantize_file
+    from netp.shard.stage import shard_file
 
     root = tmp_path_factory.mktemp("verify-reports")
     m = {"hf": tiny_hf_model("llama_gqa"), "f32": root / "ne-f32.bin", "q4_0": root / "ne-q4_0.bin",

@@ -1,6 +1,6 @@
 """HF folder | cached hub id | .gguf  ->  NE f32/f16, one tensor at a time.
 
-The pipeline knows no architecture: models/ answers which architecture a
+The stage knows no architecture: models/ answers which architecture a
 config or GGUF is, its hparams and header fields, every NE tensor with its
 shape in file order, which rows of which checkpoint tensor each NE tensor
 is (the whole tensor, a part of a fused one such as Phi-3's qkv_proj, one

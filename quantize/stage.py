@@ -103,7 +103,7 @@ def _nonfinite_row(reader: NEReader, name: str, row: int) -> NetpError:
                                   "(re-convert the model)")
 
 
-# -- the pipeline ---------------------------------------------------------------
+# -- the stage ------------------------------------------------------------------
 
 def check_paths(src: Path, dst: Path) -> None:
     """Nothing is written over, into or in place of an input (docs/design.md §8)."""
