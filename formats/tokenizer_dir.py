@@ -34,9 +34,7 @@ from typing import Any, Iterator, Mapping
 from netp.errors import NetpError
 from netp.formats.atomic import atomic_dir
 from netp.formats.hf import read_json_object
-from netp.formats.names import (
-    KNOWN_TOKENIZER_FILES, OPTIONAL_TOKENIZER_FILES, SHARD_TOKENIZER_DIR, TOKENIZER_FILES, TOKENIZER_SUFFIX,
-)
+from netp.formats.names import KNOWN_TOKENIZER_FILES, OPTIONAL_TOKENIZER_FILES, TOKENIZER_FILES, TOKENIZER_SUFFIX
 from netp.formats.paths import TOKENIZER_JSON_CAP, parse_json, read_capped
 
 
@@ -115,30 +113,26 @@ def _own_files(src: Path) -> list[Path]:
     return found
 
 
-def copy_tokenizer_dir(src_ne: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy the tokenizer folder of NE file `src_ne`, atomically: only KNOWN_TOKENIZER_FILES,
-    each checked and written anew (unknown files stay behind).
-
-    dst: an NE file path (-> its `<stem>.tokenizer/` beside it) or an existing
-    folder such as a shard set being written (-> `dst/tokenizer/`).
-    Returns the folder written.
-    """
-    src = tokenizer_dir_for(src_ne)
-    files = _own_files(src) if src.is_dir() or src.is_symlink() else []
-    if not all(src / f in files for f in TOKENIZER_FILES):
-        raise NetpError(src_ne, f"no tokenizer folder beside it ({src} with {' and '.join(TOKENIZER_FILES)})")
-    dst = Path(dst)
-    return copy_tokenizer_folder(src, dst / SHARD_TOKENIZER_DIR if dst.is_dir() else tokenizer_dir_for(dst))
-
-
 def copy_tokenizer_folder(src: Path, target: Path) -> Path:
-    """Copy tokenizer folder `src` (one netp wrote) into a new folder `target`, atomically:
-    only KNOWN_TOKENIZER_FILES, each checked and written anew; a link or special file is refused."""
+    """The one tokenizer copier: tokenizer folder `src` (one netp wrote: `<stem>.tokenizer/`
+    beside an NE file, a shard set's `tokenizer/`) copied into the new folder `target`,
+    atomically: only KNOWN_TOKENIZER_FILES, each checked and written anew (unknown files
+    stay behind); a link or special file is refused. Returns `target`."""
     files = _own_files(src)
     with atomic_dir(target) as tmp:
         for f in files:
             _write_new(tmp / f.name, checked_bytes(f))
     return target
+
+
+def copy_tokenizer_beside(src_ne: str | os.PathLike, target: Path) -> Path:
+    """copy_tokenizer_folder of the folder beside NE file `src_ne` (`<stem>.tokenizer/`)
+    into `target`; refused, naming `src_ne`, unless that folder holds TOKENIZER_FILES."""
+    src = tokenizer_dir_for(src_ne)
+    files = _own_files(src) if src.is_dir() or src.is_symlink() else []
+    if not all(src / f in files for f in TOKENIZER_FILES):
+        raise NetpError(src_ne, f"no tokenizer folder beside it ({src} with {' and '.join(TOKENIZER_FILES)})")
+    return copy_tokenizer_folder(src, target)
 
 
 # -- from an HF folder ------------------------------------------------------------

@@ -36,7 +36,6 @@ from netp.errors import NetpError
 from netp.formats.constants import QUANTIZED_TYPES, TYPE_NAMES, GGMLType, type_from_name
 from netp.formats.hf import read_tensor_bytes
 from netp.formats.manifest import Manifest
-from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.ne import StreamedNE, TensorInfo
 from netp.formats.tokenizer_dir import build_tokenizer_dir
 from netp.hostenv import cpu_count
@@ -174,7 +173,7 @@ def run_pipeline(model: str, outdir: str | os.PathLike, outtype: str, world_size
             arch, _, entries = shard_plan(stream, world_size)
             check_outdir(src.path, outdir, force)
             manifest = write_shard_set(stream, name or source_name(outtype), outdir, arch, entries,
-                                       lambda tmp: build_tokenizer_dir(tmp / SHARD_TOKENIZER_DIR, src.write_tokenizer),
+                                       lambda target: build_tokenizer_dir(target, src.write_tokenizer),
                                        on_progress, force=force)
         finally:
             rows.close()

@@ -26,7 +26,7 @@ from netp.errors import NetpError
 from netp.formats.constants import FTYPE_OF_TYPE, QUANTIZED_TYPES, TYPE_NAMES, GGMLType, block_geometry
 from netp.formats.ne import NEReader, NEWriter, TensorInfo, tensor_nbytes
 from netp.formats.paths import check_output_place
-from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
+from netp.formats.tokenizer_dir import copy_tokenizer_beside, tokenizer_dir_for
 from netp.hostenv import cpu_count
 from netp.sizes import human_size
 from netp.quantize import rules
@@ -60,15 +60,6 @@ class QuantizeResult:
                 f"({TYPE_NAMES[self.ggml_type]}, {human_size(self.bytes_out)}): "
                 f"{self.n_quantized} tensors quantized, {kept}; "
                 f"{self.bytes_in / max(self.bytes_out, 1):.2f}x smaller in {self.seconds:.1f} s{tok}")
-
-
-# -- tokenizer folder --------------------------------------------------------------
-
-def copy_tokenizer(src_ne: Path, dst_ne: Path) -> Path | None:
-    """Copy `<src stem>.tokenizer/` to `<dst stem>.tokenizer/` (atomically); None if the input has none."""
-    if not tokenizer_dir_for(src_ne).is_dir():
-        return None
-    return copy_tokenizer_dir(src_ne, dst_ne)
 
 
 # -- checks -------------------------------------------------------------------
@@ -157,7 +148,8 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ggml_type: GGM
                     on_progress(done, total)
             # Tokenizer folder first, once the NE file's bytes are on disk; the NE file renamed into place last.
             writer.sync()
-            tokenizer = copy_tokenizer(src, dst)
+            has_tokenizer = tokenizer_dir_for(src).is_dir()  # a model without one still quantizes
+            tokenizer = copy_tokenizer_beside(src, tokenizer_dir_for(dst)) if has_tokenizer else None
 
     return QuantizeResult(
         src=src, dst=dst, arch=arch.name, ggml_type=ggml_type,

@@ -27,7 +27,6 @@ from netp.errors import NetpError
 from netp.formats.constants import type_from_name
 from netp.formats.manifest import Manifest
 from netp.formats.names import MANIFEST_NAME
-from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.ne import NEReader, StreamedNE, TensorInfo
 from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import copy_tokenizer_folder
@@ -77,10 +76,6 @@ class _RankSlices:
                 covered = max(covered, cut.byte1)
 
 
-def _copy_tokenizer(folder: Path, tmp: Path) -> None:
-    copy_tokenizer_folder(folder, tmp / SHARD_TOKENIZER_DIR)
-
-
 def reshard(shards: str | os.PathLike, outdir: str | os.PathLike, world_size: int, *, force: bool = False,
             on_progress: Progress | None = None) -> ShardResult:
     """Cut the shard set in `shards` for `world_size` ranks into `outdir`, as
@@ -101,7 +96,7 @@ def reshard(shards: str | os.PathLike, outdir: str | os.PathLike, world_size: in
         check_outdir(shards, outdir, force)
         if (error := check_shard_set(shards).error()) is not None:
             raise error
-        tokenizer = None if manifest.tokenizer is None else functools.partial(_copy_tokenizer,
+        tokenizer = None if manifest.tokenizer is None else functools.partial(copy_tokenizer_folder,
                                                                               shards / manifest.tokenizer)
         new = write_shard_set(stream, manifest.source.name, outdir, arch, entries, tokenizer, on_progress,
                               expect_source=manifest.source, force=force)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from netp.formats.names import SHARD_TOKENIZER_DIR
 from netp.formats.ne import NEContents, NEReader, NEWriter, TensorInfo
 from netp.formats.paths import check_output_place, refuse_indirect_dir
 from netp.formats.shardset import ShardSet
-from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
+from netp.formats.tokenizer_dir import copy_tokenizer_beside, tokenizer_dir_for
 from netp.models import ne_model
 from netp.models.architecture import Architecture
 from netp.models.hparams import HParams
@@ -252,7 +253,7 @@ def shard_file(src: str | Path, outdir: str | Path, world_size: int, *, force: b
         arch, _, entries = plan_split(reader, world_size)
         check_outdir(src, outdir, force)
         # A source without `<stem>.tokenizer/` still shards (token ids work; prompts need a tokenizer).
-        tokenizer = (lambda tmp: copy_tokenizer_dir(src, tmp)) if tokenizer_dir_for(src).is_dir() else None
+        tokenizer = functools.partial(copy_tokenizer_beside, src) if tokenizer_dir_for(src).is_dir() else None
         manifest = write_shard_set(reader, src.name, outdir, arch, entries, tokenizer, on_progress,
                                    force=force)
     return ShardResult(outdir, manifest, time.perf_counter() - t0, sum(r.size for r in manifest.ranks))
@@ -262,7 +263,8 @@ def write_shard_set(reader: NEContents, source_name: str, outdir: Path, arch: Ar
                     tokenizer: Callable[[Path], Any] | None, on_progress: Progress | None = None,
                     expect_source: SourceInfo | None = None, force: bool = False) -> Manifest:
     """Stream `reader`'s tensors (an NEReader or a StreamedNE) into a shard set at `outdir`, atomically.
-    `tokenizer(folder)` writes `folder/tokenizer/`; None: the set has none.
+    `tokenizer(target)` writes the set's tokenizer folder `target` (`tokenizer/` in the
+    folder being filled); None: the set has none.
     `expect_source`: refuse (leaving nothing) unless the streamed source hashes to it.
     The set is renamed onto an absent or empty OUTDIR in one rename(2), so of two runs into
     one empty folder the second is refused; `force` replaces a shard set, re-checked then."""
@@ -274,7 +276,7 @@ def write_shard_set(reader: NEContents, source_name: str, outdir: Path, arch: Ar
     # atomic_dir removes the temporary folder on any error and renames it into place on success.
     with atomic.atomic_dir(outdir, check_replaceable if force else False) as tmp:
         if tokenizer is not None:
-            tokenizer(tmp)  # -> tmp/tokenizer (SHARD_TOKENIZER_DIR), first: a bad one fails before the long copy
+            tokenizer(tmp / SHARD_TOKENIZER_DIR)  # first: a bad one fails before the long copy
         with HashPool() as worker:
             source_hash = QueuedSha256(worker.workers[0])  # the source on one core, the rank files on the other
             hashes = [QueuedSha256(worker.workers[1]) for _ in names]

@@ -618,20 +618,20 @@ def test_writer_copy_from_writes_the_same_file(tmp_path, monkeypatch, path):
 
 
 # -- the tokenizer folder helpers quantize and shard use ------------------------------------------
-def test_copy_tokenizer_dir(smollm2_f32, tmp_path):
+def test_copy_tokenizer_beside(smollm2_f32, tmp_path):
     from netp.errors import NetpError
-    from netp.formats.tokenizer_dir import copy_tokenizer_dir, tokenizer_dir_for
+    from netp.formats.tokenizer_dir import copy_tokenizer_beside, tokenizer_dir_for
 
     src = tokenizer_dir_for(smollm2_f32)
     assert src == smollm2_f32.with_name("smollm2-f32.tokenizer") and src.is_dir()
     files = sorted(p.name for p in src.iterdir())
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
 
-    beside = copy_tokenizer_dir(smollm2_f32, tmp_path / "ne-q4_0.bin")  # an NE output path
+    beside = copy_tokenizer_beside(smollm2_f32, tokenizer_dir_for(tmp_path / "ne-q4_0.bin"))  # beside an NE output
     assert beside == tmp_path / "ne-q4_0.tokenizer"
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
-    inside = copy_tokenizer_dir(smollm2_f32, shard_dir)  # a folder being filled: <dir>/tokenizer
+    inside = copy_tokenizer_beside(smollm2_f32, shard_dir / "tokenizer")  # a folder being filled: <dir>/tokenizer
     assert inside == shard_dir / "tokenizer"
     for folder in (beside, inside):
         assert sorted(p.name for p in folder.iterdir()) == files
@@ -639,7 +639,7 @@ def test_copy_tokenizer_dir(smollm2_f32, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ne-q4_0.tokenizer", "shards"]  # no partials
 
     with pytest.raises(NetpError, match="no tokenizer folder"):
-        copy_tokenizer_dir(tmp_path / "lonely.bin", tmp_path / "other.bin")
+        copy_tokenizer_beside(tmp_path / "lonely.bin", tokenizer_dir_for(tmp_path / "other.bin"))
 
 
 def test_gguf_tokenizer_build_imports_no_torch(smollm2_gguf, tmp_path):

@@ -23,7 +23,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
     from netp.formats.ne import NEReader, NEWriter
-    from netp.formats.tokenizer_dir import copy_tokenizer_dir
+    from netp.formats.tokenizer_dir import copy_tokenizer_beside, tokenizer_dir_for
     from netp.quantize.stage import quantize_file
     from netp.shard.stage import shard_file
 
@@ -38,7 +38,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         for name, info in r.tensors.items():  # every weight moved: same names, shapes and header
             x = r.read(name)
             w.add_tensor(name, info.ggml_type, info.shape, x + rng.standard_normal(x.shape).astype(np.float32) * 0.05)
-    copy_tokenizer_dir(m["f32"], m["other_f32"])
+    copy_tokenizer_beside(m["f32"], tokenizer_dir_for(m["other_f32"]))
     quantize_file(m["other_f32"], m["other_q4_0"], GGMLType.Q4_0)
     write_tiny_ne(m["alien"])
     (root / "set").mkdir()
