@@ -131,8 +131,7 @@ class _ConvertedRows:
         try:
             encode_rows(x, out_type, out, self.nthread)
         except NonFiniteRow as e:
-            raise NetpError(self.src.path, f"tensor {t.source_name} ({info.name}): NaN or inf in row {row0 + e.row}; "
-                                           "refusing to quantize a broken weight") from e
+            raise e.refusal(self.src.path, f"{t.source_name} ({info.name})", row0) from e
 
 
 def run_pipeline(model: str, outdir: str | os.PathLike, outtype: str, world_size: int, *,

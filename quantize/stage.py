@@ -89,11 +89,6 @@ def _check_arch(reader: NEReader, model_name: str | None) -> Architecture:
     return arch
 
 
-def _nonfinite_row(reader: NEReader, name: str, row: int) -> NetpError:
-    return NetpError(reader.path, f"tensor {name}: NaN or inf in row {row}; refusing to quantize a broken weight "
-                                  "(re-convert the model)")
-
-
 # -- the stage ------------------------------------------------------------------
 
 def check_paths(src: Path, dst: Path) -> None:
@@ -174,6 +169,12 @@ class NonFiniteRow(ValueError):
     def __init__(self, row: int):
         super().__init__(f"NaN or inf in row {row}")
         self.row = row
+
+    def refusal(self, path: str | os.PathLike, tensor: str, row0: int) -> NetpError:
+        """The user's error (quantize's and the one pass's): `tensor` in `path` holds NaN or
+        inf in row `row0 + self.row`, `row0` being the first of the rows handed to encode_rows."""
+        return NetpError(path, f"tensor {tensor}: NaN or inf in row {row0 + self.row}; refusing to quantize a "
+                               "broken weight (re-convert the model)")
 
 
 def encode_rows(x: np.ndarray, out_type: GGMLType, out: np.ndarray, nthread: int) -> np.ndarray:
@@ -267,4 +268,4 @@ class _Streamer:
                 self.out_buf = np.empty(need, dtype=np.uint8)
             self.writer.write(encode_rows(x, c.out_type, self.out_buf, self.nthread))
         except NonFiniteRow as e:
-            raise _nonfinite_row(self.reader, info.name, c.a + e.row) from e
+            raise e.refusal(self.reader.path, info.name, c.a) from e
