@@ -42,6 +42,7 @@ from netp.hostenv import cpu_count
 from netp.quantize import rules
 from netp.quantize.stage import NonFiniteRow, encode_rows
 from netp.shard.stage import check_outdir, check_ranks_option, plan_split as shard_plan, write_shard_set
+from netp.sizes import human_size
 
 __all__ = ["PipelineResult", "run_pipeline", "source_name", "summary_line", "OUT_TYPES"]
 
@@ -186,5 +187,5 @@ def summary_line(result: PipelineResult) -> str:
     size = sum(r.size for r in m.ranks)
     types = sorted({t.type for t in m.tensors.values()}, key=list(TYPE_NAMES.values()).index)
     return (f"wrote {result.outdir}/ ({m.architecture}, {len(m.tensors)} tensors in {', '.join(types)}, "
-            f"{m.world_size} ranks, {size / 1e6:.1f} MB) in {result.seconds:.1f} s; "
+            f"{m.world_size} ranks, {human_size(size)}) in {result.seconds:.1f} s; "
             f"source {m.source.name}: {m.source.size} bytes, sha256 {m.source.sha256[:16]}...")
