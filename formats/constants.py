@@ -11,8 +11,7 @@ import struct
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GGMLType
 
-from netp.typenames import QK as _CHEAP_QK
-from netp.typenames import TYPE_NAMES as _CHEAP_TYPE_NAMES
+import netp.typenames as _cheap
 
 __all__ = [
     "GGMLType", "SUPPORTED_TYPES", "QUANTIZED_TYPES", "BLOCK_SIZE", "block_geometry",
@@ -26,7 +25,19 @@ SUPPORTED_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q4_1, GGM
 QUANTIZED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 BLOCK_SIZE = 32  # values per block for every quantized type netp writes
 TYPE_NAMES = {t: t.name.lower() for t in SUPPORTED_TYPES}  # "q4_0", "f32", ...
-assert tuple(TYPE_NAMES.values()) == _CHEAP_TYPE_NAMES and BLOCK_SIZE == _CHEAP_QK  # the cheap copy agrees
+
+
+def _check_cheap_copy() -> None:
+    """netp/typenames.py (the copy CLIs and kernels import without gguf) agrees with this table:
+    a real check, run at import, that `python -O` does not drop."""
+    ours = (tuple(TYPE_NAMES.values()), tuple(TYPE_NAMES[t] for t in QUANTIZED_TYPES), BLOCK_SIZE)
+    cheap = (_cheap.TYPE_NAMES, _cheap.QUANTIZED_TYPE_NAMES, _cheap.QK)
+    if ours != cheap:
+        raise ImportError(f"netp/typenames.py (type names, quantized type names, QK) {cheap} disagrees with "
+                          f"formats/constants.py {ours}; make them agree")
+
+
+_check_cheap_copy()
 
 
 # How a tensor is cut across tensor-parallel ranks: the manifest records these and

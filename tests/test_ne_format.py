@@ -168,3 +168,14 @@ def test_read_of_a_tensor_over_2_gib(tmp_path):
         assert not data[1:-2].any()
         del data
         assert list(r.read("big", rows=(n - 2, n))) == [1.5, -2.5]
+
+
+def test_the_cheap_type_table_is_checked_even_under_python_O():
+    """netp/typenames.py (the copy CLIs import without gguf) must agree with formats/constants.py:
+    the check raises at import, and `python -O`, which drops asserts, keeps it."""
+    import subprocess
+    import sys
+
+    code = "import netp.typenames as t; t.QK = 64\nimport netp.formats.constants"
+    p = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "ImportError: netp/typenames.py" in p.stderr and "disagrees" in p.stderr, p.stderr
