@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import random
 import signal
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,31 +43,34 @@ def _partials(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if ".netp-partial-" in p.name]
 
 
+def _argv(stage: str, out: Path, gguf: Path, f32: Path, q4_0: Path, shards2: Path) -> list[str]:
+    netp = str(BIN / "netp")
+    return {
+        "convert": [netp, "convert", "--outtype", "f32", "--outfile", str(out), str(gguf), "--quiet"],
+        "quantize": [netp, "quantize", str(f32), str(out), "--type", "q4_0", "--quiet"],
+        "shard": [str(BIN / "shard"), "--ranks", "2", "--force", "--quiet", str(q4_0), str(out)],
+        "pipeline": [netp, "pipeline", str(gguf), str(out), "--outtype", "q4_0", "--ranks", "2", "--force",
+                     "--quiet"],
+        "reshard": [netp, "reshard", str(shards2), str(out), "--ranks", "3", "--force", "--quiet"],
+    }[stage]
+
+
 @pytest.mark.parametrize("stage", ["convert", "quantize", "shard", "pipeline", "reshard"])
 def test_sigkill_leaves_no_bad_output(stage, tmp_path, smollm2_gguf, smollm2_f32, smollm2_q4_0, smollm2_shards2):
     rng = random.Random(f"crash-{stage}")
     n_tensors = len(NEReader(smollm2_f32).tensors)
-    if stage == "convert":
-        out = tmp_path / "ne-f32.bin"
-        argv = [str(BIN / "netp"), "convert", "--outtype", "f32", "--outfile", str(out), str(smollm2_gguf), "--quiet"]
-        delays = [rng.uniform(0.5, 6.0) for _ in range(3)]
-    elif stage == "quantize":
-        out = tmp_path / "ne-q4_0.bin"
-        argv = [str(BIN / "netp"), "quantize", str(smollm2_f32), str(out), "--type", "q4_0", "--quiet"]
-        delays = [rng.uniform(0.3, 1.5) for _ in range(3)]
-    elif stage == "shard":
-        out = tmp_path / "shards"
-        argv = [str(BIN / "shard"), "--ranks", "2", "--force", "--quiet", str(smollm2_q4_0), str(out)]
-        delays = [rng.uniform(0.3, 1.2) for _ in range(3)]
-    elif stage == "pipeline":  # ~15 s of work after start-up
-        out = tmp_path / "shards"
-        argv = [str(BIN / "netp"), "pipeline", str(smollm2_gguf), str(out), "--outtype", "q4_0", "--ranks", "2",
-                "--force", "--quiet"]
-        delays = [rng.uniform(2.0, 10.0) for _ in range(2)]
-    else:
-        out = tmp_path / "shards"
-        argv = [str(BIN / "netp"), "reshard", str(smollm2_shards2), str(out), "--ranks", "3", "--force", "--quiet"]
-        delays = [rng.uniform(0.5, 2.0) for _ in range(3)]
+    out = tmp_path / ("shards" if stage in ("shard", "pipeline", "reshard") else f"ne-{stage}.bin")
+    inputs = (smollm2_gguf, smollm2_f32, smollm2_q4_0, smollm2_shards2)
+    argv = _argv(stage, out, *inputs)
+    # The kills land at random points of a whole run as timed here and now (start-up included), so
+    # they fall mid-run on a fast machine and on a loaded one alike.
+    timing = tmp_path / "timing"
+    timing.mkdir()
+    t0 = time.perf_counter()
+    subprocess.run(_argv(stage, timing / out.name, *inputs), cwd=timing, check=True, capture_output=True)
+    whole = time.perf_counter() - t0
+    shutil.rmtree(timing)
+    delays = [whole * rng.uniform(0.2, 0.9) for _ in range(3)]
     shard_set = stage in ("shard", "pipeline", "reshard")
 
     killed = 0
@@ -80,7 +85,7 @@ def test_sigkill_leaves_no_bad_output(stage, tmp_path, smollm2_gguf, smollm2_f32
             _valid_ne(out, n_tensors)
         for name in _partials(tmp_path):  # the output's, or its tokenizer folder's (`<stem>.tokenizer`)
             assert name.startswith((f".{out.name}.netp-partial-", f".{out.stem}.tokenizer.netp-partial-"))
-    assert killed, "every run finished before its kill: raise the delays"
+    assert killed, f"every run finished before its kill (a whole run took {whole:.1f} s)"
 
     # A clean run afterwards succeeds and sweeps the dead runs' partials.
     subprocess.run(argv, cwd=tmp_path, check=True, capture_output=True)
