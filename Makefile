@@ -38,7 +38,7 @@ demo: setup
 # bench/ holds bench scripts and the helper modules they import (BENCH_LIBS,
 # not benches themselves). Peers and random checkpoints are made once into
 # $NETP_BENCH_CACHE (default ~/.cache/netp); see bench/README.md.
-BENCH_LIBS := bench/cache.py bench/checkpoints.py bench/peers.py
+BENCH_LIBS := bench/cache.py bench/checkpoints.py bench/membw.py bench/peers.py
 BENCH_RUN  := PATH="$(CURDIR)/$(BIN):$$PATH" nice -n 10 $(BIN)/python
 
 bench: setup
@@ -49,8 +49,9 @@ bench-peers: setup
 	$(BENCH_RUN) bench/peers.py --check
 
 # Issue 31's scale proof on the full 32-layer Llama-3.1-8B-shaped checkpoint
-# (15 GB bf16 generated into the cache, ~42 GB of disk at the peak with
-# llama.cpp's transient bf16 GGUF; hours on 2 cores). Not part of `make bench`.
+# (15 GB bf16 generated into the cache, ~46 GB of disk at the peak with
+# llama.cpp's transient bf16 GGUF; ~12 minutes on an idle 2-core machine).
+# Not part of `make bench`.
 bench-scale: setup
 	$(BENCH_RUN) bench/peers.py
 	$(BENCH_RUN) bench/checkpoints.py llama31_8b --layers 32

@@ -46,6 +46,8 @@ API (bench scripts run as `python bench/x.py` have bench/ on sys.path):
                                        earlier run with kl_base and kl=False): .kld_mean .kld_mean_err
                                        .kld_99 .kld_999 .kld_max .same_top_p (%) .ppl_base
     neural_speed() -> Path             the unzipped wheel's neural_speed/ folder (run_llama, run_mixtral ...)
+    neural_speed_copy(model, out) -> Path   the NE file without the tensors neural-speed 1.0 crashes on
+                                       (llama3's rope_freqs.weight), or model itself when it has none
     neural_speed_run(model, prompt="..." | ids=[...], threads=1, n_predict=32, ctx=None, runner="run_llama")
                                        -> NeuralSpeedRun: .prompt_tokens .prompt_tok_s .decode_tokens
                                        .decode_tok_s .load_ms .text .wall_s .max_rss_mb
@@ -413,6 +415,27 @@ def _ne_n_layer(model: Path) -> int:
 
     with NEReader(model) as r:
         return r.header.n_layer
+
+
+NS_UNKNOWN_TENSORS = ("rope_freqs.weight",)  # llama3 rope factors: neural-speed 1.0's llama loader
+# never asks for the tensor and dereferences a null pointer on it in load_all_data (SIGSEGV)
+
+
+def neural_speed_copy(model: Path, out: Path) -> Path:
+    """`model` without the tensors neural-speed's loader crashes on (NS_UNKNOWN_TENSORS), every other
+    byte as is; `model` itself when it has none. Without rope_freqs neural-speed runs plain rope at the
+    file's theta: the same work per token, so speed figures compare, but not Llama 3.1's exact outputs."""
+    from netp.formats.ne import NEReader, NEWriter
+
+    with NEReader(model) as r:
+        if not any(n in r.shapes for n in NS_UNKNOWN_TENSORS):
+            return model
+        with NEWriter(out, r.header, r.vocab) as w:
+            for name in r.shapes:
+                if name not in NS_UNKNOWN_TENSORS:
+                    info = r.info(name)
+                    w.add_tensor(name, info.ggml_type, info.shape, r.view(name))
+    return out
 
 
 def neural_speed_run(model: Path, prompt: str | None = None, ids: Sequence[int] | None = None, threads: int = 1,

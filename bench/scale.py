@@ -8,15 +8,20 @@ once by bench/checkpoints.py; never committed):
    serves as verify's --ref and as neural-speed's input without a 29.5 GB
    f32 file on the disk;
 2. `mpiexec -n 2 ne-run` on the 2-rank set: decode and prefill tok/s (timing
-   line) and the largest process's max RSS; the same at 1 rank x 1 thread;
+   line) and the largest process's max RSS; the same at 1 rank x 1 thread
+   (the kernels warmed by a one-token run first, so no load counts a
+   compile); the memory bus's read speed at 1 and 2 processes
+   (bench/membw.py) beside the bytes per second the decodes read;
 3. `mpiexec -n 2 netp verify --ref` (the set vs the unsharded file), its
    verdict and max RSS;
 4. peers on the same weights: llama-bench (llama.cpp's converter +
    llama-quantize q4_0 --output-tensor-type q4_0) at 1 and 2 threads, and
-   neural-speed 1.0's run_llama on the NE file (1 and 2 threads).
-Disk: ~14.8 GB checkpoint + 2 x 4.2 GB netp q4_0 + llama.cpp's transient
-14.8 GB bf16 GGUF and 4.2 GB q4_0 GGUF: ~42 GB at the peak. Hours on 2
-cores (mostly generating and converting). `make bench-scale` runs it.
+   neural-speed 1.0's run_llama (1 and 2 threads) on a copy of the NE file
+   without rope_freqs.weight, which its loader crashes on (bench/peers.py).
+Disk: the 14.8 GB checkpoint + 3 x 4.2 GB of netp q4_0 + llama.cpp's
+transient 14.8 GB bf16 GGUF and its 4.2 GB q4_0 GGUF: ~46 GB at the peak.
+About 10 minutes on an idle 2-core machine once the checkpoint exists
+(generating it takes ~3 more). `make bench-scale` runs it.
 Usage: python bench/scale.py [--layers 32] [--tokens 32] [--prompt-tokens 64] [--work DIR]
 """
 from __future__ import annotations
@@ -29,7 +34,8 @@ import tempfile
 from pathlib import Path
 
 from checkpoints import checkpoint, llama31_8b
-from peers import NS_LAYER_COUNTS, PeerError, cached_gguf, llama_bench, neural_speed_run, run
+from membw import read_gbps
+from peers import NS_LAYER_COUNTS, PeerError, cached_gguf, llama_bench, neural_speed_copy, neural_speed_run, run
 
 BIN = Path(sys.executable).parent
 
@@ -85,12 +91,17 @@ def main() -> None:
             r = run([BIN / "mpiexec", "-n", str(ranks), *cmd] if ranks > 1 else cmd, timeout=7200)
             return timing(r.stdout), r.max_rss_mb
 
+        run([BIN / "ne-run", "-m", ne, "--ids", "1,2", "-n", "1", "-t", "1"])  # kernels compiled (or loaded) once
         two, rss2 = ne_run(s2, 2, 1)
         one, rss1 = ne_run(ne, 1, 1)
         say(f"ne-run, 2 MPI ranks x 1 thread: decode {two['decode']:.2f} tok/s, prefill {two['prompt']:.2f} tok/s, "
             f"load {two['load_s']:.1f} s, largest process max RSS {rss2:.0f} MB")
         say(f"ne-run, 1 rank x 1 thread (NE file): decode {one['decode']:.2f} tok/s, prefill {one['prompt']:.2f} "
             f"tok/s, load {one['load_s']:.1f} s, max RSS {rss1:.0f} MB; 2 ranks = {two['decode'] / one['decode']:.2f}x")
+        gb = ne.stat().st_size / 1e9  # weight bytes a decode step reads, all ranks together
+        bw1, bw2 = read_gbps(1), read_gbps(2)
+        say(f"memory read (bench/membw.py): 1 process {bw1:.1f} GB/s, 2 together {bw2:.1f} GB/s; decode reads "
+            f"{one['decode'] * gb:.1f} GB/s at 1 rank, {two['decode'] * gb:.1f} GB/s at 2 ranks")
         v = run([BIN / "mpiexec", "-n", "2", BIN / "netp", "verify", s2, "--ref", ne, "-n", "8", "-t", "1", "-q"],
                 timeout=7200)
         say(f"mpiexec -n 2 netp verify --ref: passed, largest process max RSS {v.max_rss_mb:.0f} MB")
@@ -105,9 +116,13 @@ def main() -> None:
                 say(f"  netp 2 ranks / llama.cpp 2 threads: decode {two['decode'] / row.gen_tok_s:.2f}x, prefill "
                     f"{two['prompt'] / row.prompt_tok_s:.2f}x")
         if args.layers in NS_LAYER_COUNTS:
+            ns_file = neural_speed_copy(ne, work / "ne-q4_0-for-neural-speed.bin")
+            if ns_file != ne:
+                say("neural-speed runs a copy without rope_freqs.weight (its loader crashes on it): plain rope, "
+                    "the same work per token")
             for threads in (1, 2):
                 try:
-                    ns = neural_speed_run(ne, ids=ids, threads=threads, n_predict=args.tokens)
+                    ns = neural_speed_run(ns_file, ids=ids, threads=threads, n_predict=args.tokens)
                 except PeerError as e:
                     say(f"neural-speed run_llama -t {threads}: failed: {str(e).splitlines()[0]}")
                     continue
