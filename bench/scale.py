@@ -101,8 +101,9 @@ def main() -> None:
         say(f"ne-run, 1 rank x 1 thread (NE file): decode {one['decode']:.2f} tok/s, prefill {one['prompt']:.2f} "
             f"tok/s, load {one['load_s']:.1f} s, max RSS {rss1:.0f} MB; 2 ranks = {two['decode'] / one['decode']:.2f}x")
         gb = ne.stat().st_size / 1e9  # weight bytes a decode step reads, all ranks together
-        bw1, bw2 = read_gbps(1), read_gbps(2)
-        say(f"memory read (bench/membw.py): 1 process {bw1:.1f} GB/s, 2 together {bw2:.1f} GB/s; decode reads "
+        bw1, bw2 = read_gbps(1, int(gb * 1e9)), read_gbps(2, int(gb * 1e9 / 2))  # each rank's working set
+        say(f"memory read (bench/membw.py, a rank's bytes per process): 1 process {bw1:.1f} GB/s, 2 together "
+            f"{bw2:.1f} GB/s; decode reads "
             f"{one['decode'] * gb:.1f} GB/s at 1 rank, {two['decode'] * gb:.1f} GB/s at 2 ranks")
         v = run([BIN / "mpiexec", "-n", "2", BIN / "netp", "verify", s2, "--ref", ne, "-n", "8", "-t", "1", "-q"],
                 timeout=7200)
