@@ -18,6 +18,8 @@ import numpy as np
 from netp.errors import NetpError
 from netp.formats.paths import regular_file
 
+_STEP_VALUES = 1 << 20  # values dequantized per step when reading rows into a caller's buffer
+
 
 def open_gguf_reader(path: Path) -> Any:
     """gguf-py's GGUFReader on `path`, its failures turned into one NetpError.
@@ -75,16 +77,26 @@ class GGUFFile:
         t = self._tensors[name]
         return self._dequantize(name, t.data, int(t.data_offset)).reshape(self.shape(name))
 
-    def read_rows(self, name: str, row0: int, rows: int) -> np.ndarray:
+    def read_rows(self, name: str, row0: int, rows: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [row0, row0 + rows) of the tensor seen as (rows, ne[0]): one expert of a
-        merged ffn_*_exps tensor is dequantized (and its pages touched) alone."""
+        merged ffn_*_exps tensor, or one chunk of a streamed tensor, is dequantized (and
+        its pages touched) alone; into `out` (float32, rows x ne[0] values) when given."""
         t = self._tensors[name]
         data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
         part = data[row0:row0 + rows]
         offset = int(t.data_offset) + row0 * part.strides[0]
-        return self._dequantize(name, part, offset).reshape(rows, self.shape(name)[-1])
+        shape = (rows, self.shape(name)[-1])
+        if out is None:
+            return self._dequantize(name, part, offset).reshape(shape)
+        if out.dtype != np.float32 or out.size != rows * shape[1] or not out.flags.c_contiguous:
+            raise ValueError(f"out must be {rows * shape[1]} contiguous float32 values, not {out.size} {out.dtype}")
+        out = out.reshape(shape)
+        step = max(1, _STEP_VALUES // shape[1])  # gguf-py's temporaries stay a few times one step
+        for r in range(0, rows, step):
+            self._dequantize(name, part[r:r + step], offset + r * part.strides[0], out[r:r + step])
+        return out
 
-    def _dequantize(self, name: str, data: Any, offset: int) -> np.ndarray:
+    def _dequantize(self, name: str, data: Any, offset: int, out: np.ndarray | None = None) -> np.ndarray:
         import gguf
 
         t = self._tensors[name]
@@ -95,9 +107,12 @@ class GGUFFile:
                                        "dequantize") from e
         except Exception as e:
             raise NetpError(self.path, f"tensor {name}: cannot dequantize ({type(e).__name__}: {e})") from e
-        out = np.ascontiguousarray(values, dtype=np.float32)
-        if np.may_share_memory(out, self._reader.data):
-            out = out.copy()  # f32 tensors come back as views of the map: copy before dropping its pages
+        if out is not None:
+            np.copyto(out, values.reshape(out.shape), casting="unsafe")
+        else:
+            out = np.ascontiguousarray(values, dtype=np.float32)
+            if np.may_share_memory(out, self._reader.data):
+                out = out.copy()  # f32 tensors come back as views of the map: copy before dropping its pages
         self._drop_pages(offset, int(data.nbytes))
         return out
 

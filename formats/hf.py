@@ -58,10 +58,13 @@ class Checkpoint(Protocol):
         buffer the next read reuses: use it (write it) before reading another."""
         ...
 
-    def read_rows(self, name: str, row0: int, rows: int) -> np.ndarray:
+    def read_rows(self, name: str, row0: int, rows: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [row0, row0 + rows) of the tensor seen as (rows, last axis), as float32
-        (one expert of a merged 3-D tensor, one part of a fused one): only those bytes
-        are read. The same buffer rule as read."""
+        (one expert of a merged 3-D tensor, one part of a fused one, one chunk of a
+        streamed tensor): only those bytes are read. The same buffer rule as read,
+        unless `out` (a contiguous float32 array of rows x last axis values) is given:
+        then the values are written there and `out`, shaped (rows, last axis), is
+        returned, and no buffer of the reader's is touched."""
         ...
 
     def close(self) -> None: ...
@@ -69,7 +72,8 @@ class Checkpoint(Protocol):
 
 def bf16_bits_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Widen bf16 values given as uint16 bits to float32, exactly."""
-    wide = np.left_shift(bits.astype(np.uint32), 16, out=None if out is None else out.view(np.uint32))
+    # dtype=uint32: the ufunc widens in its own small buffers, no uint32 copy of `bits`
+    wide = np.left_shift(bits, 16, out=None if out is None else out.view(np.uint32), dtype=np.uint32)
     return wide.view(np.float32)
 
 
@@ -84,6 +88,13 @@ class _Buffer:
             self._data = np.empty(0, dtype=np.float32)  # drop the old one before allocating
             self._data = np.empty(n, dtype=np.float32)
         return self._data[:n]
+
+
+def _values_out(out: np.ndarray, count: int) -> np.ndarray:
+    """A caller's `out` for `count` float32 values, flat; anything else is a programming error."""
+    if out.dtype != np.float32 or out.size != count or not out.flags.c_contiguous:
+        raise ValueError(f"out must be {count} contiguous float32 values, not {out.size} {out.dtype}")
+    return out.reshape(-1)
 
 
 def read_tensor_bytes(fd: int, out: np.ndarray, offset: int, path: Path, name: str | None) -> None:
@@ -121,8 +132,10 @@ class SafetensorsFile:
         self._data_start = 8 + n
         return json.loads(os.pread(self._fd, n, 8))
 
-    def read_into(self, name: str, buffer: _Buffer, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The tensor (or rows [a, b) of it seen as (rows, last axis)) as f32 in `buffer`."""
+    def read_into(self, name: str, buffer: _Buffer, rows: tuple[int, int] | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor (or rows [a, b) of it seen as (rows, last axis)) as f32 in `buffer`,
+        or in `out` (float32, exactly that many values) when given."""
         dtype_name, shape, begin, end = self.tensors[name]
         raw_dtype = _SAFETENSORS_DTYPES.get(dtype_name)
         if raw_dtype is None:
@@ -133,7 +146,7 @@ class SafetensorsFile:
             end = begin + (rows[1] - rows[0]) * row_len * raw_dtype.itemsize
             shape = (rows[1] - rows[0], row_len)
         count = (end - begin) // raw_dtype.itemsize
-        out = buffer.get(count)
+        out = buffer.get(count) if out is None else _values_out(out, count)
         if raw_dtype == np.float32:
             read_tensor_bytes(self._fd, out, begin, self.path, name)
         else:
@@ -196,8 +209,8 @@ class SafetensorsCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read_into(name, self._buffer)
 
-    def read_rows(self, name: str, row0: int, rows: int) -> np.ndarray:
-        return self._where[name].read_into(name, self._buffer, (row0, row0 + rows))
+    def read_rows(self, name: str, row0: int, rows: int, out: np.ndarray | None = None) -> np.ndarray:
+        return self._where[name].read_into(name, self._buffer, (row0, row0 + rows), out)
 
     def f32_extent(self, name: str, row0: int = 0, rows: int | None = None) -> tuple[int, int, int] | None:
         """Where a tensor's (or its rows') bytes already are NE f32 data, for an in-kernel copy."""
@@ -247,17 +260,25 @@ class TorchBinCheckpoint:
     def read(self, name: str) -> np.ndarray:
         return self._f32(name, self._tensors[name])
 
-    def read_rows(self, name: str, row0: int, rows: int) -> np.ndarray:
+    def read_rows(self, name: str, row0: int, rows: int, out: np.ndarray | None = None) -> np.ndarray:
         t = self._tensors[name]
-        return self._f32(name, t.reshape(-1, t.shape[-1])[row0:row0 + rows])
+        part = t.reshape(-1, t.shape[-1])[row0:row0 + rows]
+        if out is None:
+            return self._f32(name, part)
+        values = _values_out(out, part.numel()).reshape(part.shape)
+        self._f32(name, part, values)
+        return values
 
-    def _f32(self, name: str, t: Any) -> np.ndarray:
+    def _f32(self, name: str, t: Any, out: np.ndarray | None = None) -> np.ndarray:
         torch = self._torch
         if t.dtype == torch.bfloat16:
-            return bf16_bits_to_f32(t.contiguous().view(torch.int16).numpy().view(np.uint16))
+            return bf16_bits_to_f32(t.contiguous().view(torch.int16).numpy().view(np.uint16), out)
         if not t.dtype.is_floating_point:
             raise NetpError(self.path, f"tensor {name} has dtype {t.dtype}; netp converts floating-point weights")
-        return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+        if out is None:
+            return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+        np.copyto(out, t.numpy(), casting="unsafe")
+        return out
 
     def close(self) -> None:
         self._tensors.clear()
