@@ -49,7 +49,7 @@ class Source:
     path: Path
     arch: Architecture
     hp: HParams
-    tensors: Checkpoint  # names(), shape(name), read(name) / read_rows(name, row0, rows) -> f32
+    tensors: Checkpoint  # names(), shape(name), read(name) / read_rows(name, row0, rows[, out]) -> f32
     gguf: bool  # source names are llama.cpp's (else Hugging Face's)
     transform: bool  # HF weights go through arch.hf_tensor; GGUF ones are already in NE layout
     tie_output: bool  # the output head may come from the embedding when the input has none
@@ -194,6 +194,18 @@ class Extent(NamedTuple):
     nbytes: int
 
 
+class SourceRows(NamedTuple):
+    """A tensor whose values are its source rows as they are, only widened to f32 (bf16,
+    f16, a GGUF type...): read them a chunk at a time, NE rows [r, r + n) being
+    `src.tensors.read_rows(name, row0 + r, n)`, never the whole tensor at once."""
+
+    name: str
+    row0: int
+
+
+TensorData = np.ndarray | Extent | SourceRows
+
+
 @dataclass(frozen=True)
 class NETensor:
     """One tensor of the NE file convert writes: its record, and the source tensor it comes from."""
@@ -218,12 +230,14 @@ def ne_header(src: Source, out_type: GGMLType) -> NEHeader:
     return NEHeader(**src.arch.header_fields(src.hp), ftype=FTYPE_OF_TYPE[out_type])
 
 
-def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NETensor, np.ndarray | Extent]]:
+def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NETensor, TensorData]]:
     """Each NE tensor in file order with its data: an Extent when the source bytes are
-    the NE bytes (f32 to f32, untransformed), else its f32 values in NE layout (which
-    may live in a buffer the next tensor reuses: consume before advancing): its rows of
-    the source tensor read (only those: one expert of a merged tensor at a time),
-    reworked by the HF hook, or generated from the config (no source tensor)."""
+    the NE bytes (f32 to f32, untransformed); SourceRows for any other untransformed
+    matrix, whose rows the consumer reads a chunk at a time; else its f32 values in NE
+    layout (which may live in a buffer the next tensor reuses: consume before
+    advancing): its rows of the source tensor read (only those: one expert of a merged
+    tensor at a time), reworked by the HF hook, or generated from the config (no
+    source tensor)."""
     extent_of = getattr(src.tensors, "f32_extent", None)
     generated = src.generated()
     for t in tensors:
@@ -236,6 +250,10 @@ def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NE
         if extent is not None:
             yield t, Extent(*extent)
             continue
+        if (len(t.shape) > 1 and not src.transforms(t.name)
+                and tuple(src.tensors.shape(name))[-1:] == t.shape[-1:]):  # its rows are the NE rows
+            yield t, SourceRows(name, row0)
+            continue
         whole = row0 == 0 and rows == _n_rows(src.tensors.shape(name))
         data = (src.tensors.read(name) if whole else src.tensors.read_rows(name, row0, rows)).reshape(t.shape)
         if src.transforms(t.name):
@@ -246,6 +264,17 @@ def converted_tensors(src: Source, tensors: list[NETensor]) -> Iterator[tuple[NE
 
 def _n_rows(shape: tuple[int, ...]) -> int:
     return math.prod(shape[:-1]) if len(shape) > 1 else 1
+
+
+def _write_rows(writer: NEWriter, src: Source, t: NETensor, rows: SourceRows) -> None:
+    """A SourceRows tensor read and written a chunk of rows at a time, through one buffer."""
+    row_len, n_rows = t.shape[-1], _n_rows(t.shape)
+    step = max(1, _F16_CHUNK // row_len)
+    buffer = np.empty(min(step, n_rows) * row_len, dtype=np.float32)
+    for r in range(0, n_rows, step):
+        n = min(step, n_rows - r)
+        x = src.tensors.read_rows(rows.name, rows.row0 + r, n, out=buffer[:n * row_len])
+        writer.write(x if t.ggml_type == GGMLType.F32 else x.astype(np.float16))
 
 
 def _write_values(writer: NEWriter, data: np.ndarray, ggml_type: GGMLType) -> None:
@@ -305,6 +334,8 @@ def convert(model: str, outfile: str | Path, outtype: str = "f32", *,
                     writer.begin_tensor(t.name, t.ggml_type, t.shape)
                     if isinstance(data, Extent):  # the bytes are already right: copy them in the kernel, like cp
                         writer.copy_from(*data)
+                    elif isinstance(data, SourceRows):
+                        _write_rows(writer, src, t, data)
                     else:
                         _write_values(writer, data, t.ggml_type)
                     del data
@@ -327,4 +358,4 @@ def summary_line(r: ConvertResult) -> str:
 
 
 __all__ = ["convert", "open_input", "open_model", "plan_ne_tensors", "ne_tensors", "ne_header", "converted_tensors",
-           "summary_line", "ConvertResult", "Source", "NETensor", "Extent", "OUT_TYPES"]
+           "summary_line", "ConvertResult", "Source", "NETensor", "Extent", "SourceRows", "TensorData", "OUT_TYPES"]

@@ -6,15 +6,16 @@ exists here only as a StreamedNE: its layout (header, vocab, every tensor
 record and offset) is computed up front from the convert plan and the
 quantize rules, and shard's streaming copier reads it as it reads a real
 file. Each read of tensor rows is answered from the checkpoint tensor being
-worked on: read once (or, for an f32 tensor stored as it is, rows read
-straight from the checkpoint), converted as convert converts it, encoded as
+worked on: read once (or, for an untransformed tensor, its rows read
+straight from the checkpoint a chunk at a time), converted as convert converts it, encoded as
 quantize encodes it (encode_rows: the same codecs, the same finiteness
 checks), so the rank files are byte-identical to the three-step path's and
 the source sha256 in the manifest is that of the file the three steps would
 have written, hashed as the bytes stream through.
 
-Resident memory: the largest tensor's f32 values (for a tensor that must be
-decoded or transformed) plus shard's buffer ring.
+Resident memory: shard's buffer ring, two chunks of f32 rows, and the largest
+tensor the HF hook reworks (LLaMA's wq/wk), held whole in f32; an untransformed
+tensor, the embedding included, is never whole in memory.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import dataclasses
 import math
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,7 +31,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from netp.convert.stage import (
-    Extent, NETensor, Source, converted_tensors, ne_header, ne_tensors, open_model, plan_ne_tensors as convert_plan,
+    Extent, NETensor, Source, SourceRows, TensorData, converted_tensors, ne_header, ne_tensors, open_model,
+    plan_ne_tensors as convert_plan,
 )
 from netp.errors import NetpError
 from netp.formats.constants import QUANTIZED_TYPES, TYPE_NAMES, GGMLType, type_from_name
@@ -70,9 +72,9 @@ class _ConvertedRows:
     def __init__(self, src: Source, tensors: list[NETensor], types: dict[str, GGMLType], quantizing: bool,
                  nthread: int):
         self.src, self.types, self.quantizing, self.nthread = src, types, quantizing, nthread
-        self._items: Iterator[tuple[NETensor, np.ndarray | Extent]] = converted_tensors(src, tensors)
-        self._current: tuple[NETensor, np.ndarray | Extent] | None = None
-        # Rows read straight from the checkpoint: the next chunk is read on a helper
+        self._items: Iterator[tuple[NETensor, TensorData]] = converted_tensors(src, tensors)
+        self._current: tuple[NETensor, TensorData] | None = None
+        # Rows read from the checkpoint (Extent, SourceRows): the next chunk is read on a helper
         # thread (into the other of two buffers) while this one is encoded.
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netp-read")
         self._buffers = [np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)]
@@ -82,23 +84,33 @@ class _ConvertedRows:
     def close(self) -> None:
         self._reads.shutdown(wait=True)
 
-    def _tensor(self, name: str) -> tuple[NETensor, np.ndarray | Extent]:
+    def _tensor(self, name: str) -> tuple[NETensor, TensorData]:
         while self._current is None or self._current[0].name != name:
+            if self._ahead is not None:  # a read of the last tensor's rows ends before the reader moves on
+                wait([self._ahead[1]])
+                self._ahead = None
             self._current = None  # drop the last tensor's values before reading the next
             self._current = next(self._items)
         return self._current
 
-    def _read_rows(self, t: NETensor, extent: Extent, row0: int, n: int, slot: int) -> np.ndarray:
+    def _read_into(self, t: NETensor, data: Extent | SourceRows, row0: int, x: np.ndarray) -> np.ndarray:
+        """f32 values of rows [row0, row0 + x.size // row length) read from the checkpoint into `x`."""
+        row_len = t.shape[-1]
+        if isinstance(data, SourceRows):
+            return self.src.tensors.read_rows(data.name, data.row0 + row0, x.size // row_len, out=x)
+        read_tensor_bytes(data.fd, x, data.offset + row0 * row_len * 4, self.src.path, t.source_name)
+        return x.reshape(-1, row_len)
+
+    def _read_rows(self, t: NETensor, data: Extent | SourceRows, row0: int, n: int, slot: int) -> np.ndarray:
         row_len = t.shape[-1]
         if self._buffers[slot].size < n * row_len:
+            self._buffers[slot] = np.empty(0, dtype=np.float32)  # drop the old one before allocating
             self._buffers[slot] = np.empty(n * row_len, dtype=np.float32)
-        x = self._buffers[slot][:n * row_len]
-        read_tensor_bytes(extent.fd, x, extent.offset + row0 * row_len * 4, self.src.path, t.source_name)
-        return x.reshape(n, row_len)
+        return self._read_into(t, data, row0, self._buffers[slot][:n * row_len])
 
-    def _rows(self, t: NETensor, data: np.ndarray | Extent, row0: int, n: int) -> np.ndarray:
+    def _rows(self, t: NETensor, data: TensorData, row0: int, n: int) -> np.ndarray:
         """f32 values of rows [row0, row0 + n), (n, row length)."""
-        if not isinstance(data, Extent):
+        if isinstance(data, np.ndarray):
             return data.reshape(-1, t.shape[-1])[row0:row0 + n]
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == (t.name, row0, n):
@@ -121,8 +133,8 @@ class _ConvertedRows:
         out_type = self.types[info.name]
         row_len = t.shape[-1]
         n = out.nbytes // (info.nbytes if len(info.shape) == 1 else info.row_nbytes)
-        if isinstance(data, Extent) and out_type == GGMLType.F32 and not self.quantizing:
-            read_tensor_bytes(data.fd, out, data.offset + row0 * row_len * 4, self.src.path, t.source_name)
+        if not isinstance(data, np.ndarray) and out_type == GGMLType.F32 and not self.quantizing:
+            self._read_into(t, data, row0, out.view(np.float32))  # straight into shard's buffer
             return
         x = self._rows(t, data, row0, n)
         if not self.quantizing:  # convert's conversion: no finiteness check, as convert has none

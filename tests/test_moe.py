@@ -201,7 +201,7 @@ def test_a_merged_tensor_is_read_one_expert_at_a_time(moe_hf, tmp_path, monkeypa
     whole, rows = SafetensorsCheckpoint.read, SafetensorsCheckpoint.read_rows
     monkeypatch.setattr(SafetensorsCheckpoint, "read", lambda self, n: reads.append((n, None)) or whole(self, n))
     monkeypatch.setattr(SafetensorsCheckpoint, "read_rows",
-                        lambda self, n, r0, k: reads.append((n, k)) or rows(self, n, r0, k))
+                        lambda self, n, r0, k, out=None: reads.append((n, k)) or rows(self, n, r0, k, out))
     convert(str(moe_hf("qwen2_moe", "merged")), tmp_path / "out.bin", "f16")  # f16: every tensor is read
     merged = [(n, k) for n, k in reads if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert len(merged) == 8 * 3  # layer 1: gate, up, down of each of 8 experts

@@ -357,3 +357,72 @@ def test_override_choices_agree():
     from netp.quantize import cli, rules
 
     assert cli.OVERRIDE_TYPES == rules.OVERRIDE_TYPES
+
+
+def _big_embedding_checkpoint(folder: Path, n_vocab: int, n_embd: int) -> int:
+    """A one-layer bf16 LLaMA folder (tied head, test_fuzz's tiny tokenizer padded to
+    n_vocab) whose embedding dwarfs every other tensor; written a chunk of rows at a
+    time. Returns the embedding's size in f32."""
+    import json
+
+    from test_fuzz import tiny_tokenizer
+
+    n_ff, n_head = 256, 8
+    folder.mkdir()
+    tok = tiny_tokenizer()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": n_vocab, "hidden_size": n_embd,
+        "intermediate_size": n_ff, "num_hidden_layers": 1, "num_attention_heads": n_head,
+        "num_key_value_heads": n_head, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
+        "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}))
+    layer = "model.layers.0."
+    shapes = {"model.embed_tokens.weight": (n_vocab, n_embd), "model.norm.weight": (n_embd,),
+              layer + "input_layernorm.weight": (n_embd,), layer + "post_attention_layernorm.weight": (n_embd,),
+              **{layer + f"self_attn.{p}_proj.weight": (n_embd, n_embd) for p in "qkvo"},
+              layer + "mlp.gate_proj.weight": (n_ff, n_embd), layer + "mlp.up_proj.weight": (n_ff, n_embd),
+              layer + "mlp.down_proj.weight": (n_embd, n_ff)}
+    header, at = {}, 0
+    for name, shape in shapes.items():
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [at, at + 2 * int(np.prod(shape))]}
+        at = header[name]["data_offsets"][1]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    rng = np.random.default_rng(0)
+    block = ((rng.standard_normal((1024, n_embd), dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for shape in shapes.values():
+            rows = int(np.prod(shape[:-1]))
+            for r in range(0, rows, block.shape[0]):
+                part = block[:min(block.shape[0], rows - r), :shape[-1]]
+                f.write((part | np.uint16(0x3f80) if len(shape) == 1 else part).tobytes())  # norms near 1
+    return n_vocab * n_embd * 4
+
+
+@pytest.mark.parametrize("command", ["pipeline", "convert"])
+def test_bf16_tensors_stream_in_chunks(command, tmp_path):
+    """A bf16 tensor is read a chunk of rows at a time, never whole in f32: the one pass's
+    (and convert's) peak memory grows by far less than the largest tensor's f32 values
+    (here a 400 MB embedding; growth measured in a fresh process from after its imports)."""
+    import subprocess
+    import sys
+
+    f32_bytes = _big_embedding_checkpoint(tmp_path / "model", 98304, 1024)
+    call = (f"run_pipeline({str(tmp_path / 'model')!r}, {str(tmp_path / 'shards')!r}, 'f16', 2)"
+            if command == "pipeline" else
+            f"convert({str(tmp_path / 'model')!r}, {str(tmp_path / 'ne-f32.bin')!r}, 'f32')")
+    code = f"""
+import resource
+from netp.convert.pipeline import convert
+from netp.pipeline.onepass import run_pipeline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+{call}
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.split()[-1])
+    assert grown < f32_bytes / 2, (grown, f32_bytes)
