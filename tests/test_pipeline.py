@@ -416,7 +416,7 @@ def test_bf16_tensors_stream_in_chunks(command, tmp_path):
             f"convert({str(tmp_path / 'model')!r}, {str(tmp_path / 'ne-f32.bin')!r}, 'f32')")
     code = f"""
 import resource
-from netp.convert.pipeline import convert
+from netp.convert.stage import convert
 from netp.pipeline.onepass import run_pipeline
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 {call}
