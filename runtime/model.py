@@ -13,6 +13,7 @@ from netp.errors import NetpError
 from netp.models.context import ForwardTrace
 from netp.models.layers import rotary_tables
 from netp.runtime import kernels  # noqa: F401 - before numba loads: it sets numba's cache folder
+from netp.runtime.blas import set_blas_threads
 from netp.runtime.comm import Comm
 from netp.runtime.kvcache import KVCache
 from netp.runtime.sources import RankSource, ResolvedModel, open_rank_source
@@ -109,6 +110,8 @@ def load_rank_model(model: str | os.PathLike | ResolvedModel, comm: Comm, n_ctx:
     try:
         try:
             weights = RankWeights(source, use_mmap=use_mmap, nthread=nthread, exact=exact)
+            if nthread > 1 and weights.matrix_types and not weights.matrix_types & {"f32", "f16"}:
+                set_blas_threads(1)  # BLAS only runs prefill attention here (docs/design.md §5, -t)
             rank_model = RankModel(source, comm, weights, n_ctx)
         except Exception:
             source.confirm()  # a file that is not the expected one explains any failure first

@@ -701,3 +701,37 @@ def test_smollm2_q4_0_two_ranks_under_mpiexec(smollm2_q4_0, smollm2_shards):
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     assert one.stdout.splitlines()[:-1] == two.stdout.splitlines()[:-1]
     assert "weights q4_0 blocks |" in one.stdout and "weights q4_0 blocks |" in two.stdout
+
+
+def _openblas_threads() -> int:
+    """OpenBLAS's thread count in this process, from the library numpy loaded."""
+    import ctypes
+    import re
+
+    with open("/proc/self/maps") as f:
+        libs = set(re.findall(r"\S*openblas\S*\.so\S*", f.read()))
+    for lib in libs:
+        handle = ctypes.CDLL(lib)
+        for name in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                     "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            getter = getattr(handle, name, None)
+            if getter is not None:
+                return int(getter())
+    pytest.skip("numpy's BLAS is not OpenBLAS")
+
+
+def test_a_rank_of_blocks_leaves_blas_one_thread(smollm2_f32, smollm2_q4_0, monkeypatch):
+    """-t 2 on a q4_0 file: the kernels get both threads and BLAS (prefill's attention only) one, as
+    OpenBLAS's spinning workers would take a core from the kernels; an f32 file's products are BLAS's."""
+    from netp.runtime.blas import set_blas_threads
+
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))  # restored after the test
+    before = _openblas_threads()
+    try:
+        for path, want in ((smollm2_f32, 2), (smollm2_q4_0, 1)):
+            set_blas_threads(2)
+            load_rank_model(path, SoloComm(), 8, nthread=2).close()
+            assert _openblas_threads() == want, path.name
+    finally:
+        set_blas_threads(before)
