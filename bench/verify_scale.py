@@ -73,7 +73,7 @@ def main() -> None:
             quantize_file(f32, q4, GGMLType.Q4_0)
             shard_file(q4, shards, 2)
         else:  # no f32 file: the q4_0 file and the set straight from the checkpoint, --f32 left out
-            print(f"the f32 NE file needs {need / GB:.1f} GB (and its q4_0 copies more) than the free disk holds: "
+            print(f"the f32 NE file ({need / GB:.1f} GB) and its q4_0 copies need more than the free disk holds: "
                   "--f32 is left out; q4_0 by netp pipeline", flush=True)
             for ranks, out in ((1, work / "one"), (2, shards)):
                 run([str(BIN / "netp"), "pipeline", "-q", str(hf), str(out), "--outtype", "q4_0", "--ranks", str(ranks)])
