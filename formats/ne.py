@@ -323,6 +323,13 @@ class NEReader:
         """Fill `out` (a writable uint8 buffer) with file bytes from `offset`."""
         read_exact_at(self._file.fileno(), out, offset, self.path, f"truncated: short read at offset {offset}")
 
+    def release_pages(self) -> None:
+        """Drop this process's hold on the mapped pages read so far (MADV_DONTNEED): they stay in
+        the page cache and fault back in when touched again, so a reader whose tensors were copied
+        out (the runtime's tiles) no longer counts the whole file in its RSS."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
     def fileno(self) -> int:
         """The open file's descriptor (for pread-based reads such as hashing)."""
         return self._file.fileno()

@@ -76,6 +76,8 @@ class RankWeights:
             self.resident_bytes += emb.nbytes  # --no_mmap: the table is read into memory
         self._globals = self._assemble(arch.runtime_tensors(None, source.hp))
         self.layers = [self._assemble(arch.runtime_tensors(i, source.hp)) for i in range(source.hp.n_layer)]
+        if use_mmap:  # the matrices are copies now; only the embedding's looked-up rows are read from the map
+            source.reader.release_pages()
 
     def _setup(self, source: RankSource, use_mmap: bool, nthread: int, exact: bool) -> None:
         self.source, self.use_mmap, self.nthread, self.exact = source, use_mmap, nthread, exact

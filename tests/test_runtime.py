@@ -735,3 +735,27 @@ def test_a_rank_of_blocks_leaves_blas_one_thread(smollm2_f32, smollm2_q4_0, monk
             assert _openblas_threads() == want, path.name
     finally:
         set_blas_threads(before)
+
+
+def _mapped_rss(path: Path) -> int:
+    """Bytes of `path`'s mappings resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = fields[-1] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+def test_a_loaded_rank_does_not_hold_its_mapped_file(smollm2_q4_0):
+    """The tiles are copies: after load the map holds only what lookups touch, not the whole file
+    (at 32 layers of the 8B shape the file's pages had doubled a rank's RSS)."""
+    m = load_rank_model(smollm2_q4_0, SoloComm(), 8)
+    try:
+        m.forward(np.array([1, 2, 3]), 0)
+        assert _mapped_rss(smollm2_q4_0.resolve()) < smollm2_q4_0.stat().st_size // 10
+    finally:
+        m.close()
