@@ -323,12 +323,19 @@ class NEReader:
         """Fill `out` (a writable uint8 buffer) with file bytes from `offset`."""
         read_exact_at(self._file.fileno(), out, offset, self.path, f"truncated: short read at offset {offset}")
 
-    def release_pages(self) -> None:
-        """Drop this process's hold on the mapped pages read so far (MADV_DONTNEED): they stay in
-        the page cache and fault back in when touched again, so a reader whose tensors were copied
-        out (the runtime's tiles) no longer counts the whole file in its RSS."""
-        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+    def release_pages(self, name: str | None = None) -> None:
+        """Drop this process's hold on the mapped pages of tensor `name` (None: the whole file)
+        read so far (MADV_DONTNEED): they stay in the page cache and fault back in when touched
+        again, so a reader whose tensors were copied out (the runtime's tiles) does not count
+        the file in its RSS as well."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if name is None:
             self._mmap.madvise(mmap.MADV_DONTNEED)
+            return
+        info = self.info(name)
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE  # the pages it shares with a neighbour too
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def fileno(self) -> int:
         """The open file's descriptor (for pread-based reads such as hashing)."""

@@ -76,7 +76,7 @@ class RankWeights:
             self.resident_bytes += emb.nbytes  # --no_mmap: the table is read into memory
         self._globals = self._assemble(arch.runtime_tensors(None, source.hp))
         self.layers = [self._assemble(arch.runtime_tensors(i, source.hp)) for i in range(source.hp.n_layer)]
-        if use_mmap:  # the matrices are copies now; only the embedding's looked-up rows are read from the map
+        if use_mmap:  # norms and biases were copied too; only the embedding's looked-up rows are read from the map
             source.reader.release_pages()
 
     def _setup(self, source: RankSource, use_mmap: bool, nthread: int, exact: bool) -> None:
@@ -143,6 +143,10 @@ class RankWeights:
             partial = self.source.arch.split_rule(names[0]).kind == "cols"  # its products get all-reduced
             groups = [self._matrix(group, partial) for group in _runs_of_one_form(parts)]
             matrix = groups[0] if len(groups) == 1 else StackedMatrix(groups)
+            if self.use_mmap:  # copied out: its mapped pages need not stay in this rank's RSS
+                for n in names:
+                    if n in self.source.reader.tensors:  # not a tied head's embedding rows
+                        self.source.reader.release_pages(n)
             self.resident_bytes += matrix.nbytes
             out[key] = matrix
         return out
