@@ -52,7 +52,7 @@ def _sum_squares(x):  # in f64
     return ss
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rms_norm_into(x, delta, weight, eps, out):
     """out[t] = RMSNorm(x[t]) * weight for each row t of x (T, n); with delta (same shape, not empty)
     x += delta first, in place. Sums of squares in f64, the rest in f32 as transformers."""
@@ -68,7 +68,7 @@ def rms_norm_into(x, delta, weight, eps, out):
             out[t, i] = x[t, i] * scale * weight[i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def silu_mul(gate_up, out):
     """out (T, f) = silu(gate) * up, from gate_up (T, 2f) = gate | up."""
     f = out.shape[1]
@@ -101,7 +101,7 @@ def _rotate(x, cos, sin, halves):  # rotary on one (hd,) head: pairs (2i, 2i+1) 
             x[2 * i], x[2 * i + 1] = r0, r1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def attend_one(heads, k_cache, v_cache, pos, cos, sin, halves, group, cache_of_kv, window,
                q_norm, k_norm, eps, scores, out):
     """One token at position pos: heads (nq + 2 nkv, hd) = this rank's q heads, k heads, v heads

@@ -140,7 +140,7 @@ def _pack_tile(kind, src, qs, d, m, row0, t):
             _pack_few(src, qs, d, m, row0, t, a, z)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pack_serial(kind, src, qs, d, m, row0):
     for t in range(row0 // R, (row0 + src.shape[0] - 1) // R + 1):
         _pack_tile(kind, src, qs, d, m, row0, t)
@@ -191,7 +191,7 @@ def _f16_value(v):
     return np.float32(np.rint(np.float64(v) / quantum) * quantum)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _quantize_q8(x, xq, xd, xs):
     """x (T, n_in) f32 -> codes xq (T, blocks, 32) int8, scales xd (T, blocks)
     f32 (the f16 value), code sums xs (T, blocks) int32: gguf.quants Q8_0."""
@@ -429,9 +429,10 @@ def _vnni_tile(kind, qs, d, m, xq, xd, xs, out, tl):
 
 
 # -- drivers: one serial, one prange, per path (numba caches each function once, so the two loops are
-# two functions around the same tile code).
+# two functions around the same tile code). The serial ones, packing and the q8_0 quantizer release the
+# GIL (nogil): a load's sha256 thread and the ranks simulated as threads run beside them.
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _q8_serial(kind, qs, d, m, f16, xq, xd, xs, out):
     one = xq.shape[0] == 1
     for tl in range(qs.shape[0]):
@@ -451,7 +452,7 @@ def _q8_parallel(kind, qs, d, m, f16, xq, xd, xs, out):
             _q8_rows(kind, qs, d, m, f16, xq, xd, xs, out, np.int64(tl))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _vnni_serial(kind, qs, d, m, xq, xd, xs, out):
     for tl in range(qs.shape[0]):
         _vnni_tile(kind, qs, d, m, xq, xd, xs, out, tl)
@@ -463,7 +464,7 @@ def _vnni_parallel(kind, qs, d, m, xq, xd, xs, out):
         _vnni_tile(kind, qs, d, m, xq, xd, xs, out, np.int64(tl))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _f32_serial(kind, qs, d, m, f16, x, xsum, out):
     for tl in range(qs.shape[0]):
         _f32_tile(kind, qs, d, m, f16, x, xsum, out, tl)

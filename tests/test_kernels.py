@@ -241,3 +241,14 @@ def test_a_cpu_without_vnni_runs_the_portable_loops_with_the_same_bits(tmp_path)
     available, bits = p.stdout.split()
     assert available == "0"
     assert bits == portable_case()
+
+
+def test_the_drivers_python_calls_release_the_gil():
+    """A load's sha256 thread and ranks simulated as threads run beside these calls only when they do
+    not hold the GIL (measured: 2 simulated ranks of the 8B shape decoded at 6.9 tok/s with it, 14.0
+    without)."""
+    from netp.models import compiled
+
+    entry = [K._pack_serial, K._quantize_q8, K._q8_serial, K._vnni_serial,
+             K._f32_serial, compiled.rms_norm_into, compiled.silu_mul, compiled.attend_one]
+    assert [f.py_func.__name__ for f in entry if not f.targetoptions.get("nogil")] == []
