@@ -9,11 +9,33 @@ streaming reads, the safetensors reader, the one-pass reader) uses this.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 
 import numpy as np
 
 from netp.errors import NetpError
+
+
+def float32_out(out: np.ndarray, count: int) -> np.ndarray:
+    """A caller's buffer for `count` float32 values, flat; anything else is a programming error."""
+    if out.dtype != np.float32 or out.size != count or not out.flags.c_contiguous:
+        raise ValueError(f"out must be {count} contiguous float32 values, not {out.size} {out.dtype}")
+    return out.reshape(-1)
+
+
+def drop_mapped_pages(mapped: mmap.mmap, offset: int = 0, nbytes: int | None = None) -> None:
+    """Release this process's hold on the pages of bytes [offset, offset + nbytes) of a file
+    mapping (all of it without nbytes), the partial pages at its ends included (MADV_DONTNEED):
+    they stay in the page cache and fault back in when touched, so bytes already copied out
+    do not count in the RSS a second time."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if nbytes is None:
+        mapped.madvise(mmap.MADV_DONTNEED)
+        return
+    start = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
 
 
 def read_exact_at(fd: int, out: np.ndarray | memoryview, offset: int, path: str | os.PathLike,

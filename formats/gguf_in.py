@@ -8,7 +8,6 @@ so reading every tensor does not leave the whole file resident.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from netp.errors import NetpError
+from netp.formats.fileio import drop_mapped_pages, float32_out
 from netp.formats.paths import regular_file
 
 _STEP_VALUES = 1 << 20  # values dequantized per step when reading rows into a caller's buffer
@@ -88,9 +88,7 @@ class GGUFFile:
         shape = (rows, self.shape(name)[-1])
         if out is None:
             return self._dequantize(name, part, offset).reshape(shape)
-        if out.dtype != np.float32 or out.size != rows * shape[1] or not out.flags.c_contiguous:
-            raise ValueError(f"out must be {rows * shape[1]} contiguous float32 values, not {out.size} {out.dtype}")
-        out = out.reshape(shape)
+        out = float32_out(out, rows * shape[1]).reshape(shape)
         step = max(1, _STEP_VALUES // shape[1])  # gguf-py's temporaries stay a few times one step
         for r in range(0, rows, step):
             self._dequantize(name, part[r:r + step], offset + r * part.strides[0], out[r:r + step])
@@ -120,9 +118,8 @@ class GGUFFile:
         raw = getattr(self._reader.data, "_mmap", None)
         if raw is None or not hasattr(raw, "madvise"):
             return
-        start = offset - offset % mmap.PAGESIZE
         with contextlib.suppress(OSError, ValueError):
-            raw.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+            drop_mapped_pages(raw, offset, nbytes)
 
     def close(self) -> None:
         self._tensors.clear()

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from netp.errors import NetpError
-from netp.formats.fileio import read_exact_at
+from netp.formats.fileio import float32_out, read_exact_at
 from netp.formats.paths import plain_name, read_json, regular_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -90,13 +90,6 @@ class _Buffer:
         return self._data[:n]
 
 
-def _values_out(out: np.ndarray, count: int) -> np.ndarray:
-    """A caller's `out` for `count` float32 values, flat; anything else is a programming error."""
-    if out.dtype != np.float32 or out.size != count or not out.flags.c_contiguous:
-        raise ValueError(f"out must be {count} contiguous float32 values, not {out.size} {out.dtype}")
-    return out.reshape(-1)
-
-
 def read_tensor_bytes(fd: int, out: np.ndarray, offset: int, path: Path, name: str | None) -> None:
     """Fill `out` with the bytes of tensor `name` from `offset` of `fd`; a file that ends first is named."""
     read_exact_at(fd, out, offset, path, f"truncated: file ends inside tensor {name}")
@@ -146,7 +139,7 @@ class SafetensorsFile:
             end = begin + (rows[1] - rows[0]) * row_len * raw_dtype.itemsize
             shape = (rows[1] - rows[0], row_len)
         count = (end - begin) // raw_dtype.itemsize
-        out = buffer.get(count) if out is None else _values_out(out, count)
+        out = buffer.get(count) if out is None else float32_out(out, count)
         if raw_dtype == np.float32:
             read_tensor_bytes(self._fd, out, begin, self.path, name)
         else:
@@ -265,7 +258,7 @@ class TorchBinCheckpoint:
         part = t.reshape(-1, t.shape[-1])[row0:row0 + rows]
         if out is None:
             return self._f32(name, part)
-        values = _values_out(out, part.numel()).reshape(part.shape)
+        values = float32_out(out, part.numel()).reshape(part.shape)
         self._f32(name, part, values)
         return values
 

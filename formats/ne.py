@@ -29,7 +29,7 @@ from netp.formats.constants import (
     FTYPE_OF_TYPE, GGMLType, NE_ALIGNMENT, NE_FILE_VERSION, NE_HEADER_FIELDS, NE_HEADER_STRUCT,
     NE_MAGIC, NE_MAX_DIMS, NE_TENSOR_HEAD, SUPPORTED_TYPES, block_geometry,
 )
-from netp.formats.fileio import read_exact_at
+from netp.formats.fileio import drop_mapped_pages, read_exact_at
 from netp.formats.paths import regular_file
 
 if TYPE_CHECKING:
@@ -328,14 +328,13 @@ class NEReader:
         read so far (MADV_DONTNEED): they stay in the page cache and fault back in when touched
         again, so a reader whose tensors were copied out (the runtime's tiles) does not count
         the file in its RSS as well."""
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._mmap is None:
             return
         if name is None:
-            self._mmap.madvise(mmap.MADV_DONTNEED)
-            return
-        info = self.info(name)
-        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE  # the pages it shares with a neighbour too
-        self._mmap.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+            drop_mapped_pages(self._mmap)
+        else:
+            info = self.info(name)
+            drop_mapped_pages(self._mmap, info.offset, info.nbytes)
 
     def fileno(self) -> int:
         """The open file's descriptor (for pread-based reads such as hashing)."""
