@@ -30,7 +30,7 @@ from netp.formats.atomic import atomic_dir
 from netp.formats.constants import FTYPE_OF_TYPE, GGMLType
 from netp.formats.hf import Checkpoint, open_checkpoint, read_json_object
 from netp.formats.ne import NEHeader, NEWriter
-from netp.formats.paths import check_output_place, regular_file
+from netp.formats.paths import check_output_place, is_gguf
 from netp.formats.tokenizer_dir import check_tokenizer_files, tokenizer_dir_for
 from netp.formats.vocab import Vocab
 from netp.models.architecture import Architecture, SourcePart
@@ -132,10 +132,7 @@ def open_gguf(path: Path) -> Source:
 def open_input(path: Path) -> Source:
     if path.is_dir():
         return open_hf_folder(path)
-    regular_file(path, "a Hugging Face model folder or GGUF file")  # a FIFO would block the read below
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    if is_gguf(path, "a Hugging Face model folder or GGUF file"):
         return open_gguf(path)
     raise NetpError(path, "is neither a Hugging Face model folder nor a GGUF file")
 

@@ -61,6 +61,14 @@ def regular_file(path: str | os.PathLike, what: str = "a file") -> os.stat_resul
     return st
 
 
+def is_gguf(path: str | os.PathLike, what: str) -> bool:
+    """Whether the regular file `path` (refused otherwise, `what` naming what it should be: a FIFO
+    would block the read) starts with GGUF's magic."""
+    regular_file(path, what)
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def read_capped(path: str | os.PathLike, cap: int, what: str = "a file") -> bytes:
     """The bytes of regular file `path`, refused when larger than `cap` (checked
     before and while reading: the file may grow)."""

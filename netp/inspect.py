@@ -126,12 +126,9 @@ def describe(path: Path) -> dict[str, Any]:
         if not (path / MANIFEST_NAME).exists():
             raise NetpError(path, f"is a directory without {MANIFEST_NAME} (not a shard set)")
         return describe_shards(path)
-    from netp.formats.paths import regular_file
+    from netp.formats.paths import is_gguf
 
-    regular_file(path, "an NE file, a GGUF file or a shard set")  # a FIFO would block the read below
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    if is_gguf(path, "an NE file, a GGUF file or a shard set"):
         return describe_gguf(path)
     return describe_ne(path)
 
