@@ -17,7 +17,6 @@ import time
 import numpy as np
 
 
-
 def _reader(barrier: mp.synchronize.Barrier, nbytes: int, passes: int, out: mp.queues.Queue) -> None:
     a = np.ones(nbytes // 8, dtype=np.uint64)  # pages touched before the clock starts
     best = float("inf")

@@ -12,8 +12,7 @@ process), each rank's resident weights (from a `netp run` timing line), the goal
 max RSS <= the largest rank's resident weights + 2 GB, and the wall time.
 Disk: the f32 file needs 0.87 GB per layer (+1.6 GB); when the free space cannot hold it and its
 q4_0 copies, the q4_0 file and the set come from `netp pipeline` instead and only --ref runs
-(--hf is compared with the f32 file; said in the output). --no-mmap passes --no_mmap to verify (a mapped rank file's pages count in
-the RSS while verify runs).
+(--hf is compared with the f32 file; said in the output). --no-mmap passes --no_mmap to verify.
 Random weights: the comparisons' figures mean nothing here (the KL limits may fail); this
 bench measures memory and time only.
 Usage: python bench/verify_scale.py [--layers 32] [--no-mmap]
@@ -52,8 +51,7 @@ def verify_run(args: list[str]) -> tuple[float, float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--no-mmap", action="store_true", help="verify --no_mmap: read the rank files, not mapped "
-                    "(a mapped file's pages count in the RSS)")
+    ap.add_argument("--no-mmap", action="store_true", help="verify --no_mmap: read the rank files, not mapped")
     args = ap.parse_args()
     from netp.convert.stage import convert
     from netp.formats.constants import GGMLType
