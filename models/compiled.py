@@ -14,7 +14,8 @@ each step is one compiled call:
   the KV-cache write and one softmax product per query head.
 Every value is computed per row or per query head in one fixed order, so
 results do not depend on the thread count or on how heads are grouped over
-ranks (a rank whose KV groups straddle computes what one rank does).
+ranks (a rank whose KV groups straddle computes what one rank does: each
+query head names the cached KV head it reads).
 
 Imported by models.layers on first use (numba's import costs ~0.5 s, which
 convert and quantize never need); cache=True keeps the compiled code in
@@ -102,32 +103,28 @@ def _rotate(x, cos, sin, halves):  # rotary on one (hd,) head: pairs (2i, 2i+1) 
 
 
 @njit(cache=True, nogil=True)
-def attend_one(heads, k_cache, v_cache, pos, cos, sin, halves, group, cache_of_kv, window,
-               q_norm, k_norm, eps, scores, out):
+def attend_one(heads, k_cache, v_cache, pos, cos, sin, halves, cache_of_q, window, q_norm, k_norm, eps, scores, out):
     """One token at position pos: heads (nq + 2 nkv, hd) = this rank's q heads, k heads, v heads
-    (modified in place: normed and rotated); k_cache, v_cache (n_cache, n_ctx, hd) get the new
-    k and v at pos; out (nq, hd) = softmax(q k^T / sqrt(hd)) v per query head over positions
-    max(0, pos - window + 1)..pos (window 0: all). Cached head c copies KV head cache_of_kv[c]
-    (empty: c) and serves query heads c * group .. c * group + group - 1. q_norm / k_norm empty:
-    none. scores: (n_ctx,) f32 scratch."""
+    (modified in place: normed and rotated); k_cache, v_cache (nkv, n_ctx, hd) get the new k and v
+    at pos; out (nq, hd) = softmax(q k^T / sqrt(hd)) v per query head h, against cached head
+    cache_of_q[h], over positions max(0, pos - window + 1)..pos (window 0: all). q_norm / k_norm
+    empty: none. scores: (n_ctx,) f32 scratch."""
     hd = heads.shape[1]
-    n_cache = k_cache.shape[0]
-    nkv = (heads.shape[0] - out.shape[0]) // 2
+    nkv = k_cache.shape[0]
     nq = out.shape[0]
     normed = q_norm.shape[0] > 0
     for h in range(nq + nkv):
         if normed:
             _head_norm(heads[h], q_norm if h < nq else k_norm, eps)
         _rotate(heads[h], cos, sin, halves)
-    for c in range(n_cache):
-        src = cache_of_kv[c] if cache_of_kv.shape[0] > 0 else c
+    for c in range(nkv):
         for i in range(hd):
-            k_cache[c, pos, i] = heads[nq + src, i]
-            v_cache[c, pos, i] = heads[nq + nkv + src, i]
+            k_cache[c, pos, i] = heads[nq + c, i]
+            v_cache[c, pos, i] = heads[nq + nkv + c, i]
     lo = pos - window + 1 if 0 < window <= pos else 0
     scale = np.float32(1.0 / math.sqrt(hd))
     for h in range(nq):
-        c = h // group
+        c = cache_of_q[h]
         top = -np.inf
         for j in range(lo, pos + 1):
             s = _dot(heads[h], k_cache[c, j]) * scale
@@ -156,7 +153,6 @@ def exercise() -> None:
     silu_mul(np.ones((2, 8), f32), np.empty((2, 4), f32))
     heads, cache = np.ones((3, 4), f32), np.zeros((1, 2, 4), f32)
     for norm in (np.ones(4, f32), np.empty(0, f32)):
-        for straddle in (np.zeros(1, np.intp), np.empty(0, np.intp)):
-            for halves in (False, True):
-                attend_one(heads, cache, cache.copy(), 1, np.ones(2, f32), np.zeros(2, f32), halves, 1, straddle,
-                           0, norm, norm, 1e-5, np.empty(2, f32), np.empty((1, 4), f32))
+        for halves in (False, True):
+            attend_one(heads, cache, cache.copy(), 1, np.ones(2, f32), np.zeros(2, f32), halves,
+                       np.zeros(1, np.intp), 0, norm, norm, 1e-5, np.empty(2, f32), np.empty((1, 4), f32))

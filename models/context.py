@@ -61,9 +61,9 @@ class RankContext(Protocol):
     """One rank as its forward sees it.
 
     n_q / n_kv: this rank's query / KV heads. The cache holds one head per
-    local KV head, each serving cache_group consecutive query heads; or,
-    when a KV group straddles two ranks, one head per query head
-    (cache_of_kv: the local KV head each copies; cache_group 1).
+    local KV head; query head h reads cached head cache_of_q[h]. cache_group:
+    query heads per KV head when this rank holds whole groups (then
+    cache_of_q[h] == h // cache_group), 0 when a group straddles two ranks.
     rope_cos / rope_sin: (n_ctx, n_rot / 2) rotary tables.
     """
 
@@ -89,13 +89,19 @@ class RankContext(Protocol):
     def cache_group(self) -> int: ...
 
     @property
-    def cache_of_kv(self) -> np.ndarray | None: ...
+    def cache_of_q(self) -> np.ndarray: ...
 
     @property
     def rope_cos(self) -> np.ndarray: ...
 
     @property
     def rope_sin(self) -> np.ndarray: ...
+
+    def decode_layers(self, x: np.ndarray, pos: int) -> bool:
+        """Run every layer of a plain decoder (models.decoder) on one token at pos, x (1, n_embd) f32 in
+        place, as one compiled call when this rank's weights allow (the runtime's compiled decode step);
+        False, x untouched, when they do not: the forward then runs its layers itself."""
+        ...
 
 
 @dataclass

@@ -38,6 +38,13 @@ class Decoder(Architecture):
     window_field: ClassVar[str] = "inner_hidden_size"
     n_mult: ClassVar[int | None] = 256  # neural-speed's header value; None: the MLP width (convert_qwen2)
     rope_freqs_name: ClassVar[str | None] = None
+    # A decode step's layers may run as one compiled call (runtime/fused.py, the same steps in the
+    # same order as forward's loop below); a family whose layer differs (mixtures of experts) says no.
+    compiled_decode: ClassVar[bool] = True
+
+    @property
+    def rotates_halves(self) -> bool:
+        return type(self).rotate is rotate_halves
 
     # -- hparams -----------------------------------------------------------------
     def check_hf(self, config: Mapping[str, Any], path: str) -> None:
@@ -147,8 +154,9 @@ class Decoder(Architecture):
                 trace: ForwardTrace | None = None) -> np.ndarray:
         hp, allreduce, rotate = m.hp, m.comm.allreduce, type(self).rotate
         x = np.ascontiguousarray(m.weights.embed(tokens), dtype=np.float32)  # (T, n_embd), on every rank
-        h = rms_norm(x, m.weights.layer(0)["attention_norm"], hp.norm_eps) if hp.n_layer else x
-        for i in range(hp.n_layer):
+        compiled = trace is None and x.shape[0] == 1 and self.compiled_decode and m.decode_layers(x, start)
+        h = rms_norm(x, m.weights.layer(0)["attention_norm"], hp.norm_eps) if hp.n_layer and not compiled else x
+        for i in range(0 if compiled else hp.n_layer):
             if trace is not None:
                 trace.states.append(x.copy())
             w = m.weights.layer(i)

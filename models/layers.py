@@ -243,17 +243,15 @@ def self_attention(m: RankContext, layer: int, qkv: np.ndarray, start: int,
         heads[:, nq:nq + nkv] = head_rms_norm(heads[:, nq:nq + nkv], k_norm, m.hp.norm_eps)
     cos, sin = m.rope_cos[start:start + T], m.rope_sin[start:start + T]
     rotate(heads[:, : nq + nkv], cos, sin)
-    k_new, v_new = heads[:, nq:nq + nkv], heads[:, nq + nkv:]
-    if m.cache_of_kv is not None:  # a KV group straddles ranks: the cache holds one head per query head
-        k_new, v_new = k_new[:, m.cache_of_kv], v_new[:, m.cache_of_kv]
-    k_cache[:, start:start + T] = k_new.transpose(1, 0, 2)
-    v_cache[:, start:start + T] = v_new.transpose(1, 0, 2)
+    k_cache[:, start:start + T] = heads[:, nq:nq + nkv].transpose(1, 0, 2)
+    v_cache[:, start:start + T] = heads[:, nq + nkv:].transpose(1, 0, 2)
     S = start + T
-    return causal_attention(heads[:, :nq], k_cache[:, :S], v_cache[:, :S], start, m.cache_group,
-                            m.hp.sliding_window)
+    k, v, group = k_cache[:, :S], v_cache[:, :S], m.cache_group
+    if not group:  # a KV group straddles ranks: each query head's cached head, gathered for this step
+        k, v, group = k[m.cache_of_q], v[m.cache_of_q], 1
+    return causal_attention(heads[:, :nq], k, v, start, group, m.hp.sliding_window)
 
 
-_NO_HEADS = np.empty(0, dtype=np.intp)
 _NO_NORM = np.empty(0, dtype=np.float32)
 
 
@@ -262,10 +260,9 @@ def _attend_one(m: RankContext, heads: np.ndarray, k_cache: np.ndarray, v_cache:
     """self_attention of one token at pos (heads (nq + 2 nkv, hd), C-contiguous): (1, nq hd)."""
     out = np.empty((1, m.n_q * heads.shape[1]), dtype=np.float32)
     scores = np.empty(pos + 1, dtype=np.float32)
-    straddle = _NO_HEADS if m.cache_of_kv is None else m.cache_of_kv
     normed = q_norm is not None and k_norm is not None
-    _compiled().attend_one(heads, k_cache, v_cache, pos, m.rope_cos[pos], m.rope_sin[pos], halves, m.cache_group,
-                           straddle, m.hp.sliding_window, q_norm if normed else _NO_NORM,
+    _compiled().attend_one(heads, k_cache, v_cache, pos, m.rope_cos[pos], m.rope_sin[pos], halves, m.cache_of_q,
+                           m.hp.sliding_window, q_norm if normed else _NO_NORM,
                            k_norm if normed else _NO_NORM, m.hp.norm_eps, scores,
                            out.reshape(m.n_q, heads.shape[1]))
     return out

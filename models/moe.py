@@ -104,6 +104,7 @@ class MixtureOfExperts(Decoder):
     runtime's weights of an MoE layer and its feed-forward. Subclasses name their
     tensors (templates with "{i}" and "{e}")."""
 
+    compiled_decode: ClassVar[bool] = False  # the expert layers run in Python (runtime/fused.py is dense only)
     router: ClassVar[str]
     expert_w13: ClassVar[tuple[str, str]]  # gate, up
     expert_w2: ClassVar[str]  # down

@@ -20,13 +20,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
 from netp.errors import NetpError, error_line
 from netp.hostenv import launched_under_mpi
 from netp.runtime.rollcall import RollCall
+
+if TYPE_CHECKING:
+    from netp.runtime.shmreduce import ShmAllReduce
 
 # Deadlines of MPI collectives (docs/design.md §9): --timeout after the
 # first forward; before it (loading, numba's first compile) STARTUP_FACTOR
@@ -40,6 +43,7 @@ PATIENT_NAP_MAX = 0.01  # a wait expected to be long (a server's ranks between r
 ROLL_CALL_SECONDS = 2.0  # a rank giving up listens this long for the peers still alive
 ABORT_GRACE = 5  # seconds MPI_Abort may take before the rank ends itself
 BCAST_HEAD = 256  # bytes of a broadcast's first message
+SHM_ALLREDUCE_ENV = "NETP_SHM_ALLREDUCE"  # "0": all-reduces go through MPI even between ranks of one host
 
 
 class PeerFailed(SystemExit):
@@ -73,6 +77,7 @@ class Comm:
     size: int = 1
     kind: str = "single"  # "mpi", "simulated" or "single"
     traffic: Traffic
+    shm: "ShmAllReduce | None" = None  # all-reduces through shared memory (MPI ranks of one host)
 
     def __init__(self) -> None:
         self.traffic = Traffic()
@@ -88,6 +93,11 @@ class Comm:
         """Sum of x over ranks, as f32 (may reuse x's memory). Partials may come in f64 (the block
         kernels' column-split slices, see runtime/kernels.py): the sum is then rounded to f32 once."""
         return np.asarray(x, dtype=np.float32)
+
+    def wait_shm(self, out: np.ndarray) -> None:
+        """Finish, under this communicator's deadline, the shared-memory round a compiled caller started
+        (runtime/fused.py), its sum into out (f64)."""
+        raise NotImplementedError
 
     def gather_cols(self, x: np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
         """Concatenate every rank's (T, widths[r]) along the last axis on rank 0; None elsewhere."""
@@ -175,6 +185,11 @@ class MPIComm(Comm):
         # its clients first); it must return soon.
         self.on_lost: Callable[[str], None] | None = None
         self.rollcall: RollCall | None = None
+        # All ranks on one host: all-reduces go through shared memory (docs/design.md §9).
+        if self.size > 1 and os.environ.get(SHM_ALLREDUCE_ENV, "1") != "0":
+            from netp.runtime.shmreduce import ShmAllReduce
+
+            self.shm = ShmAllReduce.open(self.comm, MPI)
         if self.size > 2:  # of two ranks the silent one is known without asking
             with contextlib.suppress(OSError):
                 self.rollcall = RollCall()
@@ -189,8 +204,8 @@ class MPIComm(Comm):
     def warm(self) -> None:
         self.warmed = True
 
-    def _wait(self, req: Any, what: str, idle: bool = False, patient: bool = False) -> None:
-        """Poll req until it completes: spin yielding the core while a peer
+    def _wait(self, done: Callable[[], bool], what: str, idle: bool = False, patient: bool = False) -> None:
+        """Poll done() (a request's Test) until True: spin yielding the core while a peer
         is likely to answer soon (within one layer's work), then sleep with
         backoff so a long wait leaves the core to the ranks it waits for.
         idle: some ranks do long work first (the startup deadline, no spin);
@@ -200,7 +215,7 @@ class MPIComm(Comm):
         spin_until = start + (0.0 if idle or patient else SPIN_SECONDS)
         nap, nap_max = NAP_FIRST, PATIENT_NAP_MAX if patient else NAP_MAX
         try:
-            while not req.Test():
+            while not done():
                 now = time.monotonic()
                 if limit is not None and now - start > limit:
                     self._lost(what, f"not complete after {limit:g} s (--timeout)")
@@ -249,19 +264,28 @@ class MPIComm(Comm):
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
         self.traffic.allreduce += x.nbytes
-        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM), "all-reduce")
+        if self.shm is not None and self.shm.fits(x):  # ranks of one host (runtime/shmreduce.py)
+            if not self.shm.start(x):
+                self._wait(self.shm.finish, "all-reduce")
+            return x.astype(np.float32, copy=False)
+        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM).Test, "all-reduce")
         return x.astype(np.float32, copy=False)
+
+    def wait_shm(self, out: np.ndarray) -> None:
+        assert self.shm is not None
+        self.shm.resume(out)
+        self._wait(self.shm.finish, "all-reduce")
 
     def gather_cols(self, x: np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows = x.shape[0]
         if self.rank != 0:
             self.traffic.gather += x.nbytes
-            self._wait(self.comm.Igatherv(x, None, root=0), "gather of the logits")
+            self._wait(self.comm.Igatherv(x, None, root=0).Test, "gather of the logits")
             return None
         counts = [rows * w for w in widths]
         flat = np.empty(sum(counts), dtype=np.float32)
-        self._wait(self.comm.Igatherv(x, [flat, counts, self.MPI.FLOAT], root=0), "gather of the logits")
+        self._wait(self.comm.Igatherv(x, [flat, counts, self.MPI.FLOAT], root=0).Test, "gather of the logits")
         parts, at = [], 0
         for w in widths:  # rank r's block is its (rows, w) slice
             parts.append(flat[at:at + rows * w].reshape(rows, w))
@@ -278,28 +302,28 @@ class MPIComm(Comm):
             head[:8] = np.frombuffer(len(data).to_bytes(8, "little"), dtype=np.uint8)
             first = data[:BCAST_HEAD - 8]
             head[8:8 + len(first)] = np.frombuffer(first, dtype=np.uint8)
-        self._wait(self.comm.Ibcast(head, root=root), "broadcast")
+        self._wait(self.comm.Ibcast(head, root=root).Test, "broadcast")
         n = int.from_bytes(head[:8].tobytes(), "little")
         if n <= BCAST_HEAD - 8:
             return pickle.loads(head[8:8 + n].tobytes())
         rest = np.empty(n - (BCAST_HEAD - 8), dtype=np.uint8)
         if self.rank == root:
             rest[:] = np.frombuffer(data[BCAST_HEAD - 8:], dtype=np.uint8)
-        self._wait(self.comm.Ibcast(rest, root=root), "broadcast")
+        self._wait(self.comm.Ibcast(rest, root=root).Test, "broadcast")
         return pickle.loads(head[8:].tobytes() + rest.tobytes())
 
     def allgather(self, obj: Any, patient: bool = False) -> list[Any]:
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, dtype=np.int64)
-        self._wait(self.comm.Iallgather(np.array([data.size], dtype=np.int64), sizes), "all-gather",
+        self._wait(self.comm.Iallgather(np.array([data.size], dtype=np.int64), sizes).Test, "all-gather",
                    patient=patient)
         flat = np.empty(int(sizes.sum()), dtype=np.uint8)
-        self._wait(self.comm.Iallgatherv(data, [flat, sizes.tolist(), self.MPI.BYTE]), "all-gather")
+        self._wait(self.comm.Iallgatherv(data, [flat, sizes.tolist(), self.MPI.BYTE]).Test, "all-gather")
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         return [pickle.loads(flat[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def idle_barrier(self) -> None:
-        self._wait(self.comm.Ibarrier(), "wait for the ranks doing rank-0-only work", idle=True)
+        self._wait(self.comm.Ibarrier().Test, "wait for the ranks doing rank-0-only work", idle=True)
 
     def abort(self, code: int = 1) -> None:
         # The launcher kills every rank on Abort and may drop output still in

@@ -40,6 +40,7 @@ them, so ranks starting at once never race the cache (`warm_up`).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -47,6 +48,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -91,6 +93,13 @@ class TiledBlocks:
     @property
     def nbytes(self) -> int:
         return self.qs.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes)
+
+    def __post_init__(self) -> None:
+        # The compiled loops' views, made once: a decode step calls matmul ~120 times (SmolLM2).
+        self.kind = _KIND[self.type]
+        self.words = self.qs.view(np.uint32).reshape(self.qs.shape[:4])  # a row's 4 bytes as one word
+        self.d16 = self.d.view(np.uint16)
+        self.m16 = (_NO_SCALES if self.m is None else self.m).view(np.uint16)
 
 
 # -- packing ---------------------------------------------------------------------
@@ -216,6 +225,17 @@ def _quantize_q8(x, xq, xd, xs):
                 s += q
             xd[t, b] = _f16_value(d)
             xs[t, b] = s
+
+
+@njit(cache=True)
+def _q8_scratch(x):
+    """_quantize_q8 of x into arrays it allocates."""
+    nb = x.shape[1] // QK
+    xq = np.empty((x.shape[0], nb, QK), dtype=np.int8)
+    xd = np.empty((x.shape[0], nb), dtype=np.float32)
+    xs = np.empty((x.shape[0], nb), dtype=np.int32)
+    _quantize_q8(x, xq, xd, xs)
+    return xq, xd, xs
 
 
 def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -464,6 +484,38 @@ def _vnni_parallel(kind, qs, d, m, xq, xd, xs, out):
         _vnni_tile(kind, qs, d, m, xq, xd, xs, out, np.int64(tl))
 
 
+# Decode at one thread (x (1, n_in)): x quantized to q8_0 and the serial product in one compiled call,
+# instead of four Python-level steps (a SmolLM2 token makes ~120 products, each ~8 µs of Python before).
+
+@njit(cache=True, nogil=True)
+def _q8_one_row(kind, qs, d, m, f16, x, out):
+    xq, xd, xs = _q8_scratch(x)
+    out[:] = 0.0
+    for tl in range(qs.shape[0]):
+        _q8_row(kind, qs, d, m, f16, xq, xd, xs, out, tl)
+
+
+@njit(cache=True, nogil=True)
+def _vnni_one_row(kind, qs, d, m, x, out):
+    xq, xd, xs = _q8_scratch(x)
+    for tl in range(qs.shape[0]):
+        _vnni_tile(kind, qs, d, m, xq, xd, xs, out, tl)
+
+
+# The decode product of this CPU, for compiled callers (runtime/fused.py): chosen at import, as matmul
+# chooses per call, so numba never compiles the VNNI intrinsics for a CPU without them.
+if vnni.AVAILABLE:
+    @njit(cache=True, nogil=True)
+    def row_product(kind, qs, d, m, x, out):
+        """x (1, n_in) f32 -> out (1, tiles R) f64, written: _vnni_one_row."""
+        _vnni_one_row(kind, qs, d, m, x, out)
+else:
+    @njit(cache=True, nogil=True)
+    def row_product(kind, qs, d, m, x, out):
+        """x (1, n_in) f32 -> out (1, tiles R) f64, written: _q8_one_row."""
+        _q8_one_row(kind, qs, d, m, F16, x, out)
+
+
 @njit(cache=True, nogil=True)
 def _f32_serial(kind, qs, d, m, f16, x, xsum, out):
     for tl in range(qs.shape[0]):
@@ -502,11 +554,15 @@ def _matmul(x: np.ndarray, w: TiledBlocks, exact: bool, threads: int, partial: b
         raise ValueError(f"activations of shape {xf.shape} for a matrix of {w.n_in} columns")
     T = xf.shape[0]
     n_tiles = w.qs.shape[0]
+    kind, qs, d, m = w.kind, w.words, w.d16, w.m16
+    if T == 1 and threads <= 1 and not exact and w.qs.shape[1]:
+        out = np.empty((1, n_tiles * R), dtype=np.float64)
+        if use_vnni:
+            _vnni_one_row(kind, qs, d, m, xf, out)
+        else:
+            _q8_one_row(kind, qs, d, m, F16, xf, out)
+        return out[:, : w.rows] if partial else out[:, : w.rows].astype(np.float32)
     par = _set_threads(threads)
-    kind = _KIND[w.type]
-    qs = w.qs.view(np.uint32).reshape(w.qs.shape[:4])  # (tiles, blocks, words, R): a row's 4 bytes as one word
-    d = w.d.view(np.uint16)
-    m = (_NO_SCALES if w.m is None else w.m).view(np.uint16)
     if w.qs.shape[1] == 0:  # no blocks: the compiled loops take at least one
         out = np.zeros((T, n_tiles * R), dtype=np.float64)
     elif exact:
@@ -530,9 +586,24 @@ class WarmUp:
     compiled: bool  # True: at least one kernel was compiled (not found in the cache)
 
 
+@contextlib.contextmanager
+def cache_lock() -> Iterator[None]:
+    """Held while compiling or loading compiled code: a file lock in numba's cache folder, so ranks
+    starting at once wait for the first one's compile, then load its cache instead of compiling
+    alongside it and writing the same files."""
+    folder = Path(numba.config.CACHE_DIR or _cache_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "netp.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 _warm_lock = threading.Lock()
 _warm: WarmUp | None = None
-_DISPATCHERS = (_pack_serial, _pack_parallel, _quantize_q8, _q8_serial, _q8_parallel, _vnni_serial, _vnni_parallel,
+_DISPATCHERS = (_pack_serial, _pack_parallel, _quantize_q8, _q8_one_row, _vnni_one_row, _q8_serial, _q8_parallel, _vnni_serial, _vnni_parallel,
                 _f32_serial, _f32_parallel)
 
 
@@ -546,17 +617,11 @@ def warm_up() -> WarmUp:
     with _warm_lock:
         if _warm is not None:
             return _warm
-        folder = Path(numba.config.CACHE_DIR or _cache_dir())
-        folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with open(folder / "netp.lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                misses_before = sum(sum(f.stats.cache_misses.values()) for f in _DISPATCHERS)
-                _exercise()
-                misses = sum(sum(f.stats.cache_misses.values()) for f in _DISPATCHERS) - misses_before
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with cache_lock():
+            misses_before = sum(sum(f.stats.cache_misses.values()) for f in _DISPATCHERS)
+            _exercise()
+            misses = sum(sum(f.stats.cache_misses.values()) for f in _DISPATCHERS) - misses_before
         _warm = WarmUp(time.perf_counter() - t0, misses > 0)
         return _warm
 
@@ -577,3 +642,4 @@ def _exercise() -> None:
             w = tile([raw], t, threads=threads)
             for exact in (False, True):
                 matmul(x, w, exact=exact, threads=threads)
+            matmul(x[:1], w, threads=threads)  # decode: one row

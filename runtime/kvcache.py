@@ -9,5 +9,7 @@ class KVCache:
     n_heads: the rank's KV heads (RankModel says how many copies it keeps)."""
 
     def __init__(self, n_layer: int, n_heads: int, n_ctx: int, head_dim: int):
-        self.k = [np.zeros((n_heads, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
-        self.v = [np.zeros((n_heads, n_ctx, head_dim), dtype=np.float32) for _ in range(n_layer)]
+        # one array per kind, so a compiled decode step takes every layer's (runtime/fused.py)
+        self.k_all = np.zeros((n_layer, n_heads, n_ctx, head_dim), dtype=np.float32)
+        self.v_all = np.zeros((n_layer, n_heads, n_ctx, head_dim), dtype=np.float32)
+        self.k, self.v = list(self.k_all), list(self.v_all)

@@ -1,10 +1,8 @@
 """A rank's model: what the per-architecture forward is handed (models.context.RankContext)."""
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,9 +10,10 @@ import numpy as np
 from netp.errors import NetpError
 from netp.models.context import ForwardTrace
 from netp.models.layers import rotary_tables
-from netp.runtime import kernels  # noqa: F401 - before numba loads: it sets numba's cache folder
+from netp.runtime import kernels  # before numba loads: it sets numba's cache folder
 from netp.runtime.blas import set_blas_threads
 from netp.runtime.comm import Comm
+from netp.runtime.fused import CompiledDecode
 from netp.runtime.kvcache import KVCache
 from netp.runtime.sources import RankSource, ResolvedModel, open_rank_source
 from netp.runtime.weights import RankWeights
@@ -25,14 +24,17 @@ class RankModel:
     (models.context.RankContext, what the forward reads).
 
     n_q / n_kv: this rank's query / KV heads. The KV cache holds one head per
-    local KV head, each serving cache_group consecutive query heads; when a
-    KV group straddles two ranks (9 heads / 3 KV heads over 2 ranks) the
-    groups here are unequal, so the cache holds one head per query head
-    instead (cache_of_kv picks the KV head each copies) and cache_group is 1:
-    attention then reads the cache in place, never gathering it per step.
+    local KV head; query head h reads cached head cache_of_q[h]. When a KV
+    group straddles two ranks (9 heads / 3 KV heads over 2 ranks: rank 0 holds
+    query heads 0-4 and KV heads 0-1, rank 1 query heads 5-8 and KV heads 1-2)
+    the KV head is held, and cached, by both; cache_group (query heads per KV
+    head) is then 0. One cached head per KV head, never per query head: a
+    straddling rank's decode reads each cached head once (5 copies on rank 0
+    made its attention read more than one rank's).
     """
 
-    def __init__(self, source: RankSource, comm: Comm, weights: RankWeights, n_ctx: int):
+    def __init__(self, source: RankSource, comm: Comm, weights: RankWeights, n_ctx: int,
+                 compiled_decode: bool = False):
         self.source, self.comm, self.weights = source, comm, weights
         self.arch, self.hp, self.mapping = source.arch, source.hp, source.mapping
         hp, mp = self.hp, self.mapping
@@ -43,19 +45,25 @@ class RankModel:
         k0, k1 = mp.kv_heads()
         group = hp.n_head // hp.n_head_kv
         self.n_q, self.n_kv = q1 - q0, k1 - k0
-        self.cache_of_kv: np.ndarray | None
-        if q0 % group == 0 and q1 % group == 0:  # whole groups
-            self.cache_of_kv, self.cache_group, n_cache = None, group, self.n_kv
-        else:
-            self.cache_of_kv = np.array([h // group - k0 for h in range(q0, q1)], dtype=np.intp)
-            self.cache_group, n_cache = 1, self.n_q
+        self.cache_of_q = np.array([h // group - k0 for h in range(q0, q1)], dtype=np.intp)
+        self.cache_group = group if q0 % group == 0 and q1 % group == 0 else 0
         factors = None  # Llama 3's per-pair frequency divisors, replicated on every rank
         if hp.rope_freqs and self.arch.rope_freqs_name:
             factors = source.part(self.arch.rope_freqs_name, mapped=False)
         self.rope_cos, self.rope_sin = rotary_tables(n_ctx, hp.n_rot, hp.rope_theta, hp.freq_scale, factors)
-        self.cache = KVCache(hp.n_layer, n_cache, n_ctx, hp.head_dim)
+        self.cache = KVCache(hp.n_layer, self.n_kv, n_ctx, hp.head_dim)
         self.vocab_widths = [b - a for a, b in (mp.vocab(r) for r in range(mp.world_size))]
         warm_forward_ops()
+        self.compiled: CompiledDecode | None = None
+        if compiled_decode and CompiledDecode.possible(self, self.arch, weights.layers, weights.nthread,
+                                                       weights.exact):
+            self.compiled = CompiledDecode(self, self.arch, self.cache, weights.layers, comm)
+
+    def decode_layers(self, x: np.ndarray, pos: int) -> bool:
+        if self.compiled is None:
+            return False
+        self.compiled.run(x, pos)
+        return True
 
     def forward(self, tokens: Any, start: int, all_logits: bool = False,
                 trace: ForwardTrace | None = None) -> np.ndarray | None:
@@ -90,29 +98,26 @@ def warm_forward_ops() -> None:
             return
         from netp.models import compiled
 
-        folder = Path(os.environ["NUMBA_CACHE_DIR"])
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "netp.lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                compiled.exercise()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with kernels.cache_lock():
+            compiled.exercise()
         _ops_ready = True
 
 
 def load_rank_model(model: str | os.PathLike | ResolvedModel, comm: Comm, n_ctx: int, use_mmap: bool = True,
-                    nthread: int = 1, check_sha256: bool = True, exact: bool = False) -> RankModel:
+                    nthread: int = 1, check_sha256: bool = True, exact: bool = False,
+                    compiled_decode: bool = True) -> RankModel:
     """Open this rank's file of a resolved model (runtime.sources.resolve_model; a path is
     resolved here) and load its weights (the caller wraps this in comm.agreeing()).
-    nthread: kernel (and BLAS) threads of this rank; exact: f32 activations in the block kernels."""
+    nthread: kernel (and BLAS) threads of this rank; exact: f32 activations in the block kernels;
+    compiled_decode False: decode steps take the forward's Python layers even where runtime/fused.py could
+    (tests and benches compare the two)."""
     source = open_rank_source(model, comm.rank, comm.size, check_sha256)
     try:
         try:
             weights = RankWeights(source, use_mmap=use_mmap, nthread=nthread, exact=exact)
             if nthread > 1 and weights.matrix_types and not weights.matrix_types & {"f32", "f16"}:
                 set_blas_threads(1)  # BLAS only runs prefill attention here (docs/design.md §5, -t)
-            rank_model = RankModel(source, comm, weights, n_ctx)
+            rank_model = RankModel(source, comm, weights, n_ctx, compiled_decode)
         except Exception:
             source.confirm()  # a file that is not the expected one explains any failure first
             raise
