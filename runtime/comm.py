@@ -29,7 +29,8 @@ from netp.hostenv import launched_under_mpi
 from netp.runtime.rollcall import RollCall
 
 if TYPE_CHECKING:
-    from netp.runtime.shmreduce import ShmAllReduce
+    from netp.runtime.shmcomm import ShmCollectives
+
 
 # Deadlines of MPI collectives (docs/design.md §9): --timeout after the
 # first forward; before it (loading, numba's first compile) STARTUP_FACTOR
@@ -43,7 +44,7 @@ PATIENT_NAP_MAX = 0.01  # a wait expected to be long (a server's ranks between r
 ROLL_CALL_SECONDS = 2.0  # a rank giving up listens this long for the peers still alive
 ABORT_GRACE = 5  # seconds MPI_Abort may take before the rank ends itself
 BCAST_HEAD = 256  # bytes of a broadcast's first message
-SHM_ALLREDUCE_ENV = "NETP_SHM_ALLREDUCE"  # "0": all-reduces go through MPI even between ranks of one host
+SHARED_MEMORY_ENV = "NETP_SHARED_MEMORY"  # "0": collectives go through MPI even between ranks of one host
 
 
 class PeerFailed(SystemExit):
@@ -77,7 +78,7 @@ class Comm:
     size: int = 1
     kind: str = "single"  # "mpi", "simulated" or "single"
     traffic: Traffic
-    shm: "ShmAllReduce | None" = None  # all-reduces through shared memory (MPI ranks of one host)
+    shm: "ShmCollectives | None" = None  # collectives through shared memory (MPI ranks of one host)
 
     def __init__(self) -> None:
         self.traffic = Traffic()
@@ -186,10 +187,10 @@ class MPIComm(Comm):
         self.on_lost: Callable[[str], None] | None = None
         self.rollcall: RollCall | None = None
         # All ranks on one host: all-reduces go through shared memory (docs/design.md §9).
-        if self.size > 1 and os.environ.get(SHM_ALLREDUCE_ENV, "1") != "0":
-            from netp.runtime.shmreduce import ShmAllReduce
+        if self.size > 1 and os.environ.get(SHARED_MEMORY_ENV, "1") != "0":
+            from netp.runtime.shmcomm import ShmCollectives  # numba: imported by ranks only
 
-            self.shm = ShmAllReduce.open(self.comm, MPI)
+            self.shm = ShmCollectives.open(self.comm, MPI)
         if self.size > 2:  # of two ranks the silent one is known without asking
             with contextlib.suppress(OSError):
                 self.rollcall = RollCall()
@@ -264,7 +265,7 @@ class MPIComm(Comm):
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
         self.traffic.allreduce += x.nbytes
-        if self.shm is not None and self.shm.fits(x):  # ranks of one host (runtime/shmreduce.py)
+        if self.shm is not None and self.shm.fits(x.nbytes):  # ranks of one host (runtime/shmcomm.py)
             if not self.shm.start(x):
                 self._wait(self.shm.finish, "all-reduce")
             return x.astype(np.float32, copy=False)
@@ -279,6 +280,14 @@ class MPIComm(Comm):
     def gather_cols(self, x: np.ndarray, widths: Sequence[int]) -> np.ndarray | None:
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows = x.shape[0]
+        if self.shm is not None and self.shm.fits(rows * max(widths) * 4):  # a token's logits
+            self.shm.post(x)
+            self._wait(self.shm.arrived, "gather of the logits")
+            if self.rank != 0:
+                self.traffic.gather += x.nbytes
+                return None
+            return np.concatenate([self.shm.received(r, np.float32, rows * w).reshape(rows, w)
+                                   for r, w in enumerate(widths)], axis=1)
         if self.rank != 0:
             self.traffic.gather += x.nbytes
             self._wait(self.comm.Igatherv(x, None, root=0).Test, "gather of the logits")
@@ -293,6 +302,15 @@ class MPIComm(Comm):
         return np.concatenate(parts, axis=1)
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
+        if self.shm is not None:  # the pickle through shared memory when it fits (a token id does)
+            data = pickle.dumps(obj) if self.rank == root else b""
+            fits = self.shm.fits(8 + len(data))
+            self.shm.post(np.frombuffer((len(data) if fits else -1).to_bytes(8, "little", signed=True) +
+                                        (data if fits else b""), dtype=np.uint8))
+            self._wait(self.shm.arrived, "broadcast")
+            n = int(self.shm.received(root, np.int64, 1)[0])
+            if n >= 0:  # (the root too reads a copy, as from MPI)
+                return pickle.loads(self.shm.received(root, np.uint8, 8 + n)[8:].tobytes())
         # One fixed-size broadcast carries the pickle when it fits (a token
         # id does), a second one the rest.
         head = np.zeros(BCAST_HEAD, dtype=np.uint8)

@@ -13,10 +13,10 @@ A step is 2 stages per layer, each ending in an all-reduce of its f64
 partial sum: the attention half (norm, q|k|v product and bias, attention,
 the output projection) and the MLP half (norm, gate|up, SiLU, down). The
 all-reduce happens inside the call when the communicator allows
-(one rank: nothing to add; ranks of one host: runtime.shmreduce's atomics);
+(one rank: nothing to add; ranks of one host: runtime.shmcomm's atomics);
 otherwise, or when the peers are not there within a bounded spin, the call
 returns the stage whose sum is due and the caller completes it (MPI, or
-runtime.shmreduce under the communicator's deadline) and calls again from
+runtime.shmcomm under the communicator's deadline) and calls again from
 the next stage.
 
 Used when a rank's layers are all block matrices at one thread
@@ -39,7 +39,7 @@ from netp.models.decoder import Decoder
 from netp.runtime import kernels
 from netp.runtime.comm import Comm
 from netp.runtime.kvcache import KVCache
-from netp.runtime.shmreduce import SPINS, await_sum, publish
+from netp.runtime.shmcomm import SPINS, await_sum, publish
 
 DONE = -1
 # reduce modes: how a stage's partial sum becomes the sum over ranks
@@ -161,7 +161,7 @@ class CompiledDecode:
         shm = comm.shm
         if comm.size == 1:
             self.mode, self.shm_args = SOLO, None
-        elif shm is not None and shm.fits(self.x_part):
+        elif shm is not None and shm.fits(self.x_part.nbytes):
             self.mode, self.shm_args = SHARED, shm.fused_args(n)
         else:
             self.mode, self.shm_args = CALLER, None

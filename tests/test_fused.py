@@ -1,5 +1,5 @@
 """The compiled decode step (runtime/fused.py) and the shared-memory all-reduce
-(runtime/shmreduce.py), docs/design.md §5 "Compiled decode" and §9.
+(runtime/shmcomm.py), docs/design.md §5 "Compiled decode" and §9.
 
 The compiled step must give the bits of the forward's Python layers for every
 family whose layer it runs (biases, q/k norms, windows, rotated halves, an
@@ -79,7 +79,7 @@ ALLREDUCE = r"""
 import os, sys
 import numpy as np
 from netp.runtime.comm import mpi_world
-from netp.runtime.shmreduce import BUFFER_BYTES
+from netp.runtime.shmcomm import BUFFER_BYTES
 comm = mpi_world()
 shared = comm.allgather(comm.shm is not None)
 rng = np.random.default_rng(comm.rank)
@@ -93,6 +93,16 @@ for shape, dtype in [((1, 576), np.float64), ((3, 100), np.float32), ((1, big), 
     got = comm.allreduce(x.copy())
     assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32)), (shape, dtype)
     assert len({g.tobytes() for g in comm.allgather(got)}) == 1  # the same bits on every rank
+    widths = [3 + r for r in range(comm.size)]  # a gather of unequal slices, small and past the buffer
+    for rows in (2, big // 3):
+        part = np.full((rows, widths[comm.rank]), comm.rank, dtype=np.float32)
+        full = comm.gather_cols(part, widths)
+        assert (full is None) == (comm.rank != 0)
+        if full is not None:
+            assert np.array_equal(full, np.concatenate([np.full((rows, w), r, np.float32)
+                                                        for r, w in enumerate(widths)], axis=1))
+    for obj in ((7, False), "x" * (2 * big)):  # a token, and a pickle past the buffer
+        assert comm.bcast(obj if comm.rank == 0 else None) == obj
 if comm.rank == 0:
     print("shared memory" if all(shared) else "mpi" if not any(shared) else "mixed", flush=True)
 """
@@ -102,7 +112,7 @@ if comm.rank == 0:
 def test_shared_memory_allreduce_sums_in_rank_order(tmp_path):
     script = tmp_path / "allreduce.py"
     script.write_text(ALLREDUCE)
-    for env, path in (({}, "shared memory"), ({"NETP_SHM_ALLREDUCE": "0"}, "mpi")):
+    for env, path in (({}, "shared memory"), ({"NETP_SHARED_MEMORY": "0"}, "mpi")):
         p = subprocess.run([str(MPIEXEC), "-n", "3", sys.executable, str(script)], capture_output=True, text=True,
                            timeout=300, env={**os.environ, **env})
         assert p.returncode == 0, p.stderr

@@ -1,25 +1,27 @@
-"""All-reduce through shared memory between the MPI ranks of one host (docs/design.md §9).
+"""Collectives through shared memory between the MPI ranks of one host (docs/design.md §9).
 
-A decode step's all-reduces carry a few KB (one row of f64 partial sums per
-token); through MPICH (ch4, shared memory) each costs ~10 µs here, and a
-SmolLM2 token has 60 of them. When every rank of the world runs on one
-host, the ranks instead share one MPI window (MPI_Win_allocate_shared, so
-MPI owns and frees the memory). Each rank's slot holds a round counter
-and two payload buffers; round s of the all-reduce:
-- publish: copy this rank's vector into its buffer s % 2, then store s in
+A decode step's collectives carry a few KB (one row of f64 partial sums per
+all-reduce, a token's logits slice, a token id); through MPICH (ch4, shared
+memory) each costs ~10 µs here, and a SmolLM2 token has 62 of them. When
+every rank of the world runs on one host, the ranks instead share one MPI
+window (MPI_Win_allocate_shared, so MPI owns and frees the memory). Each
+rank's slot holds a round counter and two payload buffers. Every rank takes
+part in every round, in the same order; round s:
+- publish: copy this rank's bytes into its buffer s % 2, then store s in
   its counter (release);
-- finish: once every counter reads >= s (acquire), sum the ranks' buffers
-  in rank order, so every rank computes the same bits (as SimComm does).
+- once every counter reads >= s (acquire), read: an all-reduce sums the
+  ranks' buffers in rank order, so every rank computes the same bits (as
+  SimComm does); a gather or a broadcast reads the buffers it needs.
 Two buffers suffice: a rank writes buffer s % 2 again only in round s + 2,
 after every peer has published s + 1, which each does only after reading
-round s. The counters and loads are atomics written as LLVM IR through
-numba intrinsics (as runtime/vnni.py does), so the ordering holds on any
-CPU numba targets, not only x86's.
+round s. The counters are atomics written as LLVM IR through numba
+intrinsics (as runtime/vnni.py does), so the ordering holds on any CPU
+numba targets, not only x86's.
 
-`finish` spins a bounded number of times and returns False when peers are
-not there yet: the caller (runtime.comm.MPIComm) keeps the deadline and
-yields or naps between tries, as for MPI's own collectives. Vectors larger
-than a buffer (prefill's) go through MPI.
+Waits spin a bounded number of times and return False when peers are not
+there yet: the caller (runtime.comm.MPIComm) keeps the deadline and yields
+or naps between tries, as for MPI's own collectives. Payloads larger than a
+buffer (prefill's) go through MPI.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import platform
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from llvmlite import ir
 from numba import njit
 from numba.core import cgutils, types
@@ -88,16 +91,25 @@ def _publish_and_sum(counters, stride, rank, payloads, x, s, spins):
 
 
 @njit(cache=True, nogil=True)
-def await_sum(counters, stride, payloads, s, spins, out):
-    """False if some rank has not published round s within `spins` reads of its counter; else
-    out (n,) = payloads[0] + payloads[1] + ... (rank order, in their type), True."""
-    for r in range(payloads.shape[0]):
+def await_all(counters, stride, size, s, spins):
+    """True once each of the `size` ranks has published round s; False if one has not within `spins`
+    reads of its counter."""
+    for r in range(size):
         tries = 0
         while _load_acquire(counters, r * stride) < s:
             _pause()
             tries += 1
             if tries >= spins:
                 return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def await_sum(counters, stride, payloads, s, spins, out):
+    """False if some rank has not published round s within `spins` reads of its counter; else
+    out (n,) = payloads[0] + payloads[1] + ... (rank order, in their type), True."""
+    if not await_all(counters, stride, payloads.shape[0], s, spins):
+        return False
     n = out.shape[0]
     for i in range(n):
         out[i] = payloads[0, i]
@@ -107,12 +119,13 @@ def await_sum(counters, stride, payloads, s, spins, out):
     return True
 
 
-class ShmAllReduce:
+class ShmCollectives:
     """The all-reduce of the ranks of `world` (an mpi4py communicator) when they share one host.
 
     `open(world)` returns None when they do not (the ranks learn this together,
-    so all take the same path). Usage per all-reduce: start(x) then finish()
-    until True, then result."""
+    so all take the same path). An all-reduce: start(x), then finish() until
+    True. A gather or broadcast: post(x), arrived() until True, received(r).
+    Every rank takes part in every round, in the same order."""
 
     def __init__(self, world: Any, node: Any, MPI: Any):
         self.rank, self.size = world.Get_rank(), world.Get_size()
@@ -131,7 +144,7 @@ class ShmAllReduce:
         self._views: dict[tuple[int, np.dtype, int], np.ndarray] = {}
 
     @classmethod
-    def open(cls, world: Any, MPI: Any) -> "ShmAllReduce | None":
+    def open(cls, world: Any, MPI: Any) -> "ShmCollectives | None":
         node = world.Split_type(MPI.COMM_TYPE_SHARED)
         try:
             if node.Get_size() != world.Get_size():
@@ -140,8 +153,9 @@ class ShmAllReduce:
         finally:
             node.Free()
 
-    def fits(self, x: np.ndarray) -> bool:
-        return x.nbytes <= BUFFER_BYTES
+    def fits(self, nbytes: int) -> bool:
+        """Whether a payload of nbytes fits a buffer (larger ones go through MPI)."""
+        return nbytes <= BUFFER_BYTES
 
     def _payloads(self, parity: int, dtype: np.dtype, n: int) -> np.ndarray:
         """Buffer `parity` of every rank as (ranks, n) values (views kept: a decode asks for one shape)."""
@@ -185,5 +199,22 @@ class ShmAllReduce:
         self._pending = None
         return True
 
-    def close(self) -> None:
-        self._win.Free()
+    # -- gathers and broadcasts: a round whose buffers each rank reads as it needs ---------------------
+
+    def post(self, x: np.ndarray) -> None:
+        """Publish this rank's contiguous x (x.nbytes <= BUFFER_BYTES) as the next round's bytes; then wait
+        with `arrived` and read the others' with `received`."""
+        s = int(self.round_box[0]) + 1
+        self.round_box[0] = s
+        flat = x.reshape(-1).view(np.uint8)
+        publish(self._counters, self._stride, self.rank, self._payloads(s % 2, np.dtype(np.uint8), flat.shape[0])[
+            self.rank], flat, s)
+
+    def arrived(self) -> bool:
+        """True once every rank has posted the current round."""
+        return bool(await_all(self._counters, self._stride, self.size, self.round_box[0], SPINS))
+
+    def received(self, rank: int, dtype: npt.DTypeLike, n: int) -> np.ndarray:
+        """The first n values (of dtype) rank `rank` posted this round: a view, valid until this rank posts
+        twice more."""
+        return self._payloads(int(self.round_box[0]) % 2, np.dtype(dtype), n)[rank]
