@@ -186,11 +186,14 @@ class MPIComm(Comm):
         # its clients first); it must return soon.
         self.on_lost: Callable[[str], None] | None = None
         self.rollcall: RollCall | None = None
-        # All ranks on one host: all-reduces go through shared memory (docs/design.md §9).
+        # All ranks on one host: collectives go through shared memory (docs/design.md §9).
         if self.size > 1 and os.environ.get(SHARED_MEMORY_ENV, "1") != "0":
             from netp.runtime.shmcomm import ShmCollectives  # numba: imported by ranks only
 
-            self.shm = ShmCollectives.open(self.comm, MPI)
+            shm = None
+            with contextlib.suppress(MPI.Exception):  # an MPI without shared windows: MPI's own collectives
+                shm = ShmCollectives.open(self.comm, MPI)
+            self.shm = shm if all(self.allgather(shm is not None)) else None  # every rank takes the same path
         if self.size > 2:  # of two ranks the silent one is known without asking
             with contextlib.suppress(OSError):
                 self.rollcall = RollCall()
