@@ -293,6 +293,18 @@ def test_sampler_rules():
     assert Sampler(SamplingParams(temp=0, repeat_penalty=1.0))(logits) == 1
     # repetition penalty: 3.0 / 1.5 = 2.0 < 2.9
     assert Sampler(SamplingParams(top_k=1, repeat_penalty=1.5))(logits, [1]) == 2
+    # greedy: the penalized argmax, written out here, over ties, zeros, negatives, penalties below and above 1
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        v = rng.integers(-3, 4, size=12).astype(np.float32)  # small integers: ties and zeros are common
+        hist = rng.integers(0, 12, size=rng.integers(0, 6)).tolist()
+        penalty, last_n = [0.5, 1.0, 1.3][trial % 3], [0, 2, 64][trial % 4 % 3]
+        seen = set(hist[-last_n:] if last_n else [])
+        want = v.copy()
+        for i in seen:
+            want[i] = want[i] / penalty if want[i] > 0 else want[i] * penalty
+        got = Sampler(SamplingParams(top_k=1, repeat_penalty=penalty, repeat_last_n=last_n))(v, hist)
+        assert got == int(np.argmax(want)), (v, hist, penalty, last_n)
     # top-k 2: only ids 1 and 2 ever drawn; top-p 0.5 keeps only the first
     draws = {Sampler(SamplingParams(top_k=2, temp=1.0, repeat_penalty=1.0, seed=s))(logits) for s in range(40)}
     assert draws == {1, 2}
