@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -153,13 +153,17 @@ class NEReader:
     (`read`, for --no_mmap and streaming stages that must not keep pages).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, on_open: Callable[[int, int], None] | None = None):
+        """on_open(fd, size): called once the file is open, before it is parsed (the runtime starts
+        hashing the very file opened here while the header and vocab are read)."""
         self.path = Path(path)
         self._mmap: mmap.mmap | None = None
         regular_file(self.path, "an NE file")  # a FIFO or device is refused before it is opened
         self._file: BinaryIO = open(self.path, "rb")
         try:
             self.file_size = os.fstat(self._file.fileno()).st_size
+            if on_open is not None:
+                on_open(self._file.fileno(), self.file_size)
             self._parse()
         except BaseException:
             self._file.close()
@@ -294,7 +298,8 @@ class NEReader:
             self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         return self._mmap
 
-    def _shaped(self, info: TensorInfo, flat: np.ndarray) -> np.ndarray:
+    def shaped(self, info: TensorInfo, flat: np.ndarray) -> np.ndarray:
+        """A tensor's bytes (flat uint8) as `view` and `read` return them."""
         if info.ggml_type in _NUMPY_DTYPE:
             return flat.view(_NUMPY_DTYPE[info.ggml_type]).reshape(info.shape)
         return flat.reshape(*info.shape[:-1], info.row_nbytes)
@@ -304,7 +309,7 @@ class NEReader:
         quantized types as uint8 rows of blocks."""
         info = self.info(name)
         flat = np.frombuffer(self._map(), dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        return self._shaped(info, flat)
+        return self.shaped(info, flat)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Read a tensor (or a range of its leading-axis rows) into a new array."""
@@ -317,7 +322,7 @@ class NEReader:
         out = np.empty(per_row * (stop - start), dtype=np.uint8)
         self.read_into(info.offset + start * per_row, out)
         shape = (stop - start, *info.shape[1:])
-        return self._shaped(dataclasses.replace(info, shape=shape, nbytes=out.size), out)
+        return self.shaped(dataclasses.replace(info, shape=shape, nbytes=out.size), out)
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
         """Fill `out` (a writable uint8 buffer) with file bytes from `offset`."""

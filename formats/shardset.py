@@ -22,7 +22,7 @@ import dataclasses
 import os
 import stat
 from pathlib import Path
-from typing import Collection
+from typing import Callable, Collection
 
 from netp.errors import NetpError
 from netp.formats.constants import TYPE_NAMES
@@ -63,8 +63,8 @@ class ShardSet:
     def rank_path(self, rank: int) -> Path:
         return self.folder / self.manifest.ranks[rank].file
 
-    def open_rank_file(self, rank: int) -> NEReader:
-        """Open rank `rank`'s file and check it against the manifest (no hashing)."""
+    def open_rank_file(self, rank: int, on_open: Callable[[int, int], None] | None = None) -> NEReader:
+        """Open rank `rank`'s file and check it against the manifest (no hashing; on_open: NEReader's)."""
         entry = self.manifest.ranks[rank]
         path = self.rank_path(rank)
         if not path.is_file():
@@ -72,7 +72,7 @@ class ShardSet:
         size = path.stat().st_size
         if size != entry.size:
             raise NetpError(path, f"is {size} bytes, the manifest says {entry.size} (truncated or replaced?)")
-        reader = NEReader(path)
+        reader = NEReader(path, on_open)
         try:
             self._check_header(reader)
             self._check_tensors(reader, rank)

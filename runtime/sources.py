@@ -16,6 +16,7 @@ memory-mapped or read into fresh buffers:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry, type_from_name
-from netp.formats.fileio import sha256_file
+from netp.formats.fileio import read_exact_at
 from netp.formats.ne import NEReader
 from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import tokenizer_dir_for
@@ -108,29 +109,54 @@ class RankSource:
         self.reader.close()
 
 
-class _Checksum:
-    """A file's sha256 computed on a thread of its own (hashlib and the reads release the GIL), so
-    the check overlaps loading the weights instead of preceding it (docs/design.md §5)."""
+_HASH_CHUNK = 8 << 20  # bytes per read (formats.fileio's chunk)
 
-    def __init__(self, path: Path):
+
+class _Checksum:
+    """The sha256 of the file a rank's reader opened, computed on a thread of its own while the
+    weights load (hashlib and the reads release the GIL), so the check overlaps the load instead
+    of preceding it (docs/design.md §5). It hashes the open file (a duplicate of the reader's
+    descriptor, from the moment it is opened, before its parse), never the path again: a file put
+    in the path's place after the open cannot stand in for the bytes loaded."""
+
+    def __init__(self, fd: int, size: int, path: Path):
+        self.size, self.path = size, path
         self.digest: str | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(path,), daemon=True,
+        self._fd = os.dup(fd)  # the reader may close its own before the hash is done
+        self._stopped = False
+        self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"{threading.current_thread().name}-sha256")  # the rank's own
         self.thread.start()
 
-    def _run(self, path: Path) -> None:
-        try:
-            self.digest = sha256_file(path)
-        except BaseException as e:  # noqa: BLE001 - handed to the loading thread by result()
-            self.error = e
+    def cancel(self) -> None:
+        """Stop hashing (a load that failed)."""
+        self._stopped = True
 
     def result(self) -> str:
         self.thread.join()
         if self.error is not None:
             raise self.error
-        assert self.digest is not None
+        if self.digest is None:
+            raise RuntimeError("the sha256 was cancelled")
         return self.digest
+
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            buf = np.empty(min(_HASH_CHUNK, self.size), dtype=np.uint8)
+            pos = 0
+            while pos < self.size and not self._stopped:
+                piece = buf[:min(_HASH_CHUNK, self.size - pos)]
+                read_exact_at(self._fd, piece, pos, self.path, f"truncated: short read at offset {pos}")
+                h.update(piece.data)  # hashlib releases the GIL for large buffers
+                pos += piece.nbytes
+            if not self._stopped:
+                self.digest = h.hexdigest()
+        except BaseException as e:  # noqa: BLE001 - handed to the loading thread by result()
+            self.error = e
+        finally:
+            os.close(self._fd)
 
 
 class ShardSource(RankSource):
@@ -141,10 +167,19 @@ class ShardSource(RankSource):
         self.rank = rank
         manifest_path = shards.manifest_path
         shards.check_world_size(world_size)
-        self.reader = shards.open_rank_file(rank)
-        self.path = self.reader.path
         self.shards = shards
-        self._checksum = _Checksum(self.path) if check_sha256 else None
+        self._checksum: _Checksum | None = None
+        path = shards.rank_path(rank)
+
+        def start_checksum(fd: int, size: int) -> None:  # as soon as the file is open, before its parse
+            self._checksum = _Checksum(fd, size, path)
+
+        try:
+            self.reader = shards.open_rank_file(rank, on_open=start_checksum if check_sha256 else None)
+        except BaseException:
+            self._cancel_checksum()
+            raise
+        self.path = self.reader.path
         try:
             self.global_shapes = {t.name: t.shape for t in manifest.tensors.values()}
             self.types = {t.name: type_from_name(t.type) for t in manifest.tensors.values()}
@@ -155,8 +190,16 @@ class ShardSource(RankSource):
             self.mapping = make_mapping(world_size, rank, self.hp, self.arch, manifest_path)
             self._check_split_plan(manifest_path)
         except BaseException:
-            self.reader.close()
+            self.close()
             raise
+
+    def _cancel_checksum(self) -> None:
+        if self._checksum is not None:
+            self._checksum.cancel()
+
+    def close(self) -> None:
+        self._cancel_checksum()  # a load that ends before confirm() needs no hash
+        self.reader.close()
 
     def confirm(self) -> None:
         checksum, self._checksum = self._checksum, None

@@ -415,6 +415,86 @@ def test_broken_shard_sets_error_cleanly_simulated(tiny_shards, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+# -- the rank file's sha256 (docs/design.md §5, Load) -----------------------------------
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _only_the_hash_sees(rank_file: Path) -> dict[str, int]:
+    """An offset in each part of an NE file that no check but its sha256 reads: the vocabulary's
+    text and scores, the zero padding before a tensor's data, tensor data (first, middle, last byte)."""
+    from netp.formats.constants import NE_HEADER_STRUCT, NE_MAGIC, NE_TENSOR_HEAD
+
+    with NEReader(rank_file) as r:
+        tensors, size = list(r.tensors.values()), r.file_size
+    vocab = len(NE_MAGIC) + NE_HEADER_STRUCT.size  # entry 0: i32 length, text, f32 score
+    length = int.from_bytes(rank_file.read_bytes()[vocab:vocab + 4], "little")
+    padded = []
+    for before, t in zip(tensors, tensors[1:]):
+        record = before.offset + before.nbytes + NE_TENSOR_HEAD.size + 4 * len(t.shape) + len(t.name.encode())
+        if t.offset > record:
+            padded.append(t.offset - 1)
+    middle = tensors[len(tensors) // 2]
+    return {"vocab text": vocab + 4, "vocab score": vocab + 4 + length + 3, "padding": padded[len(padded) // 2],
+            "first tensor": tensors[0].offset, "middle tensor": middle.offset + middle.nbytes // 2,
+            "last byte": size - 1}
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_a_byte_changed_anywhere_is_refused(tiny_shards, tmp_path, use_mmap):
+    """Every byte of a rank file is checked against the manifest's sha256 before the load returns,
+    those only the hash reads included, whether the loader maps the file or reads it."""
+    source = tiny_shards("llama_gqa", "q4_0", 1)
+    places = _only_the_hash_sees(source / "rank-00000-of-00001.bin")
+    assert len(set(places.values())) == len(places) and places["vocab score"] < places["first tensor"]
+    for where, offset in places.items():
+        shards = tmp_path / where.replace(" ", "-") / "shards"
+        shutil.copytree(source, shards)
+        rank0 = shards / "rank-00000-of-00001.bin"
+        _flip(rank0, offset)
+        with pytest.raises(NetpError) as e:
+            load_rank_model(shards, SoloComm(), 8, use_mmap=use_mmap)
+        assert str(e.value) == f"{rank0}: sha256 differs from the manifest (corrupt, or from another shard set)", where
+    p = cli(["-m", str(shards), "--ids", "1,2", "-n", "1", "--no_mmap"])  # the last one, from the command line
+    assert p.returncode == 1 and p.stderr.strip() == f"ne-run: error: {rank0}: sha256 differs from the manifest " \
+                                                     "(corrupt, or from another shard set)", p.stderr
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_the_hash_is_of_the_file_opened_not_of_its_path(tiny_shards, tmp_path, monkeypatch, use_mmap):
+    """A rank file replaced at its path after the rank opened it: the rank loads the bytes of the file it
+    opened, so those are the bytes hashed. Here a corrupt file is opened and the genuine one renamed over
+    it at once; hashing the path again would find the genuine bytes and pass the corrupt weights."""
+    from netp.formats.shardset import ShardSet
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards("llama_gqa", "q4_0", 1), shards)
+    rank0 = shards / "rank-00000-of-00001.bin"
+    genuine = tmp_path / "genuine.bin"
+    shutil.copyfile(rank0, genuine)
+    _flip(rank0, _only_the_hash_sees(rank0)["middle tensor"])
+    real_open = ShardSet.open_rank_file
+    swapped = []
+
+    def open_then_swap(self, rank, *args, **kwargs):
+        reader = real_open(self, rank, *args, **kwargs)
+        if not swapped:
+            os.replace(genuine, self.rank_path(rank))
+            swapped.append(rank)
+        return reader
+
+    monkeypatch.setattr(ShardSet, "open_rank_file", open_then_swap)
+    with pytest.raises(NetpError, match="sha256 differs from the manifest"):
+        load_rank_model(shards, SoloComm(), 8, use_mmap=use_mmap)
+    assert swapped == [0]
+    load_rank_model(shards, SoloComm(), 8, use_mmap=use_mmap).close()  # the genuine file, now at the path
+
+
 # -- which files a rank opens --------------------------------------------------------
 
 OPEN_RECORDER = """
