@@ -111,7 +111,7 @@ def load_rank_model(model: str | os.PathLike | ResolvedModel, comm: Comm, n_ctx:
     nthread: kernel (and BLAS) threads of this rank; exact: f32 activations in the block kernels;
     compiled_decode False: decode steps take the forward's Python layers even where runtime/fused.py could
     (tests and benches compare the two)."""
-    source = open_rank_source(model, comm.rank, comm.size, check_sha256)
+    source = open_rank_source(model, comm.rank, comm.size, check_sha256, use_mmap)
     try:
         try:
             weights = RankWeights(source, use_mmap=use_mmap, nthread=nthread, exact=exact)

@@ -16,6 +16,7 @@ memory-mapped or read into fresh buffers:
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import threading
@@ -109,31 +110,98 @@ class RankSource:
         self.reader.close()
 
 
-_HASH_CHUNK = 8 << 20  # bytes per read (formats.fileio's chunk)
+_HASH_CHUNK = 8 << 20  # bytes per read of what the hash reads only for itself (formats.fileio's chunk)
+_AHEAD = 128 << 20  # bytes either side may hold for the other before it stops handing more over
 
 
 class _Checksum:
     """The sha256 of the file a rank's reader opened, computed on a thread of its own while the
-    weights load (hashlib and the reads release the GIL), so the check overlaps the load instead
-    of preceding it (docs/design.md §5). It hashes the open file (a duplicate of the reader's
-    descriptor, from the moment it is opened, before its parse), never the path again: a file put
-    in the path's place after the open cannot stand in for the bytes loaded."""
+    weights load, so the check overlaps the load instead of preceding it (docs/design.md §5).
+
+    - It hashes the open file (a duplicate of the reader's descriptor, from the moment it is
+      opened, before its parse), never the path again: a file put in the path's place after the
+      open cannot stand in for the bytes loaded.
+    - Under --no_mmap (`tensors` given) the file is read once, every tensor by whichever side
+      gets to it first: the hash thread, walking the file in order, reads a tensor the loader has
+      not asked for yet whole and hands it to the loader (`take`); the loader reads the others
+      and hands them to the hash (`feed`). Either way the bytes hashed are the bytes loaded. What
+      the hash reads only for itself: the header, vocabulary and tensor records, and tensors once
+      _AHEAD bytes it read wait for the loader. The loader waits in `feed` while more than
+      _AHEAD bytes it read wait for the hash; the hash waits only for a tensor the loader is
+      reading at that moment (until `finish`). Both bounds keep what the overlap adds to the
+      load's memory small.
+    """
 
     def __init__(self, fd: int, size: int, path: Path):
         self.size, self.path = size, path
         self.digest: str | None = None
         self.error: BaseException | None = None
         self._fd = os.dup(fd)  # the reader may close its own before the hash is done
-        self._stopped = False
+        self._cond = threading.Condition()
+        self._tensors: dict[int, int] = {}  # offset -> bytes of each tensor the loader will read
+        self._starts: list[int] = []  # their offsets, in order
+        self._reading: dict[int, str] = {}  # offset -> "hash" or "loader": who reads that tensor
+        self._ready: dict[int, np.ndarray] = {}  # read by the hash, not yet taken by the loader
+        self._ready_bytes = 0
+        self._fed: dict[int, memoryview] = {}  # offset -> read by the loader, not yet hashed
+        self._fed_bytes = 0
+        self._taken = 0  # the hash has every byte before this, or is reading it
+        self._loader_done = False
+        self._stopped = False  # cancelled, failed or finished: nothing more changes hands
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"{threading.current_thread().name}-sha256")  # the rank's own
         self.thread.start()
 
+    # -- the loader's side --------------------------------------------------------------
+    def share(self, tensors: dict[int, int]) -> None:
+        """The loader reads these tensors (offset -> bytes) into memory: hand them over both ways."""
+        with self._cond:
+            self._tensors, self._starts = dict(tensors), sorted(tensors)
+
+    def take(self, offset: int) -> np.ndarray | None:
+        """The tensor at `offset` as the hash read it (flat uint8, read-only), or None: the loader
+        reads it itself, then feeds it."""
+        with self._cond:
+            if offset not in self._tensors:
+                return None
+            while self._reading.get(offset) == "hash" and offset not in self._ready and not self._stopped:
+                self._cond.wait()  # the hash is reading it now
+            data = self._ready.pop(offset, None)
+            if data is not None:
+                self._ready_bytes -= data.nbytes
+                self._cond.notify_all()
+            self._reading[offset] = "loader"  # asked for: another ask reads it again
+            return data
+
+    def feed(self, offset: int, data: np.ndarray) -> None:
+        """Bytes [offset, offset + data.nbytes) of the file as the loader read them (C-contiguous,
+        never changed after: they are hashed later)."""
+        view = data.data.cast("B")
+        with self._cond:
+            if not self._stopped and offset in self._tensors and offset + view.nbytes > self._taken:
+                self._fed[offset] = view
+                self._fed_bytes += view.nbytes
+                self._cond.notify_all()
+            while self._fed_bytes > _AHEAD and not self._stopped:
+                self._cond.wait()
+
+    def finish(self) -> None:
+        """The loader reads no more: the hash reads the rest itself."""
+        with self._cond:
+            self._loader_done = True
+            self._cond.notify_all()
+
     def cancel(self) -> None:
-        """Stop hashing (a load that failed)."""
-        self._stopped = True
+        """Stop hashing (a load that failed) and let a waiting loader go."""
+        with self._cond:
+            self._stopped = True
+            self._fed.clear()
+            self._ready.clear()
+            self._fed_bytes = self._ready_bytes = 0
+            self._cond.notify_all()
 
     def result(self) -> str:
+        self.finish()
         self.thread.join()
         if self.error is not None:
             raise self.error
@@ -141,28 +209,72 @@ class _Checksum:
             raise RuntimeError("the sha256 was cancelled")
         return self.digest
 
+    # -- the hash's side --------------------------------------------------------------------
+    def _next(self, pos: int) -> tuple[str, memoryview | None, int]:
+        """Under the lock, what to hash from `pos` on: ("fed", bytes, end): the loader's; ("tensor",
+        None, end): read the tensor there whole, for the loader too; ("chunk", None, end): read
+        [pos, end) for the hash only; ("stop", None, pos): cancelled."""
+        while not self._stopped:
+            i = bisect.bisect_right(self._starts, pos)  # tensor i - 1 starts at or before pos
+            if i and self._starts[i - 1] in self._fed:  # the loader's bytes of the tensor the hash is at
+                offset = self._starts[i - 1]
+                view = self._fed.pop(offset)
+                self._fed_bytes -= view.nbytes
+                self._cond.notify_all()
+                if offset + view.nbytes > pos:  # always: feed() keeps only bytes past _taken
+                    self._taken = offset + view.nbytes
+                    return "fed", view[pos - offset:], self._taken
+            nbytes = self._tensors.get(pos)
+            reader = self._reading.get(pos)
+            if nbytes is not None and reader is None and (not self._ready_bytes
+                                                          or self._ready_bytes + nbytes <= _AHEAD):
+                self._reading[pos] = "hash"
+                self._taken = pos + nbytes
+                return "tensor", None, self._taken
+            if reader == "loader" and not self._loader_done:
+                self._cond.wait()  # the loader is reading it: its bytes come next
+                continue
+            # up to the next tensor at most, where the loader's bytes may be waiting
+            self._taken = min(pos + _HASH_CHUNK, self.size, *self._starts[i:i + 1])
+            return "chunk", None, self._taken
+        return "stop", None, pos
+
     def _run(self) -> None:
         try:
             h = hashlib.sha256()
             buf = np.empty(min(_HASH_CHUNK, self.size), dtype=np.uint8)
             pos = 0
-            while pos < self.size and not self._stopped:
-                piece = buf[:min(_HASH_CHUNK, self.size - pos)]
-                read_exact_at(self._fd, piece, pos, self.path, f"truncated: short read at offset {pos}")
-                h.update(piece.data)  # hashlib releases the GIL for large buffers
-                pos += piece.nbytes
-            if not self._stopped:
-                self.digest = h.hexdigest()
+            while pos < self.size:
+                with self._cond:
+                    kind, piece, end = self._next(pos)
+                if kind == "stop":
+                    return
+                if piece is None:
+                    out = buf[:end - pos] if kind == "chunk" else np.empty(end - pos, dtype=np.uint8)
+                    read_exact_at(self._fd, out, pos, self.path, f"truncated: short read at offset {pos}")
+                    if kind == "tensor":
+                        out.flags.writeable = False
+                        with self._cond:
+                            if not self._stopped:
+                                self._ready[pos] = out
+                                self._ready_bytes += out.nbytes
+                                self._cond.notify_all()
+                    piece = out.data
+                h.update(piece)  # hashlib releases the GIL for large buffers
+                pos = end
+            self.digest = h.hexdigest()
         except BaseException as e:  # noqa: BLE001 - handed to the loading thread by result()
             self.error = e
         finally:
             os.close(self._fd)
+            self.cancel()
 
 
 class ShardSource(RankSource):
     """Rank `rank` of a shard set: its own rank file, checked against the manifest."""
 
-    def __init__(self, shards: ShardSet, rank: int, world_size: int, check_sha256: bool = True):
+    def __init__(self, shards: ShardSet, rank: int, world_size: int, check_sha256: bool = True,
+                 use_mmap: bool = True):
         manifest = self.manifest = shards.manifest
         self.rank = rank
         manifest_path = shards.manifest_path
@@ -180,6 +292,8 @@ class ShardSource(RankSource):
             self._cancel_checksum()
             raise
         self.path = self.reader.path
+        if self._checksum is not None and not use_mmap:  # the loader reads every tensor: the file is read once
+            self._checksum.share({t.offset: t.nbytes for t in self.reader.tensors.values()})
         try:
             self.global_shapes = {t.name: t.shape for t in manifest.tensors.values()}
             self.types = {t.name: type_from_name(t.type) for t in manifest.tensors.values()}
@@ -224,7 +338,19 @@ class ShardSource(RankSource):
     def part(self, name: str, mapped: bool) -> np.ndarray | None:
         if not self.manifest.tensors[name].held_by(self.rank):
             return None
-        return self.reader.view(name) if mapped else self.reader.read(name)
+        if mapped:
+            return self.reader.view(name)
+        checksum = self._checksum
+        if checksum is None:
+            return self.reader.read(name)
+        info = self.reader.info(name)
+        hashed = checksum.take(info.offset)  # the hash read it first
+        if hashed is not None:
+            return self.reader.shaped(info, hashed)
+        data = self.reader.read(name)
+        data.flags.writeable = False  # hashed after it is handed over: the bytes loaded are the bytes checked
+        checksum.feed(info.offset, data)
+        return data
 
 
 class SliceSource(RankSource):
@@ -286,12 +412,12 @@ class SliceSource(RankSource):
 
 
 def open_rank_source(model: str | os.PathLike | ResolvedModel, rank: int, world_size: int,
-                check_sha256: bool = True) -> RankSource:
+                check_sha256: bool = True, use_mmap: bool = True) -> RankSource:
     """This rank's source for a resolved model (or a path, resolved here and owned by the source)."""
     owned = not isinstance(model, (NEFile, ShardSet))
     resolved = resolve_model(model) if not isinstance(model, (NEFile, ShardSet)) else model
     if isinstance(resolved, ShardSet):
-        return ShardSource(resolved, rank, world_size, check_sha256)
+        return ShardSource(resolved, rank, world_size, check_sha256, use_mmap)
     return SliceSource(resolved, rank, world_size, owned)
 
 

@@ -495,6 +495,63 @@ def test_the_hash_is_of_the_file_opened_not_of_its_path(tiny_shards, tmp_path, m
     load_rank_model(shards, SoloComm(), 8, use_mmap=use_mmap).close()  # the genuine file, now at the path
 
 
+@pytest.mark.parametrize("ahead", [1, 200_000, 64 << 20])
+def test_the_hash_and_the_loader_share_the_reads(tmp_path, monkeypatch, ahead):
+    """Under --no_mmap the hash thread and the loader each read some tensors and hand them to the other
+    (runtime/sources.py _Checksum). In any order the loader asks, at any bound on the bytes either side
+    holds for the other, when the loader skips tensors or asks for one twice, it gets the file's bytes,
+    the digest is the file's, and nobody waits forever."""
+    import hashlib
+    import random
+    import time
+
+    from netp.runtime import sources
+
+    monkeypatch.setattr(sources, "_AHEAD", ahead)
+    monkeypatch.setattr(sources, "_HASH_CHUNK", 50_000)
+    data = np.random.default_rng(0).integers(0, 256, 2_000_000, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    gen = random.Random(ahead)
+    tensors, at = {}, 3_000  # a header, then tensors of 1 byte to 300 KB with gaps between them
+    while True:
+        at += gen.randrange(0, 64)
+        n = gen.randrange(1, 300_000)
+        if at + n > len(data):
+            break
+        tensors[at] = n
+        at += n
+    for trial in range(6):
+        order = list(tensors)
+        gen.shuffle(order)
+        wanted = order[:len(order) * 2 // 3] if trial % 2 else order  # odd trials: some tensors never asked for
+        got: dict[int, list[bytes]] = {}
+
+        def load(checksum: sources._Checksum) -> None:
+            for offset in wanted:
+                if gen.random() < 0.3:
+                    time.sleep(0.001)  # let the hash get ahead here and there
+                for _ in range(2 if gen.random() < 0.3 else 1):  # now and then asked for twice
+                    part = checksum.take(offset)
+                    if part is None:
+                        part = np.frombuffer(data, np.uint8, tensors[offset], offset).copy()
+                        part.flags.writeable = False
+                        checksum.feed(offset, part)
+                    assert not part.flags.writeable
+                    got.setdefault(offset, []).append(part.tobytes())
+
+        with open(path, "rb") as f:
+            checksum = sources._Checksum(f.fileno(), len(data), path)
+        checksum.share(tensors)
+        loader = threading.Thread(target=load, args=(checksum,), daemon=True)
+        loader.start()
+        loader.join(60)
+        assert not loader.is_alive(), "the loader waits forever"
+        assert checksum.result() == hashlib.sha256(data).hexdigest()
+        assert got.keys() == set(wanted)
+        assert all(got[o] == [data[o:o + tensors[o]]] * len(got[o]) for o in wanted)
+
+
 # -- which files a rank opens --------------------------------------------------------
 
 OPEN_RECORDER = """
