@@ -19,7 +19,10 @@ with its ratio against the peer measured in the same run (issue 31's goals):
   loading the block kernels from its cache (the timing line's figure), a
   fixed cost of every process;
 - resident weights (the timing line) against the rank file's size.
-Usage: python bench/runtime_speed.py [--layers 8] [--rounds 3] [--tokens 32] [--prompt-tokens 64]
+`--only load` measures the load alone (no decode, prefill or llama.cpp), and
+beside it the same rank file loaded as a plain NE file: no manifest, so no
+sha256 to check.
+Usage: python bench/runtime_speed.py [--layers 8] [--rounds 3] [--tokens 32] [--prompt-tokens 64] [--only load]
 """
 from __future__ import annotations
 
@@ -83,13 +86,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements of each figure (best kept)")
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per decode run")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the prefill runs")
+    ap.add_argument("--only", choices=["load"], help="only the load figure (and the plain NE file's load)")
     args = ap.parse_args()
 
     hf = checkpoint(llama31_8b(args.layers))
-    s1, s2 = shard_set(hf, 1), shard_set(hf, 2)
-    gguf = cached_gguf(hf, "q4_0")
+    s1 = shard_set(hf, 1)
     rank_file = next(s1.glob("rank-*.bin"))
     ids = [(7919 * i) % 40000 + 100 for i in range(args.prompt_tokens)]  # any ids inside the vocabulary
+    if args.only == "load":
+        load_only(s1, rank_file, ids[:4], args.rounds)
+        return
+    s2 = shard_set(hf, 2)
+    gguf = cached_gguf(hf, "q4_0")
     ne_run(s1, n=1, ids=ids[:4])  # compiles the kernels once if the cache is cold
 
     best: dict[str, float] = {}
@@ -149,6 +157,28 @@ def main() -> None:
     print("  more threads never slower: netp 2 threads / 1 thread = "
           f"{best['decode t2'] / best['decode t1']:.2f}x decode, {best['prefill t2'] / best['prefill t1']:.2f}x "
           f"prefill")
+
+
+def load_only(shards: Path, rank_file: Path, ids: list[int], rounds: int) -> None:
+    """--only load: the load figure of a shard set's rank, and of its rank file as a plain NE file
+    (nothing to check), each the best of `rounds` interleaved with the read."""
+    ne_run(shards, n=1, ids=ids)  # compiles the kernels once if the cache is cold
+    loads: dict[str, list[float]] = {"set": [], "plain": [], "read": []}
+    for rnd in range(rounds):
+        print(f"round {rnd + 1}/{rounds} ...", flush=True)
+        for key, model in (("set", shards), ("plain", rank_file)):
+            f = ne_run(model, n=1, ids=ids, extra=("--no_mmap",))
+            loads[key].append(float(f["load_ms"]) / 1e3)  # type: ignore[arg-type]
+        loads["read"].append(read_seconds(rank_file))
+    load, plain, read = (min(loads[k]) for k in ("set", "plain", "read"))
+    print(f"\nLlama-3.1-8B shape, rank file {rank_file.stat().st_size / 1e6:.1f} MB, best of {rounds}, "
+          f"{os.cpu_count()} cores ({_cpu_name()})")
+    print(f"  {'load, --no_mmap, kernels cached':38s} {load:8.2f} s     vs {'np.fromfile rank file':22s} "
+          f"{read:8.2f}  {load / read:5.2f}x (goal <= 3.00) {'ok' if load <= 3 * read else 'MISSED'}")
+    print(f"  {'  the rank file as a plain NE file':38s} {plain:8.2f} s     ({plain / read:.2f}x the read; "
+          f"no manifest, so no sha256)")
+    print("  every round (set / plain / read, s): " + "; ".join(
+        f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(loads["set"], loads["plain"], loads["read"])))
 
 
 def _cpu_name() -> str:
