@@ -102,6 +102,11 @@ class RankSource:
         """This rank's part of tensor `name` in file form; None when the rank holds none of it."""
         raise NotImplementedError
 
+    @property
+    def checking(self) -> bool:
+        """A thread is checking the file while the weights load (ShardSource: its sha256)."""
+        return False
+
     def confirm(self) -> None:
         """Raise if the file turned out not to be the one expected (ShardSource: its sha256,
         computed while the weights load). Call once loading is done, or failed."""
@@ -306,6 +311,10 @@ class ShardSource(RankSource):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def checking(self) -> bool:
+        return self._checksum is not None
 
     def _cancel_checksum(self) -> None:
         if self._checksum is not None:

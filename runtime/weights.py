@@ -81,6 +81,8 @@ class RankWeights:
 
     def _setup(self, source: RankSource, use_mmap: bool, nthread: int, exact: bool) -> None:
         self.source, self.use_mmap, self.nthread, self.exact = source, use_mmap, nthread, exact
+        # the hash checking the file is one of the rank's -t threads while it runs (docs/design.md §5, Load)
+        self.load_threads = max(1, nthread - 1) if source.checking else nthread
         self.resident_bytes = 0
         self.matrix_types: set[str] = set()
         self.kernels: kernels.WarmUp | None = None  # set when a quantized matrix needed the kernels
@@ -155,10 +157,10 @@ class RankWeights:
         t = parts[0][1]
         n_in = _values_per_row(*parts[0])
         if t not in kernels.KERNEL_TYPES:
-            return _dense_transposed(parts, n_in, self.nthread)
+            return _dense_transposed(parts, n_in, self.load_threads)
         if self.kernels is None:
             self.kernels = kernels.warm_up()
-        tiles = kernels.tile([raw for raw, _ in parts], t, threads=self.nthread)
+        tiles = kernels.tile([raw for raw, _ in parts], t, threads=self.load_threads)
         return BlockMatrix(tiles, self.exact, self.nthread, partial)
 
 
