@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 
 from netp.errors import NetpError
 from netp.formats.constants import GGMLType, block_geometry, type_from_name
-from netp.formats.fileio import read_exact_at
+from netp.formats.fileio import drop_mapped_pages, read_exact_at
 from netp.formats.ne import NEReader
 from netp.formats.shardset import ShardSet
 from netp.formats.tokenizer_dir import tokenizer_dir_for
@@ -116,7 +117,8 @@ class RankSource:
 
 
 _HASH_CHUNK = 8 << 20  # bytes per read of what the hash reads only for itself (formats.fileio's chunk)
-_AHEAD = 128 << 20  # bytes either side may hold for the other before it stops handing more over
+_MAP_CHUNK = 32 << 20  # bytes hashed at once from the hash's own map: fewer hand-backs of the GIL than 8 MB
+_AHEAD = 64 << 20  # bytes either side may hold for the other before it stops handing more over
 
 
 class _Checksum:
@@ -126,7 +128,10 @@ class _Checksum:
     - It hashes the open file (a duplicate of the reader's descriptor, from the moment it is
       opened, before its parse), never the path again: a file put in the path's place after the
       open cannot stand in for the bytes loaded.
-    - Under --no_mmap (`tensors` given) the file is read once, every tensor by whichever side
+    - Where the loader maps the file (`mapped`), the hash maps it too and hashes the pages in
+      place, dropping each chunk once hashed: no copy, and never more than a chunk of the rank's
+      RSS. Not under --no_mmap, which promises no SIGBUS if the file is truncated under the load.
+    - Under --no_mmap (`share`) the file is read once, every tensor by whichever side
       gets to it first: the hash thread, walking the file in order, reads a tensor the loader has
       not asked for yet whole and hands it to the loader (`take`); the loader reads the others
       and hands them to the hash (`feed`). Either way the bytes hashed are the bytes loaded. What
@@ -137,11 +142,12 @@ class _Checksum:
       load's memory small.
     """
 
-    def __init__(self, fd: int, size: int, path: Path):
+    def __init__(self, fd: int, size: int, path: Path, mapped: bool = False):
         self.size, self.path = size, path
         self.digest: str | None = None
         self.error: BaseException | None = None
         self._fd = os.dup(fd)  # the reader may close its own before the hash is done
+        self._mapped = mapped
         self._cond = threading.Condition()
         self._tensors: dict[int, int] = {}  # offset -> bytes of each tensor the loader will read
         self._starts: list[int] = []  # their offsets, in order
@@ -245,11 +251,19 @@ class _Checksum:
         return "stop", None, pos
 
     def _run(self) -> None:
+        mapped = None
         try:
             h = hashlib.sha256()
             buf = np.empty(min(_HASH_CHUNK, self.size), dtype=np.uint8)
+            if self._mapped:
+                mapped = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
             pos = 0
             while pos < self.size:
+                if mapped is not None:  # the loader maps the file too: nothing changes hands
+                    if self._stopped:
+                        return
+                    pos = self._hash_mapped(h, mapped, pos)
+                    continue
                 with self._cond:
                     kind, piece, end = self._next(pos)
                 if kind == "stop":
@@ -271,8 +285,21 @@ class _Checksum:
         except BaseException as e:  # noqa: BLE001 - handed to the loading thread by result()
             self.error = e
         finally:
+            if mapped is not None:
+                mapped.close()
             os.close(self._fd)
             self.cancel()
+
+    def _hash_mapped(self, h: Any, mapped: mmap.mmap, pos: int) -> int:
+        """Hash the next _MAP_CHUNK bytes from `pos` out of the hash's own map of the file, where the
+        loader maps it too (a file truncated under the load ends in SIGBUS either way, docs/design.md
+        §8): no copy. The pages are dropped once hashed, so the map never holds more than a chunk of
+        the rank's RSS."""
+        end = min(pos + _MAP_CHUNK, self.size)
+        with memoryview(mapped) as whole, whole[pos:end] as part:
+            h.update(part)
+        drop_mapped_pages(mapped, pos, end - pos)
+        return end
 
 
 class ShardSource(RankSource):
@@ -289,7 +316,7 @@ class ShardSource(RankSource):
         path = shards.rank_path(rank)
 
         def start_checksum(fd: int, size: int) -> None:  # as soon as the file is open, before its parse
-            self._checksum = _Checksum(fd, size, path)
+            self._checksum = _Checksum(fd, size, path, mapped=use_mmap)
 
         try:
             self.reader = shards.open_rank_file(rank, on_open=start_checksum if check_sha256 else None)

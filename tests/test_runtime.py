@@ -899,12 +899,20 @@ def _mapped_rss(path: Path) -> int:
     return total
 
 
-def test_a_loaded_rank_does_not_hold_its_mapped_file(smollm2_q4_0):
+@pytest.mark.parametrize("model", ["file", "shard set"])
+def test_a_loaded_rank_does_not_hold_its_mapped_file(smollm2_q4_0, tmp_path, model):
     """The tiles are copies: after load the map holds only what lookups touch, not the whole file
-    (at 32 layers of the 8B shape the file's pages had doubled a rank's RSS)."""
+    (at 32 layers of the 8B shape the file's pages had doubled a rank's RSS); a shard set's rank
+    file is also mapped by its sha256, which leaves none of it mapped either."""
+    path = smollm2_q4_0.resolve()
+    if model == "shard set":
+        from netp.shard.stage import shard_file
+
+        shard_file(smollm2_q4_0, tmp_path / "shards", 1)
+        smollm2_q4_0, path = tmp_path / "shards", (tmp_path / "shards" / "rank-00000-of-00001.bin").resolve()
     m = load_rank_model(smollm2_q4_0, SoloComm(), 8)
     try:
         m.forward(np.array([1, 2, 3]), 0)
-        assert _mapped_rss(smollm2_q4_0.resolve()) < smollm2_q4_0.stat().st_size // 10
+        assert _mapped_rss(path) < path.stat().st_size // 10
     finally:
         m.close()
