@@ -29,8 +29,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit
-from numba.typed import List
+from numba import carray, njit
+from numba.core import types
+from numba.extending import intrinsic
 
 from netp.models import compiled as ops
 from netp.models.architecture import Architecture
@@ -61,53 +62,90 @@ def _reduce(mode, part, counters, stride, rank, payloads0, payloads1, round_box)
     return await_sum(counters, stride, payloads, s, SPINS, part[0])
 
 
+# Where a rank's arrays are, for the compiled step: tables of addresses, not numba typed lists (building
+# those costs ~0.2 s per element type at every start, compiling their methods: 0.8 s of a 1.8 s load).
+# CompiledDecode keeps every array it lists alive for as long as it lives.
+_MAT_FIELDS = 8  # a matrix's row: kind, tiles, blocks, words per block row, rows, codes, scales, q4_1 minimums
+
+
+def _pointer_to(t: Any) -> Any:
+    @intrinsic
+    def pointer(typingctx, addr):  # an int64 address as a typed pointer
+        sig = types.misc.CPointer(t)(types.int64)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+        return sig, codegen
+    return pointer
+
+
+_u32_at, _u16_at, _f32_at = _pointer_to(types.uint32), _pointer_to(types.uint16), _pointer_to(types.float32)
+
+
 @njit(cache=True, nogil=True)
-def _stages(first, x, part, h, delta, qkv, heads_out, gate_up, act, scores, outs,
-            kinds, words, d16, m16, norms, biases, q_norms, k_norms, eps,
-            k_all, v_all, pos, cos, sin, halves, cache_of_q, window,
+def _product(mats, j, x, out):
+    """out (1, tiles R) f64 = x (1, n_in) times matrix j of the table (kernels.row_product)."""
+    kind, tiles, nb, words, rows = mats[j, 0], mats[j, 1], mats[j, 2], mats[j, 3], mats[j, 4]
+    qs = carray(_u32_at(mats[j, 5]), (tiles, nb, words, kernels.R))
+    d = carray(_u16_at(mats[j, 6]), (tiles, nb, kernels.R))
+    m = carray(_u16_at(mats[j, 7]), (tiles if kind == 1 else 0, nb if kind == 1 else 0, kernels.R))
+    kernels.row_product(kind, qs, d, m, x, out)
+
+
+@njit(cache=True, nogil=True)
+def _vector(vecs, i):
+    """Vector i of the table (address, length) as an f32 array (length 0: none)."""
+    return carray(_f32_at(vecs[i, 0]), (vecs[i, 1],))
+
+
+@njit(cache=True, nogil=True)
+def _stages(first, x, part, h, delta, qkv, heads_out, gate_up, act, scores, out0, out1, out2, out3,
+            mats, vecs, eps, k_all, v_all, pos, cos, sin, halves, cache_of_q, window,
             mode, counters, stride, rank, payloads0, payloads1, round_box):
     """Stages first.. of a decode step (see the module's docstring); returns the stage whose
     all-reduce the caller must complete, or DONE with x holding the layers' output.
 
     x (1, n) f32 the residual stream (in place); part (1, n) f64 the stage's partial sum, on
-    entry (first > 0) the sum over ranks of stage first - 1. Matrix 4 i + j of layer i: j = 0
-    q|k|v, 1 output projection, 2 gate|up, 3 down; norms[2 i], norms[2 i + 1]: attention and
-    MLP norm. Scratch: h, delta (1, n) f32; qkv (1, (nq + 2 nkv) hd) f32; heads_out (1, nq hd)
-    f32; gate_up (1, 2 f) f32; act (1, f) f32; scores (n_ctx,) f32; outs[j] (1, tiles R) f64."""
-    n_stages = len(norms)
+    entry (first > 0) the sum over ranks of stage first - 1. mats: one row per matrix
+    (_MAT_FIELDS), matrix 4 i + j of layer i: j = 0 q|k|v, 1 output projection, 2 gate|up,
+    3 down. vecs: (address, length) of f32 vectors, 5 per layer i from 5 i: attention norm, MLP
+    norm, q|k|v bias, q norm, k norm (length 0: none). Scratch: h, delta (1, n) f32; qkv
+    (1, (nq + 2 nkv) hd) f32; heads_out (1, nq hd) f32; gate_up (1, 2 f) f32; act (1, f) f32;
+    scores (n_ctx,) f32; out0..out3 (1, tiles R) f64 of the 4 matrices."""
+    n_stages = 2 * (mats.shape[0] // 4)
     nq = heads_out.shape[1] // k_all.shape[3]
     hd = k_all.shape[3]
     for k in range(first, n_stages):
+        layer = k // 2
+        norm = _vector(vecs, 5 * layer + k % 2)
         if k == 0:
-            ops.rms_norm_into(x, _NO_ROWS, norms[0], eps, h)
+            ops.rms_norm_into(x, _NO_ROWS, norm, eps, h)
         else:
             for i in range(x.shape[1]):
                 delta[0, i] = np.float32(part[0, i])
-            ops.rms_norm_into(x, delta, norms[k], eps, h)
-        layer = k // 2
+            ops.rms_norm_into(x, delta, norm, eps, h)
         if k % 2 == 0:  # attention
             j = 4 * layer
-            o = outs[0]
-            kernels.row_product(kinds[j], words[j], d16[j], m16[j], h, o)
-            b = biases[layer]
+            _product(mats, j, h, out0)
+            b = _vector(vecs, 5 * layer + 2)
             for i in range(qkv.shape[1]):
-                qkv[0, i] = np.float32(o[0, i])
+                qkv[0, i] = np.float32(out0[0, i])
                 if b.shape[0] > 0:
                     qkv[0, i] += b[i]
             heads = qkv.reshape((qkv.shape[1] // hd, hd))
             ops.attend_one(heads, k_all[layer], v_all[layer], pos, cos, sin, halves, cache_of_q, window,
-                           q_norms[layer], k_norms[layer], eps, scores, heads_out.reshape((nq, hd)))
-            o = outs[1]
-            kernels.row_product(kinds[j + 1], words[j + 1], d16[j + 1], m16[j + 1], heads_out, o)
+                           _vector(vecs, 5 * layer + 3), _vector(vecs, 5 * layer + 4), eps, scores,
+                           heads_out.reshape((nq, hd)))
+            _product(mats, j + 1, heads_out, out1)
+            o = out1
         else:  # MLP
             j = 4 * layer + 2
-            o = outs[2]
-            kernels.row_product(kinds[j], words[j], d16[j], m16[j], h, o)
+            _product(mats, j, h, out2)
             for i in range(gate_up.shape[1]):
-                gate_up[0, i] = np.float32(o[0, i])
+                gate_up[0, i] = np.float32(out2[0, i])
             ops.silu_mul(gate_up, act)
-            o = outs[3]
-            kernels.row_product(kinds[j + 1], words[j + 1], d16[j + 1], m16[j + 1], act, o)
+            _product(mats, j + 1, act, out3)
+            o = out3
         for i in range(part.shape[1]):
             part[0, i] = o[0, i]
         if not _reduce(mode, part, counters, stride, rank, payloads0, payloads1, round_box):
@@ -135,19 +173,20 @@ class CompiledDecode:
         n = hp.n_embd
         self.comm = comm
         mats = [layers[i][key].tiles for i in range(hp.n_layer) for key in ("wqkv", "wo", "w13", "w2")]
-        self.kinds = np.array([t.kind for t in mats], dtype=np.int64)
-        self.words, self.d16, self.m16 = List([t.words for t in mats]), List([t.d16 for t in mats]), \
-            List([t.m16 for t in mats])
-        self.norms = List([w[key] for w in layers for key in ("attention_norm", "ffn_norm")])
+        self.mats = np.array([[t.kind, t.words.shape[0], t.words.shape[1], t.words.shape[2], t.rows,
+                               t.words.ctypes.data, t.d16.ctypes.data, t.m16.ctypes.data] for t in mats],
+                             dtype=np.int64)
         vec = lambda v: _NO_VALUES if v is None else np.ascontiguousarray(v, dtype=np.float32)  # noqa: E731
-        self.biases = List([vec(w.get("bqkv")) for w in layers])
         normed = all(w.get("q_norm") is not None and w.get("k_norm") is not None for w in layers)
-        self.q_norms = List([vec(w.get("q_norm") if normed else None) for w in layers])
-        self.k_norms = List([vec(w.get("k_norm") if normed else None) for w in layers])
+        vectors = [vec(v) for w in layers for v in (w["attention_norm"], w["ffn_norm"], w.get("bqkv"),
+                                                     w.get("q_norm") if normed else None,
+                                                     w.get("k_norm") if normed else None)]
+        self.vecs = np.array([[v.ctypes.data, v.shape[0]] for v in vectors], dtype=np.int64)
+        self._held = (mats, vectors)  # what the tables point into: alive as long as this step
         hd = hp.head_dim
         width = lambda t: t.qs.shape[0] * kernels.R  # noqa: E731
-        self.outs = List([np.empty((1, max(width(mats[4 * i + j]) for i in range(hp.n_layer))), dtype=np.float64)
-                          for j in range(4)])
+        self.outs = [np.empty((1, max(width(mats[4 * i + j]) for i in range(hp.n_layer))), dtype=np.float64)
+                     for j in range(4)]
         self.x_part = np.empty((1, n), dtype=np.float64)
         self.h, self.delta = np.empty((1, n), dtype=np.float32), np.empty((1, n), dtype=np.float32)
         self.qkv = np.empty((1, mats[0].rows), dtype=np.float32)
@@ -168,7 +207,7 @@ class CompiledDecode:
         # Compiled (first start) or loaded from numba's cache now, with this rank's very argument types, not
         # in the first decode step (measured: 30-70 ms there). From the last stage: no layer runs.
         with kernels.cache_lock():
-            self._stages(len(self.norms), np.zeros((1, n), dtype=np.float32), 0)
+            self._stages(2 * hp.n_layer, np.zeros((1, n), dtype=np.float32), 0)
 
     @staticmethod
     def possible(m: RankContext, arch: Architecture, layers: list[dict[str, Any]], nthread: int,
@@ -187,7 +226,7 @@ class CompiledDecode:
     def run(self, x: np.ndarray, pos: int) -> None:
         """Every layer of one token at position pos on x (1, n_embd) f32, in place."""
         if self.mode == SHARED:  # what comm.allreduce would count (the CALLER mode's go through it)
-            self.comm.traffic.allreduce += len(self.norms) * self.x_part.nbytes
+            self.comm.traffic.allreduce += self.mats.shape[0] // 2 * self.x_part.nbytes
         stage = 0
         while True:
             stage = self._stages(stage, x, pos)
@@ -204,7 +243,7 @@ class CompiledDecode:
         counters, stride, rank, p0, p1, box = self.shm_args or (_NO_COUNTERS, 0, 0, _NO_PAYLOADS, _NO_PAYLOADS,
                                                                  _NO_COUNTERS)
         return _stages(first, x, self.x_part, self.h, self.delta, self.qkv, self.heads_out, self.gate_up, self.act,
-                       self.scores, self.outs, self.kinds, self.words, self.d16, self.m16, self.norms, self.biases,
-                       self.q_norms, self.k_norms, m.hp.norm_eps, self.cache.k_all, self.cache.v_all, pos, m.rope_cos[pos],
+                       self.scores, *self.outs, self.mats, self.vecs, m.hp.norm_eps, self.cache.k_all,
+                       self.cache.v_all, pos, m.rope_cos[pos],
                        m.rope_sin[pos], self.halves, m.cache_of_q, m.hp.sliding_window, self.mode,
                        counters, stride, rank, p0, p1, box)
