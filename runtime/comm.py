@@ -271,8 +271,8 @@ class MPIComm(Comm):
         if self.shm is not None and self.shm.fits(x.nbytes):  # ranks of one host (runtime/shmcomm.py)
             if not self.shm.start(x):
                 self._wait(self.shm.finish, "all-reduce")
-            return x.astype(np.float32, copy=False)
-        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM).Test, "all-reduce")
+        else:
+            self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM).Test, "all-reduce")
         return x.astype(np.float32, copy=False)
 
     def wait_shm(self, out: np.ndarray) -> None:

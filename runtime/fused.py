@@ -41,6 +41,7 @@ from netp.runtime import kernels
 from netp.runtime.comm import Comm
 from netp.runtime.kvcache import KVCache
 from netp.runtime.shmcomm import SPINS, await_sum, publish
+from netp.runtime.weights import BlockMatrix
 
 DONE = -1
 # reduce modes: how a stage's partial sum becomes the sum over ranks
@@ -215,8 +216,6 @@ class CompiledDecode:
         """Whether a rank's layers can take the compiled step: a plain decoder's layers (Decoder.compiled_decode),
         every matrix of every layer in block form
         (runtime.weights.BlockMatrix, whose products run at one thread here), f32 activations not asked."""
-        from netp.runtime.weights import BlockMatrix
-
         if not isinstance(arch, Decoder) or not arch.compiled_decode:
             return False
         if nthread > 1 or exact or not layers or m.n_q < 1:
