@@ -4,7 +4,8 @@ import importlib
 import pkgutil
 
 for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+    if _module.name != "compiled":  # numba's steps for the forwards, imported on first use (~0.5 s of numba)
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 from netp.models.architecture import Architecture, SplitRule, TensorSpec  # noqa: E402, F401
 from netp.models.hparams import HParams  # noqa: E402, F401

@@ -19,7 +19,7 @@ query head names the cached KV head it reads).
 
 Imported by models.layers on first use (numba's import costs ~0.5 s, which
 convert and quantize never need); cache=True keeps the compiled code in
-numba's cache folder (the runtime sets it, netp.runtime.kernels) and
+numba's cache folder (netp/__init__.py sets it) and
 `exercise` compiles or loads all of it once.
 """
 from __future__ import annotations

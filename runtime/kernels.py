@@ -34,7 +34,7 @@ tile functions take it as int64 (`np.int64(tl)`), or their index arithmetic
 runs in floating point and the loops do not vectorise (measured 6x slower
 at one thread, which made 2 threads 3x slower than 1).
 
-Compiled functions are cached on disk (`cache=True`) in a per-user folder;
+Compiled functions are cached on disk (`cache=True`) in a per-user folder (netp/__init__.py);
 the first start of a process takes a file lock around compiling or loading
 them, so ranks starting at once never race the cache (`warm_up`).
 """
@@ -50,23 +50,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numba
 import numpy as np
+from numba import njit, prange
 
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "netp" / "numba"
-
-
-# numba reads its cache folder at import: a per-user one, unless the user chose one.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(_cache_dir()))
-
-import numba  # noqa: E402
-from numba import njit, prange  # noqa: E402
-
-from netp.formats.constants import GGMLType, block_geometry  # noqa: E402
-from netp.runtime import vnni  # noqa: E402
-from netp.typenames import QK  # noqa: E402
+from netp.formats.constants import GGMLType, block_geometry
+from netp.runtime import vnni
+from netp.typenames import QK
 
 R = vnni.R  # output rows per tile (docs/design.md §5)
 KERNEL_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
@@ -591,7 +581,7 @@ def cache_lock() -> Iterator[None]:
     """Held while compiling or loading compiled code: a file lock in numba's cache folder, so ranks
     starting at once wait for the first one's compile, then load its cache instead of compiling
     alongside it and writing the same files."""
-    folder = Path(numba.config.CACHE_DIR or _cache_dir())
+    folder = Path(numba.config.CACHE_DIR or os.environ["NUMBA_CACHE_DIR"])  # (netp/__init__.py sets it)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "netp.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -603,8 +593,8 @@ def cache_lock() -> Iterator[None]:
 
 _warm_lock = threading.Lock()
 _warm: WarmUp | None = None
-_DISPATCHERS = (_pack_serial, _pack_parallel, _quantize_q8, _q8_one_row, _vnni_one_row, _q8_serial, _q8_parallel, _vnni_serial, _vnni_parallel,
-                _f32_serial, _f32_parallel)
+_DISPATCHERS = (_pack_serial, _pack_parallel, _quantize_q8, _q8_one_row, _vnni_one_row, _q8_serial, _q8_parallel,
+                _vnni_serial, _vnni_parallel, _f32_serial, _f32_parallel)
 
 
 def warm_up() -> WarmUp:

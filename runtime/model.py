@@ -10,7 +10,7 @@ import numpy as np
 from netp.errors import NetpError
 from netp.models.context import ForwardTrace
 from netp.models.layers import rotary_tables
-from netp.runtime import kernels  # before numba loads: it sets numba's cache folder
+from netp.runtime import kernels
 from netp.runtime.blas import set_blas_threads
 from netp.runtime.comm import Comm
 from netp.runtime.fused import CompiledDecode

@@ -35,8 +35,6 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from netp.runtime import kernels  # noqa: F401 - sets numba's cache folder before anything compiles
-
 BUFFER_BYTES = 1 << 20  # per buffer: decode rows of any model (n_embd <= 131072 in f64), short prefills
 _HEADER = 128  # the counter, alone on its cache lines
 SPINS = 1 << 16  # counter reads (~0.1 ms) per try before the caller checks its deadline and yields
