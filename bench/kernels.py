@@ -14,7 +14,7 @@ as a decode step does. Figures, each the best of --rounds interleaved runs
   runtime: no attention, norms, Python);
 - prefill: T = --prompt tokens through every layer, the head for the last
   token only (as llama-bench's pp does): GMAC/s and kernels-only tok/s;
-- the path (VNNI or the portable loops) and resident tiles / file bytes;
+- the path (AVX-512 VNNI, AVX2 or the portable loops) and resident tiles / file bytes;
 - llama.cpp: `llama-bench -p PROMPT -n 32` at the same thread counts on an
   8B-shaped checkpoint with as many layers (bench/checkpoints.py, converted
   and quantized to q4_0 everywhere by llama.cpp's own tools, bench/peers.py),
@@ -35,7 +35,7 @@ from peers import cached_gguf, llama_bench
 
 from netp.formats.constants import GGMLType
 from netp.quantize.codecs import quantize_rows
-from netp.runtime import kernels, vnni
+from netp.runtime import kernels, simd
 
 HIDDEN, KV, MLP, VOCAB = 4096, 1024, 14336, 49152
 LAYER = {"qkv": (HIDDEN + 2 * KV, HIDDEN), "wo": (HIDDEN, HIDDEN), "gate_up": (2 * MLP, HIDDEN), "down": (HIDDEN, MLP)}
@@ -73,7 +73,7 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
 
     warm = kernels.warm_up()
-    print(f"kernels: {'AVX-512 VNNI' if vnni.AVAILABLE else 'portable loops'}, "
+    print(f"kernels: {simd.ISA or 'portable loops'}, "
           f"{'compiled' if warm.compiled else 'loaded'} in {warm.seconds:.1f} s")
     rng = np.random.default_rng(0)
     layer_raw = {k: q4_0_matrix(rng, *s) for k, s in LAYER.items()}

@@ -16,8 +16,8 @@ The tiles are exactly as large as the file's blocks.
   dot product is an integer sum scaled by the two scales
   (vec_dot_q4_0_q8_0: d_w d_x (sum q_w x_q - 8 sum x_q); q4_1 adds
   m_w d_x sum x_q; q8_0 is int8 x int8). Two implementations give the same
-  bits: netp.runtime.vnni's AVX-512 VNNI code where the CPU has it, and
-  the portable loops below otherwise;
+  bits: netp.runtime.simd's AVX-512 VNNI or AVX2 code where the CPU has
+  either, and the portable loops below otherwise;
 - exact: the same blocks against f32 activations (the dequantized math up
   to the order of sums), portable loops only.
 Each output row sums its blocks' terms in f64 (a q4/q8 block's term
@@ -55,10 +55,10 @@ import numpy as np
 from numba import njit, prange
 
 from netp.formats.constants import GGMLType, block_geometry
-from netp.runtime import vnni
+from netp.runtime import simd
 from netp.typenames import QK
 
-R = vnni.R  # output rows per tile (docs/design.md §5)
+R = simd.R  # output rows per tile (docs/design.md §5)
 KERNEL_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 _KIND = {GGMLType.Q4_0: 0, GGMLType.Q4_1: 1, GGMLType.Q8_0: 2}  # the compiled code's type switch
 _WORDS = {GGMLType.Q4_0: 4, GGMLType.Q4_1: 4, GGMLType.Q8_0: 8}  # 32-bit words of codes per row and block
@@ -94,13 +94,13 @@ class TiledBlocks:
 
 # -- packing ---------------------------------------------------------------------
 
-_pack_q4_0, _pack_q4_1, _pack_q8_0 = vnni.pack_rows(4, 1, False), vnni.pack_rows(4, 2, False), \
-    vnni.pack_rows(8, 1, True)
+_pack_q4_0, _pack_q4_1, _pack_q8_0 = simd.pack_rows(4, 1, False), simd.pack_rows(4, 2, False), \
+    simd.pack_rows(8, 1, True)
 
 
 @njit(cache=True)
 def _pack_few(src, qs, d, m, row0, t, lo, hi):
-    """Rows lo .. hi-1 of tile t (a group that a part's edge cuts) one byte at a time, as vnni.pack_rows
+    """Rows lo .. hi-1 of tile t (a group that a part's edge cuts) one byte at a time, as simd.pack_rows
     does 16 rows: file rows src (rows, bytes; the first is row row0) -> qs (tiles, blocks, words, R, 4)
     uint8, d and m (tiles, blocks, R; m without tiles unless q4_1) uint16."""
     nb, words = qs.shape[1], qs.shape[2]
@@ -126,9 +126,9 @@ def _pack_tile(kind, src, qs, d, m, row0, t):
         return
     lo = max(row0, t * R) - t * R
     hi = min(row0 + src.shape[0], (t + 1) * R) - t * R
-    for g in range(R // vnni.LANES):
-        a, z = max(lo, g * vnni.LANES), min(hi, (g + 1) * vnni.LANES)
-        if z - a == vnni.LANES:
+    for g in range(R // simd.PACK_ROWS):
+        a, z = max(lo, g * simd.PACK_ROWS), min(hi, (g + 1) * simd.PACK_ROWS)
+        if z - a == simd.PACK_ROWS:
             if kind == 0:
                 _pack_q4_0(src, t * R + a - row0, qs, d, m, t, g)
             elif kind == 1:
@@ -255,7 +255,7 @@ F16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).ast
 @njit(cache=True)
 def _add_terms(kind, d_flat, m_flat, f16, od, s, xsum, isum, out_flat, ob):
     """out[ob + r] += row r's block term from its integer sum isum[r] (q4: sum (q - 8) x_q; q8_0: sum
-    q x_q), s = d_x, xsum = sum x_q: the same f64 values and order as netp.runtime.vnni's."""
+    q x_q), s = d_x, xsum = sum x_q: the same f64 values and order as netp.runtime.simd's."""
     if kind == 1:  # q4_1: d_w d_x sum q x_q + m_w (d_x sum x_q), with sum q x_q = isum + 8 sum x_q
         ms = np.float64(s) * np.float64(xsum)
         for r in range(R):
@@ -404,37 +404,38 @@ def _f32_tile(kind, qs, d, m, f16, x, xsum, out, tl):
                     out_flat[ob + r] += np.float64(f16[d_flat[od + r]]) * np.float64(fsum[r])
 
 
-# -- the products on VNNI (netp.runtime.vnni): decode runs 4 groups of 16 rows (a whole tile) per
-# pass, prefill 2 groups x 4 tokens, the tokens left over by 4 as decode does (measured best here).
+# -- the products on SIMD (netp.runtime.simd): per ISA, the groups of LANES rows per decode pass and the
+# (groups, tokens) block of a prefill pass, the tokens left over run as decode does (measured best here).
 
-_VNNI_DECODE = tuple(vnni.block_products(k, 4, 1) for k in vnni.KINDS)
-_VNNI_TOKENS = 4
-_VNNI_GROUPS = 2
-_vnni_q4_0_d, _vnni_q4_1_d, _vnni_q8_0_d = _VNNI_DECODE
-_vnni_q4_0_p, _vnni_q4_1_p, _vnni_q8_0_p = (vnni.block_products(k, _VNNI_GROUPS, _VNNI_TOKENS) for k in vnni.KINDS)
+_DECODE_GROUPS = {"avx512vnni": 4, "avx2": 8, None: 4}[simd.ISA]
+_PREFILL_GROUPS, _PREFILL_TOKENS = {"avx512vnni": (2, 4), "avx2": (2, 2), None: (2, 4)}[simd.ISA]
+_simd_q4_0_d, _simd_q4_1_d, _simd_q8_0_d = (simd.block_products(k, _DECODE_GROUPS, 1) for k in simd.KINDS)
+_simd_q4_0_p, _simd_q4_1_p, _simd_q8_0_p = (simd.block_products(k, _PREFILL_GROUPS, _PREFILL_TOKENS)
+                                            for k in simd.KINDS)
 
 
 @njit(cache=True)
-def _vnni_tile(kind, qs, d, m, xq, xd, xs, out, tl):
+def _simd_tile(kind, qs, d, m, xq, xd, xs, out, tl):
     """Tile tl against all T rows (out written, not added)."""
     T = xq.shape[0]
     t = 0
-    while t + _VNNI_TOKENS <= T:
-        for g in range(0, R // vnni.LANES, _VNNI_GROUPS):
+    while t + _PREFILL_TOKENS <= T:
+        for g in range(0, R // simd.LANES, _PREFILL_GROUPS):
             if kind == 0:
-                _vnni_q4_0_p(qs, d, m, xq, xd, xs, out, tl, g, t)
+                _simd_q4_0_p(qs, d, m, xq, xd, xs, out, tl, g, t)
             elif kind == 1:
-                _vnni_q4_1_p(qs, d, m, xq, xd, xs, out, tl, g, t)
+                _simd_q4_1_p(qs, d, m, xq, xd, xs, out, tl, g, t)
             else:
-                _vnni_q8_0_p(qs, d, m, xq, xd, xs, out, tl, g, t)
-        t += _VNNI_TOKENS
+                _simd_q8_0_p(qs, d, m, xq, xd, xs, out, tl, g, t)
+        t += _PREFILL_TOKENS
     while t < T:
-        if kind == 0:
-            _vnni_q4_0_d(qs, d, m, xq, xd, xs, out, tl, 0, t)
-        elif kind == 1:
-            _vnni_q4_1_d(qs, d, m, xq, xd, xs, out, tl, 0, t)
-        else:
-            _vnni_q8_0_d(qs, d, m, xq, xd, xs, out, tl, 0, t)
+        for g in range(0, R // simd.LANES, _DECODE_GROUPS):
+            if kind == 0:
+                _simd_q4_0_d(qs, d, m, xq, xd, xs, out, tl, g, t)
+            elif kind == 1:
+                _simd_q4_1_d(qs, d, m, xq, xd, xs, out, tl, g, t)
+            else:
+                _simd_q8_0_d(qs, d, m, xq, xd, xs, out, tl, g, t)
         t += 1
 
 
@@ -463,15 +464,15 @@ def _q8_parallel(kind, qs, d, m, f16, xq, xd, xs, out):
 
 
 @njit(cache=True, nogil=True)
-def _vnni_serial(kind, qs, d, m, xq, xd, xs, out):
+def _simd_serial(kind, qs, d, m, xq, xd, xs, out):
     for tl in range(qs.shape[0]):
-        _vnni_tile(kind, qs, d, m, xq, xd, xs, out, tl)
+        _simd_tile(kind, qs, d, m, xq, xd, xs, out, tl)
 
 
 @njit(cache=True, parallel=True)
-def _vnni_parallel(kind, qs, d, m, xq, xd, xs, out):
+def _simd_parallel(kind, qs, d, m, xq, xd, xs, out):
     for tl in prange(qs.shape[0]):
-        _vnni_tile(kind, qs, d, m, xq, xd, xs, out, np.int64(tl))
+        _simd_tile(kind, qs, d, m, xq, xd, xs, out, np.int64(tl))
 
 
 # Decode at one thread (x (1, n_in)): x quantized to q8_0 and the serial product in one compiled call,
@@ -486,19 +487,19 @@ def _q8_one_row(kind, qs, d, m, f16, x, out):
 
 
 @njit(cache=True, nogil=True)
-def _vnni_one_row(kind, qs, d, m, x, out):
+def _simd_one_row(kind, qs, d, m, x, out):
     xq, xd, xs = _q8_scratch(x)
     for tl in range(qs.shape[0]):
-        _vnni_tile(kind, qs, d, m, xq, xd, xs, out, tl)
+        _simd_tile(kind, qs, d, m, xq, xd, xs, out, tl)
 
 
 # The decode product of this CPU, for compiled callers (runtime/fused.py): chosen at import, as matmul
-# chooses per call, so numba never compiles the VNNI intrinsics for a CPU without them.
-if vnni.AVAILABLE:
+# chooses per call, so numba never compiles SIMD intrinsics for a CPU without them.
+if simd.ISA is not None:
     @njit(cache=True, nogil=True)
     def row_product(kind, qs, d, m, x, out):
-        """x (1, n_in) f32 -> out (1, tiles R) f64, written: _vnni_one_row."""
-        _vnni_one_row(kind, qs, d, m, x, out)
+        """x (1, n_in) f32 -> out (1, tiles R) f64, written: _simd_one_row."""
+        _simd_one_row(kind, qs, d, m, x, out)
 else:
     @njit(cache=True, nogil=True)
     def row_product(kind, qs, d, m, x, out):
@@ -534,11 +535,11 @@ def matmul(x: np.ndarray, w: TiledBlocks, exact: bool = False, threads: int = 1,
            partial: bool = False) -> np.ndarray:
     """x (T, n_in) @ w.T -> (T, w.rows), rounded to f32 once at the end (partial: kept in f64, for a
     sum over ranks that rounds once after it)."""
-    return _matmul(x, w, exact, threads, partial, vnni.AVAILABLE)
+    return _matmul(x, w, exact, threads, partial, simd.ISA is not None)
 
 
 def _matmul(x: np.ndarray, w: TiledBlocks, exact: bool, threads: int, partial: bool,
-            use_vnni: bool) -> np.ndarray:
+            use_simd: bool) -> np.ndarray:
     xf = np.ascontiguousarray(x, dtype=np.float32)
     if xf.ndim != 2 or xf.shape[1] != w.n_in:
         raise ValueError(f"activations of shape {xf.shape} for a matrix of {w.n_in} columns")
@@ -547,8 +548,8 @@ def _matmul(x: np.ndarray, w: TiledBlocks, exact: bool, threads: int, partial: b
     kind, qs, d, m = w.kind, w.words, w.d16, w.m16
     if T == 1 and threads <= 1 and not exact and w.qs.shape[1]:
         out = np.empty((1, n_tiles * R), dtype=np.float64)
-        if use_vnni:
-            _vnni_one_row(kind, qs, d, m, xf, out)
+        if use_simd:
+            _simd_one_row(kind, qs, d, m, xf, out)
         else:
             _q8_one_row(kind, qs, d, m, F16, xf, out)
         return out[:, : w.rows] if partial else out[:, : w.rows].astype(np.float32)
@@ -559,9 +560,9 @@ def _matmul(x: np.ndarray, w: TiledBlocks, exact: bool, threads: int, partial: b
         out = np.zeros((T, n_tiles * R), dtype=np.float64)
         xsum = _NO_SUMS if w.m is None else np.ascontiguousarray(xf.reshape(T, -1, QK).sum(axis=2, dtype=np.float32))
         (_f32_parallel if par else _f32_serial)(kind, qs, d, m, F16, xf, xsum, out)
-    elif use_vnni:
+    elif use_simd:
         out = np.empty((T, n_tiles * R), dtype=np.float64)
-        (_vnni_parallel if par else _vnni_serial)(kind, qs, d, m, *quantize_q8(xf), out)
+        (_simd_parallel if par else _simd_serial)(kind, qs, d, m, *quantize_q8(xf), out)
     else:
         out = np.zeros((T, n_tiles * R), dtype=np.float64)
         (_q8_parallel if par else _q8_serial)(kind, qs, d, m, F16, *quantize_q8(xf), out)
@@ -593,8 +594,8 @@ def cache_lock() -> Iterator[None]:
 
 _warm_lock = threading.Lock()
 _warm: WarmUp | None = None
-_DISPATCHERS = (_pack_serial, _pack_parallel, _quantize_q8, _q8_one_row, _vnni_one_row, _q8_serial, _q8_parallel,
-                _vnni_serial, _vnni_parallel, _f32_serial, _f32_parallel)
+_DISPATCHERS = (_pack_serial, _pack_parallel, _quantize_q8, _q8_one_row, _simd_one_row, _q8_serial, _q8_parallel,
+                _simd_serial, _simd_parallel, _f32_serial, _f32_parallel)
 
 
 def warm_up() -> WarmUp:

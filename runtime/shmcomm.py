@@ -15,7 +15,7 @@ part in every round, in the same order; round s:
 Two buffers suffice: a rank writes buffer s % 2 again only in round s + 2,
 after every peer has published s + 1, which each does only after reading
 round s. The counters are atomics written as LLVM IR through numba
-intrinsics (as runtime/vnni.py does), so the ordering holds on any CPU
+intrinsics (as runtime/simd.py does), so the ordering holds on any CPU
 numba targets, not only x86's.
 
 Waits spin a bounded number of times and return False when peers are not

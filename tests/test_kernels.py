@@ -7,7 +7,7 @@ from gguf import quants
 
 from netp.formats.constants import GGMLType, block_geometry
 from netp.runtime import kernels as K
-from netp.runtime import vnni
+from netp.runtime import simd
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 SCALE_BYTES = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q8_0: 2}
@@ -41,21 +41,21 @@ def reference(x: np.ndarray, raw: np.ndarray, t: GGMLType, exact: bool) -> tuple
     return xa @ w.T, np.abs(xa) @ np.abs(w).T
 
 
-PATHS = [pytest.param(True, id="vnni", marks=pytest.mark.skipif(not vnni.AVAILABLE, reason="no AVX-512 VNNI")),
+PATHS = [pytest.param(True, id=f"simd-{simd.ISA}", marks=pytest.mark.skipif(simd.ISA is None, reason="no AVX2 or AVX-512 VNNI")),
          pytest.param(False, id="portable")]
 
 
-def products(x: np.ndarray, w: K.TiledBlocks, exact: bool, threads: int, use_vnni: bool) -> np.ndarray:
-    return K._matmul(x, w, exact, threads, False, use_vnni)
+def products(x: np.ndarray, w: K.TiledBlocks, exact: bool, threads: int, use_simd: bool) -> np.ndarray:
+    return K._matmul(x, w, exact, threads, False, use_simd)
 
 
-@pytest.mark.parametrize("use_vnni", PATHS)
+@pytest.mark.parametrize("use_simd", PATHS)
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name.lower())
 @pytest.mark.parametrize("kind", ["random", "zeros", "outlier"])
 @pytest.mark.parametrize("rows,n_in", [(64, 32), (37, 32), (130, 4096)])
 @pytest.mark.parametrize("T", [1, 5, 9])
 def test_matmul_matches_numpy_on_dequantized_blocks(t: GGMLType, kind: str, rows: int, n_in: int, T: int,
-                                                     use_vnni: bool) -> None:
+                                                     use_simd: bool) -> None:
     rng = np.random.default_rng(rows * 7 + n_in + T)
     raw = matrix(rng, t, rows, n_in, kind)
     cut = rows // 3  # two parts stacked by rows, cut inside a tile
@@ -65,20 +65,20 @@ def test_matmul_matches_numpy_on_dequantized_blocks(t: GGMLType, kind: str, rows
     x[0, 0] = 50.0  # an activation outlier too
     for exact in (False, True):
         ref, scale = reference(x, raw, t, exact)
-        got = products(x, w, exact, 1, use_vnni)
+        got = products(x, w, exact, 1, use_simd)
         assert got.shape == (T, rows) and got.dtype == np.float32
         # f32 sums of n_in terms: within a few ulps of the sum of magnitudes
         assert np.all(np.abs(got - ref) <= 2e-6 * scale + 1e-30), (exact, np.abs(got - ref).max())
         if kind == "zeros":
             assert np.all(got[:, ::2] == 0.0)
         for threads in (2, 3):  # no cross-thread sums
-            assert np.array_equal(products(x, w, exact, threads, use_vnni), got)
+            assert np.array_equal(products(x, w, exact, threads, use_simd), got)
 
 
-@pytest.mark.skipif(not vnni.AVAILABLE, reason="no AVX-512 VNNI")
+@pytest.mark.skipif(simd.ISA is None, reason="no AVX2 or AVX-512 VNNI")
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name.lower())
-@pytest.mark.parametrize("T", [1, 4, 7])
-def test_vnni_and_portable_loops_give_the_same_bits(t: GGMLType, T: int) -> None:
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 7])
+def test_simd_and_portable_loops_give_the_same_bits(t: GGMLType, T: int) -> None:
     """The f64 partial sums themselves, which the all-reduce adds: equal to the last bit on both paths."""
     rng = np.random.default_rng(T)
     raw = matrix(rng, t, 200, 1024, "random")
@@ -89,16 +89,16 @@ def test_vnni_and_portable_loops_give_the_same_bits(t: GGMLType, T: int) -> None
     assert a.dtype == np.float64 and np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("use_vnni", PATHS)
+@pytest.mark.parametrize("use_simd", PATHS)
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name.lower())
-def test_prefill_equals_row_by_row(t: GGMLType, use_vnni: bool) -> None:
+def test_prefill_equals_row_by_row(t: GGMLType, use_simd: bool) -> None:
     """T rows in one call (each tile decoded once) give each row's decode result."""
     rng = np.random.default_rng(3)
     w = K.tile([matrix(rng, t, 100, 256, "random")], t)
     x = rng.standard_normal((6, 256)).astype(np.float32)
     for exact in (False, True):
-        together = products(x, w, exact, 1, use_vnni)
-        apart = np.concatenate([products(x[i:i + 1], w, exact, 1, use_vnni) for i in range(6)])
+        together = products(x, w, exact, 1, use_simd)
+        apart = np.concatenate([products(x[i:i + 1], w, exact, 1, use_simd) for i in range(6)])
         assert np.array_equal(together, apart)
 
 
@@ -203,15 +203,11 @@ def test_two_ranks_starting_at_once_share_one_compile(tmp_path) -> None:
     assert len({o.split()[1] for o, _ in outs} | {out.split()[1]}) == 1  # the same bits from every start
 
 
-_WITHOUT_VNNI = """
-import sys
-import numpy as np
-from netp.formats.constants import GGMLType
-from netp.runtime import kernels as K, vnni
+_ON_ANOTHER_CPU = """
+from netp.runtime import simd
 from tests.test_kernels import portable_case
-print(int(vnni.AVAILABLE), portable_case())
+print(simd.ISA, portable_case())
 """
-
 
 def portable_case() -> str:
     """The f64 partial sums of every type at T = 1 and 6, as hex: the same bits on every path and CPU."""
@@ -224,22 +220,30 @@ def portable_case() -> str:
     return ",".join(out)
 
 
-@pytest.mark.slow
-def test_a_cpu_without_vnni_runs_the_portable_loops_with_the_same_bits(tmp_path) -> None:
-    """numba told to compile for a Haswell (AVX2, no AVX-512): the VNNI code is never emitted, and the
-    portable loops give the bits this machine's default path gives."""
+# (CPU name, features) numba is told to compile for, and the products' path it must take there
+OTHER_CPUS = {"avx2": ("haswell", "+avx2,+avx,+fma,+f16c,+sse4.2,+popcnt,+bmi2"),
+              "None": ("nehalem", "+sse4.2,+popcnt")}
+
+
+@pytest.mark.parametrize("isa", sorted(OTHER_CPUS))
+def test_another_cpu_takes_its_own_path_with_the_same_bits(tmp_path, isa: str) -> None:
+    """numba told to compile for a Haswell (AVX2, no AVX-512) or a Nehalem (no AVX): the kernels take the
+    AVX2 products or the portable loops, never code for a CPU the target lacks, and give the bits this
+    machine's path gives. A path equal to this machine's is covered by the tests above."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CPU_NAME": "haswell",
-           "NUMBA_CPU_FEATURES": "+avx2,+avx,+fma,+f16c,+sse4.2,+popcnt,+bmi2",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    p = subprocess.run([sys.executable, "-c", _WITHOUT_VNNI], env=env, capture_output=True, text=True, timeout=900)
+    if isa == str(simd.ISA):
+        pytest.skip(f"this machine's own path ({isa}) is tested in process")
+    name, features = OTHER_CPUS[isa]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CPU_NAME": name,
+           "NUMBA_CPU_FEATURES": features, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    p = subprocess.run([sys.executable, "-c", _ON_ANOTHER_CPU], env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
-    available, bits = p.stdout.split()
-    assert available == "0"
+    chosen, bits = p.stdout.split()
+    assert chosen == isa
     assert bits == portable_case()
 
 
@@ -249,6 +253,6 @@ def test_the_drivers_python_calls_release_the_gil():
     without)."""
     from netp.models import compiled
 
-    entry = [K._pack_serial, K._quantize_q8, K._q8_serial, K._vnni_serial,
+    entry = [K._pack_serial, K._quantize_q8, K._q8_serial, K._simd_serial,
              K._f32_serial, compiled.rms_norm_into, compiled.silu_mul, compiled.attend_one]
     assert [f.py_func.__name__ for f in entry if not f.targetoptions.get("nogil")] == []
