@@ -153,31 +153,47 @@ def _block_sums(b: ir.IRBuilder, isa: str, kind: str, lanes: int, codes: list[li
     return sums
 
 
+def _out_offsets(b: ir.IRBuilder, tile: ir.Value, g0: ir.Value, t0: ir.Value, width: ir.Value, lanes: int,
+                 groups: int, tokens: int) -> list[list[ir.Value]]:
+    """Index in out (f64) of each (group, token)'s first row."""
+    return [[b.add(b.mul(b.add(t0, _const(t)), width),
+                   b.add(b.mul(tile, _const(R)), b.mul(b.add(g0, _const(g)), _const(lanes)))) for t in range(tokens)]
+            for g in range(groups)]
+
+
 def _emit(module: ir.Module, isa: str, kind: str, groups: int, tokens: int) -> ir.Function:
-    """void f(qs, d, m, xq, xd, xs, out: i8*; tile, g0, t0, nb, width: i64): the rows of groups
-    g0 .. g0+groups-1 (of LANES rows) of `tile` against activation rows t0 .. t0+tokens-1 (layouts: kernels.py)."""
+    """void f(qs, d, m, xq, xd, xs, out: i8*; tile, g0, t0, b0, b1, nb, width: i64): the rows of groups
+    g0 .. g0+groups-1 (of LANES rows) of `tile` against activation rows t0 .. t0+tokens-1 (layouts:
+    kernels.py), over blocks b0 .. b1-1 of the nb: from 0 when b0 = 0, else continuing the sums out holds
+    (the same f64 operations in the same order as one pass over every block)."""
     name = f"netp_{isa}_{kind}_g{groups}_t{tokens}"
     if name in module.globals:
         return module.globals[name]
     lanes = {"avx512vnni": 16, "avx2": 8}[isa]
     k_words = 8 if kind == "q8_0" else 4  # 32-bit words of codes per row and block
     p8 = _i8.as_pointer()
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p8] * 7 + [_i64] * 5), name)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p8] * 7 + [_i64] * 7), name)
     fn.linkage = "internal"
-    qs, d, m, xq, xd, xs, out, tile, g0, t0, nb, width = fn.args
+    qs, d, m, xq, xd, xs, out, tile, g0, t0, b0, b1, nb, width = fn.args
     entry, body, done = fn.append_basic_block("entry"), fn.append_basic_block("body"), \
         fn.append_basic_block("done")
     b = ir.IRBuilder(entry)
     v8, vf64 = _vec(_i8, 4 * lanes), _vec(_f64, lanes)
+    out64 = b.bitcast(out, _f64.as_pointer())
+    at = _out_offsets(b, tile, g0, t0, width, lanes, groups, tokens)
+    first = b.icmp_signed("==", b0, _const(0))
+    start = [[b.select(first, ir.Constant(vf64, [0.0] * lanes),
+                       b.load(b.bitcast(b.gep(out64, [at[g][t]]), vf64.as_pointer()), align=8))
+              for t in range(tokens)] for g in range(groups)]
     b.branch(body)
 
     b.position_at_end(body)
     blk = b.phi(_i64)
-    blk.add_incoming(_const(0), entry)
+    blk.add_incoming(b0, entry)
     acc = [[b.phi(vf64) for _ in range(tokens)] for _ in range(groups)]
-    for row in acc:
-        for a in row:
-            a.add_incoming(ir.Constant(vf64, [0.0] * lanes), entry)
+    for g in range(groups):
+        for t in range(tokens):
+            acc[g][t].add_incoming(start[g][t], entry)
     tb = b.add(b.mul(tile, nb), blk)  # (tile, block) index
     qbase = b.mul(tb, _const(k_words * R * 4))
     sidx = [b.add(b.mul(b.add(t0, _const(t)), nb), blk) for t in range(tokens)]  # (token, block) index
@@ -214,20 +230,18 @@ def _emit(module: ir.Module, isa: str, kind: str, groups: int, tokens: int) -> i
     for g in range(groups):
         for t in range(tokens):
             acc[g][t].add_incoming(new[g][t], here)
-    b.cbranch(b.icmp_signed("<", nxt, nb), body, done)
+    b.cbranch(b.icmp_signed("<", nxt, b1), body, done)
 
     b.position_at_end(done)
     for g in range(groups):
         for t in range(tokens):
-            o = b.add(b.mul(b.add(t0, _const(t)), width),
-                      b.add(b.mul(tile, _const(R)), b.mul(b.add(g0, _const(g)), _const(lanes))))
-            b.store(new[g][t], b.bitcast(b.gep(b.bitcast(out, _f64.as_pointer()), [o]), vf64.as_pointer()), align=8)
+            b.store(new[g][t], b.bitcast(b.gep(out64, [at[g][t]]), vf64.as_pointer()), align=8)
     b.ret_void()
     return fn
 
 
 def block_products(kind: str, groups: int, tokens: int):
-    """A numba intrinsic f(qs, d, m, xq, xd, xs, out, tile, g0, t0) running `_emit`'s function for ISA:
+    """A numba intrinsic f(qs, d, m, xq, xd, xs, out, tile, g0, t0, b0, b1) running `_emit`'s function for ISA:
     qs (tiles, blocks, words, R) uint32, d / m (tiles, blocks, R) uint16 (f16 bits; m unused
     but for q4_1), xq (T, blocks, 32) int8, xd (T, blocks) f32, xs (T, blocks) int32,
     out (T, >= tiles x R) f64, all C-contiguous. Only compiled (called) where ISA is not None."""
@@ -235,8 +249,8 @@ def block_products(kind: str, groups: int, tokens: int):
         raise ValueError(kind)
 
     @intrinsic
-    def call(typingctx, qs, d, m, xq, xd, xs, out, tile, g0, t0):
-        sig = types.void(qs, d, m, xq, xd, xs, out, types.int64, types.int64, types.int64)
+    def call(typingctx, qs, d, m, xq, xd, xs, out, tile, g0, t0, b0, b1):
+        sig = types.void(qs, d, m, xq, xd, xs, out, *[types.int64] * 5)
 
         def codegen(context, builder, signature, args):
             arrays = [context.make_array(ty)(context, builder, a) for ty, a in zip(signature.args[:7], args[:7])]
