@@ -18,7 +18,12 @@ with its ratio against the peer measured in the same run (issue 31's goals):
   process, both from the page cache; and the part of it that is numba
   loading the block kernels from its cache (the timing line's figure), a
   fixed cost of every process;
-- resident weights (the timing line) against the rank file's size.
+- resident weights (the timing line) against the rank file's size;
+- the 2-rank decode's ceiling on this host: a decode step reads every
+  weight byte once, so 2 ranks sharing one memory bus reach at most what
+  the bus gives 2 concurrent readers over 1 (bench/membw.py: 1 process
+  reading the rank file's bytes vs 2 each reading half), printed beside
+  the 2-rank ratio (measured 1.45x on a 2-core Zen 3 VM, 2.0x on a Xeon).
 `--only load` measures the load alone (no decode, prefill or llama.cpp), and
 beside it the same rank file loaded as a plain NE file: no manifest, so no
 sha256 to check.
@@ -34,6 +39,7 @@ from pathlib import Path
 
 from cache import cache_dir, locked
 from checkpoints import checkpoint, llama31_8b
+from membw import read_gbps
 from peers import cached_gguf, llama_bench, run
 
 BIN = Path(sys.executable).parent
@@ -127,6 +133,8 @@ def main() -> None:
             peer[row.threads] = row
 
     file_mb = rank_file.stat().st_size / 1e6
+    nbytes = rank_file.stat().st_size
+    bus1, bus2 = read_gbps(1, nbytes), read_gbps(2, nbytes // 2)
     print(f"\nLlama-3.1-8B shape, {args.layers} layers, q4_0 (netp pipeline vs llama.cpp's converter + "
           f"llama-quantize --output-tensor-type q4_0), best of {args.rounds}, {os.cpu_count()} cores "
           f"({_cpu_name()})")
@@ -140,6 +148,8 @@ def main() -> None:
     line("decode, 1 rank x 1 thread", best["decode t1"], "llama-bench tg, -t 1", best["tg t1"], 1.0)
     line("decode, 1 rank x 2 threads", best["decode t2"], "llama-bench tg, -t 2", best["tg t2"], 1.0)
     line("decode, 2 MPI ranks x 1 thread", best["decode r2"], "netp 1 rank x 1 thread", best["decode t1"], 1.9)
+    print(f"  {'  ceiling: memory bus, 2 readers / 1':38s} {bus2:8.2f} GB/s  vs {'1 reader':22s} {bus1:8.2f}  "
+          f"{bus2 / bus1:5.2f}x (2 ranks reach {best['decode r2'] / best['decode t1'] / (bus2 / bus1):.2f} of it)")
     line("decode, 2 MPI ranks x 1 thread", best["decode r2"], "llama-bench tg, -t 2", best["tg t2"], 1.0)
     line(f"prefill ({args.prompt_tokens} tokens), 1 thread", best["prefill t1"], "llama-bench pp64, -t 1",
          best["pp t1"], 0.8)

@@ -19,10 +19,11 @@ returns the stage whose sum is due and the caller completes it (MPI, or
 runtime.shmcomm under the communicator's deadline) and calls again from
 the next stage.
 
-Used when a rank's layers are all block matrices at one thread
-(runtime.weights.BlockMatrix, -t 1, not --exact) and the family's layer is
-the plain decoder's (Decoder.compiled_decode); everything else, prefill and
-verify's traced runs take the Python path.
+Used when a rank's layers are all block matrices (runtime.weights.BlockMatrix,
+not --exact) and the family's layer is the plain decoder's
+(Decoder.compiled_decode); at -t > 1 the products inside the step run on the
+rank's threads (kernels.row_product_threaded), the rest on one. Everything
+else, prefill and verify's traced runs take the Python path.
 """
 from __future__ import annotations
 
@@ -84,13 +85,17 @@ _u32_at, _u16_at, _f32_at = _pointer_to(types.uint32), _pointer_to(types.uint16)
 
 
 @njit(cache=True, nogil=True)
-def _product(mats, j, x, out):
-    """out (1, tiles R) f64 = x (1, n_in) times matrix j of the table (kernels.row_product)."""
+def _product(mats, j, x, out, threaded):
+    """out (1, tiles R) f64 = x (1, n_in) times matrix j of the table (kernels.row_product, or its
+    threaded form)."""
     kind, tiles, nb, words, rows = mats[j, 0], mats[j, 1], mats[j, 2], mats[j, 3], mats[j, 4]
     qs = carray(_u32_at(mats[j, 5]), (tiles, nb, words, kernels.R))
     d = carray(_u16_at(mats[j, 6]), (tiles, nb, kernels.R))
     m = carray(_u16_at(mats[j, 7]), (tiles if kind == 1 else 0, nb if kind == 1 else 0, kernels.R))
-    kernels.row_product(kind, qs, d, m, x, out)
+    if threaded:
+        kernels.row_product_threaded(kind, qs, d, m, x, out)
+    else:
+        kernels.row_product(kind, qs, d, m, x, out)
 
 
 @njit(cache=True, nogil=True)
@@ -101,7 +106,7 @@ def _vector(vecs, i):
 
 @njit(cache=True, nogil=True)
 def _stages(first, x, part, h, delta, qkv, heads_out, gate_up, act, scores, out0, out1, out2, out3,
-            mats, vecs, eps, k_all, v_all, pos, cos, sin, halves, cache_of_q, window,
+            mats, vecs, eps, k_all, v_all, pos, cos, sin, halves, cache_of_q, window, threaded,
             mode, counters, stride, rank, payloads0, payloads1, round_box):
     """Stages first.. of a decode step (see the module's docstring); returns the stage whose
     all-reduce the caller must complete, or DONE with x holding the layers' output.
@@ -112,7 +117,8 @@ def _stages(first, x, part, h, delta, qkv, heads_out, gate_up, act, scores, out0
     3 down. vecs: (address, length) of f32 vectors, 5 per layer i from 5 i: attention norm, MLP
     norm, q|k|v bias, q norm, k norm (length 0: none). Scratch: h, delta (1, n) f32; qkv
     (1, (nq + 2 nkv) hd) f32; heads_out (1, nq hd) f32; gate_up (1, 2 f) f32; act (1, f) f32;
-    scores (n_ctx,) f32; out0..out3 (1, tiles R) f64 of the 4 matrices."""
+    scores (n_ctx,) f32; out0..out3 (1, tiles R) f64 of the 4 matrices. threaded: the products on the
+    calling thread's numba threads (kernels.set_threads)."""
     n_stages = 2 * (mats.shape[0] // 4)
     nq = heads_out.shape[1] // k_all.shape[3]
     hd = k_all.shape[3]
@@ -127,7 +133,7 @@ def _stages(first, x, part, h, delta, qkv, heads_out, gate_up, act, scores, out0
             ops.rms_norm_into(x, delta, norm, eps, h)
         if k % 2 == 0:  # attention
             j = 4 * layer
-            _product(mats, j, h, out0)
+            _product(mats, j, h, out0, threaded)
             b = _vector(vecs, 5 * layer + 2)
             for i in range(qkv.shape[1]):
                 qkv[0, i] = np.float32(out0[0, i])
@@ -137,15 +143,15 @@ def _stages(first, x, part, h, delta, qkv, heads_out, gate_up, act, scores, out0
             ops.attend_one(heads, k_all[layer], v_all[layer], pos, cos, sin, halves, cache_of_q, window,
                            _vector(vecs, 5 * layer + 3), _vector(vecs, 5 * layer + 4), eps, scores,
                            heads_out.reshape((nq, hd)))
-            _product(mats, j + 1, heads_out, out1)
+            _product(mats, j + 1, heads_out, out1, threaded)
             o = out1
         else:  # MLP
             j = 4 * layer + 2
-            _product(mats, j, h, out2)
+            _product(mats, j, h, out2, threaded)
             for i in range(gate_up.shape[1]):
                 gate_up[0, i] = np.float32(out2[0, i])
             ops.silu_mul(gate_up, act)
-            _product(mats, j + 1, act, out3)
+            _product(mats, j + 1, act, out3, threaded)
             o = out3
         for i in range(part.shape[1]):
             part[0, i] = o[0, i]
@@ -169,10 +175,10 @@ class CompiledDecode:
     runtime.weights.BlockMatrix."""
 
     def __init__(self, m: RankContext, arch: Architecture, cache: KVCache, layers: list[dict[str, Any]],
-                 comm: Comm):
+                 comm: Comm, nthread: int):
         hp = m.hp
         n = hp.n_embd
-        self.comm = comm
+        self.comm, self.nthread = comm, nthread
         mats = [layers[i][key].tiles for i in range(hp.n_layer) for key in ("wqkv", "wo", "w13", "w2")]
         self.mats = np.array([[t.kind, t.words.shape[0], t.words.shape[1], t.words.shape[2], t.rows,
                                t.words.ctypes.data, t.d16.ctypes.data, t.m16.ctypes.data] for t in mats],
@@ -208,17 +214,16 @@ class CompiledDecode:
         # Compiled (first start) or loaded from numba's cache now, with this rank's very argument types, not
         # in the first decode step (measured: 30-70 ms there). From the last stage: no layer runs.
         with kernels.cache_lock():
-            self._stages(2 * hp.n_layer, np.zeros((1, n), dtype=np.float32), 0)
+            self._stages(2 * hp.n_layer, np.zeros((1, n), dtype=np.float32), 0, nthread > 1)
 
     @staticmethod
     def possible(m: RankContext, arch: Architecture, layers: list[dict[str, Any]], nthread: int,
                  exact: bool) -> bool:
         """Whether a rank's layers can take the compiled step: a plain decoder's layers (Decoder.compiled_decode),
-        every matrix of every layer in block form
-        (runtime.weights.BlockMatrix, whose products run at one thread here), f32 activations not asked."""
+        every matrix of every layer in block form (runtime.weights.BlockMatrix), f32 activations not asked."""
         if not isinstance(arch, Decoder) or not arch.compiled_decode:
             return False
-        if nthread > 1 or exact or not layers or m.n_q < 1:
+        if exact or not layers or m.n_q < 1:
             return False
         return all(isinstance(w.get(key), BlockMatrix) for w in layers for key in ("wqkv", "wo", "w13", "w2"))
 
@@ -226,9 +231,10 @@ class CompiledDecode:
         """Every layer of one token at position pos on x (1, n_embd) f32, in place."""
         if self.mode == SHARED:  # what comm.allreduce would count (the CALLER mode's go through it)
             self.comm.traffic.allreduce += self.mats.shape[0] // 2 * self.x_part.nbytes
+        threaded = kernels.set_threads(self.nthread)  # (per calling thread: numba's setting is)
         stage = 0
         while True:
-            stage = self._stages(stage, x, pos)
+            stage = self._stages(stage, x, pos, threaded)
             if stage == DONE:
                 return
             if self.mode == SHARED:  # the peers were late: wait under the communicator's deadline
@@ -237,12 +243,12 @@ class CompiledDecode:
                 self.x_part[:] = self.comm.allreduce(self.x_part)
             stage += 1
 
-    def _stages(self, first: int, x: np.ndarray, pos: int) -> int:
+    def _stages(self, first: int, x: np.ndarray, pos: int, threaded: bool) -> int:
         m = self.m
         counters, stride, rank, p0, p1, box = self.shm_args or (_NO_COUNTERS, 0, 0, _NO_PAYLOADS, _NO_PAYLOADS,
                                                                  _NO_COUNTERS)
         return _stages(first, x, self.x_part, self.h, self.delta, self.qkv, self.heads_out, self.gate_up, self.act,
                        self.scores, *self.outs, self.mats, self.vecs, m.hp.norm_eps, self.cache.k_all,
                        self.cache.v_all, pos, m.rope_cos[pos],
-                       m.rope_sin[pos], self.halves, m.cache_of_q, m.hp.sliding_window, self.mode,
+                       m.rope_sin[pos], self.halves, m.cache_of_q, m.hp.sliding_window, threaded, self.mode,
                        counters, stride, rank, p0, p1, box)

@@ -165,7 +165,7 @@ def tile(parts: list[np.ndarray], t: GGMLType, threads: int = 1) -> TiledBlocks:
     qs = np.zeros((n_tiles, nb, words, R, 4), dtype=np.uint8)
     d = np.zeros((n_tiles, nb, R), dtype=np.float16)
     m = np.zeros((n_tiles, nb, R), dtype=np.float16) if t == GGMLType.Q4_1 else None
-    par = _set_threads(threads)
+    par = set_threads(threads)
     at = 0
     for p in parts:
         if p.shape[0] and nb:  # (the compiled loops take at least one block)
@@ -501,18 +501,33 @@ def _simd_one_row(kind, qs, d, m, x, out):
         _simd_tile(kind, qs, d, m, xq, xd, xs, out, tl)
 
 
-# The decode product of this CPU, for compiled callers (runtime/fused.py): chosen at import, as matmul
-# chooses per call, so numba never compiles SIMD intrinsics for a CPU without them.
+# The decode products of this CPU, for compiled callers (runtime/fused.py): chosen at import, as matmul
+# chooses per call, so numba never compiles SIMD intrinsics for a CPU without them. The threaded one
+# splits the tiles among the calling thread's numba threads (set_threads), each row summed by one
+# thread as in the serial one: the same bits.
 if simd.ISA is not None:
     @njit(cache=True, nogil=True)
     def row_product(kind, qs, d, m, x, out):
         """x (1, n_in) f32 -> out (1, tiles R) f64, written: _simd_one_row."""
         _simd_one_row(kind, qs, d, m, x, out)
+
+    @njit(cache=True, nogil=True)
+    def row_product_threaded(kind, qs, d, m, x, out):
+        """row_product on the threads set_threads gave the calling thread."""
+        xq, xd, xs = _q8_scratch(x)
+        _simd_parallel(kind, qs, d, m, xq, xd, xs, out)
 else:
     @njit(cache=True, nogil=True)
     def row_product(kind, qs, d, m, x, out):
         """x (1, n_in) f32 -> out (1, tiles R) f64, written: _q8_one_row."""
         _q8_one_row(kind, qs, d, m, F16, x, out)
+
+    @njit(cache=True, nogil=True)
+    def row_product_threaded(kind, qs, d, m, x, out):
+        """row_product on the threads set_threads gave the calling thread."""
+        xq, xd, xs = _q8_scratch(x)
+        out[:] = 0.0
+        _q8_parallel(kind, qs, d, m, F16, xq, xd, xs, out)
 
 
 @njit(cache=True, nogil=True)
@@ -531,7 +546,7 @@ _NO_SCALES = np.zeros((0, 0, R), dtype=np.float16)
 _NO_SUMS = np.zeros((0, 0), dtype=np.float32)
 
 
-def _set_threads(threads: int) -> bool:
+def set_threads(threads: int) -> bool:
     """numba's threads for this Python thread's next parallel loops; True: use the prange drivers."""
     if threads <= 1:
         return False
@@ -561,7 +576,7 @@ def _matmul(x: np.ndarray, w: TiledBlocks, exact: bool, threads: int, partial: b
         else:
             _q8_one_row(kind, qs, d, m, F16, xf, out)
         return out[:, : w.rows] if partial else out[:, : w.rows].astype(np.float32)
-    par = _set_threads(threads)
+    par = set_threads(threads)
     if w.qs.shape[1] == 0:  # no blocks: the compiled loops take at least one
         out = np.zeros((T, n_tiles * R), dtype=np.float64)
     elif exact:

@@ -57,7 +57,7 @@ class RankModel:
         self.compiled: CompiledDecode | None = None
         if compiled_decode and CompiledDecode.possible(self, self.arch, weights.layers, weights.nthread,
                                                        weights.exact):
-            self.compiled = CompiledDecode(self, self.arch, self.cache, weights.layers, comm)
+            self.compiled = CompiledDecode(self, self.arch, self.cache, weights.layers, comm, weights.nthread)
 
     def decode_layers(self, x: np.ndarray, pos: int) -> bool:
         if self.compiled is None:
