@@ -253,6 +253,7 @@ def block_products(kind: str, groups: int, tokens: int):
         sig = types.void(qs, d, m, xq, xd, xs, out, *[types.int64] * 5)
 
         def codegen(context, builder, signature, args):
+            assert ISA is not None  # (the kernels call these only where it is)
             arrays = [context.make_array(ty)(context, builder, a) for ty, a in zip(signature.args[:7], args[:7])]
             pointers = [builder.bitcast(a.data, _i8.as_pointer()) for a in arrays]
             nb = cgutils.unpack_tuple(builder, arrays[4].shape, 2)[1]
