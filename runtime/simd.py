@@ -114,6 +114,13 @@ def _fma(b: ir.IRBuilder, a: ir.Value, c: ir.Value, acc: ir.Value) -> ir.Value:
     return _call(b, f"llvm.fma.v{n}f64", _vec(_f64, n), [a, c, acc])
 
 
+def _tree_sum(b: ir.IRBuilder, values: list[ir.Value]) -> ir.Value:
+    """The values added pairwise (independent adds, not one chain)."""
+    while len(values) > 1:
+        values = [b.add(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+    return values[0]
+
+
 def _block_sums(b: ir.IRBuilder, isa: str, kind: str, lanes: int, codes: list[list[ir.Value]],
                 xword: dict[tuple[int, int], ir.Value]) -> list[list[ir.Value]]:
     """One block's s32 integer sums per (group, token): codes[k][g] the group's k-th code words,
@@ -139,17 +146,12 @@ def _block_sums(b: ir.IRBuilder, isa: str, kind: str, lanes: int, codes: list[li
                 for k, row in enumerate(codes):
                     w = b.xor(row[g], ir.Constant(v8, [0x80] * 4 * lanes))  # the stored code + 128 -> the code
                     s.append(_pairs_to_s32(b, _maddubs(b, _sign(b, w, w), _sign(b, xword[t, k], w))))
-                while len(s) > 1:
-                    s = [b.add(s[i], s[i + 1]) for i in range(0, len(s), 2)]
-                sums[g][t] = s[0]
+                sums[g][t] = _tree_sum(b, s)
             else:  # q4: 16 products per s16 lane, |sum| <= 16 x 15 x 127 < 2^15
                 lo = [_maddubs(b, b.and_(row[g], low4), xword[t, k]) for k, row in enumerate(codes)]
                 hi = [_maddubs(b, b.and_(b.lshr(row[g], shift4), low4), xword[t, k + 4])
                       for k, row in enumerate(codes)]
-                s = lo + hi
-                while len(s) > 1:
-                    s = [b.add(s[i], s[i + 1]) for i in range(0, len(s), 2)]
-                sums[g][t] = _pairs_to_s32(b, s[0])
+                sums[g][t] = _pairs_to_s32(b, _tree_sum(b, lo + hi))
     return sums
 
 

@@ -55,7 +55,10 @@ def _argv(stage: str, out: Path, gguf: Path, f32: Path, q4_0: Path, shards2: Pat
     }[stage]
 
 
-@pytest.mark.parametrize("stage", ["convert", "quantize", "shard", "pipeline", "reshard"])
+# convert and pipeline (35-40 s each here) run in `make test-slow`: quantize, shard and reshard go through
+# the same atomic writes (formats/atomic.py) in `make test`.
+@pytest.mark.parametrize("stage", [pytest.param("convert", marks=pytest.mark.slow), "quantize", "shard",
+                                   pytest.param("pipeline", marks=pytest.mark.slow), "reshard"])
 def test_sigkill_leaves_no_bad_output(stage, tmp_path, smollm2_gguf, smollm2_f32, smollm2_q4_0, smollm2_shards2):
     rng = random.Random(f"crash-{stage}")
     n_tensors = len(NEReader(smollm2_f32).tensors)

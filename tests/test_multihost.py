@@ -129,6 +129,7 @@ def test_hosts_match_one_host_over_the_bridge(n, shard_sets, smollm2_q4_0, clust
     assert table(v.stdout) == table(vref.stdout)
 
 
+@pytest.mark.slow  # (38 s; `make test-multihost` runs it, and test_runtime's one-host version stays in `make test`)
 def test_verify_with_the_references_on_rank_0s_host_only(shard_sets, smollm2_q4_0, smollm2_f32, smollm2_gguf,
                                                         cluster):
     """README's recipe: --ref, --f32 and --hf exist on rank 0's host only; the other host
