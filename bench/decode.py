@@ -206,12 +206,9 @@ def scaling(files: dict[str, Path], rounds: int, tokens: int) -> None:
     print(f"  2 ranks / 1 rank: best-of ratio {best2 / best1:.2f}x (goal >= 1.70) "
           f"{'ok' if best2 >= 1.7 * best1 else 'MISSED'}; per round {', '.join(f'{r:.2f}' for r in ratios)}, "
           f"median {statistics.median(ratios):.2f}")
-    # a decode step reads every weight byte once: 2 ranks on one memory bus reach at most what it gives
-    # 2 concurrent readers of a rank's bytes over 1 reader of the whole file's (bench/membw.py)
-    from membw import read_gbps
+    from membw import split_read_gbps
 
-    nbytes = files["q4_0"].stat().st_size
-    bus1, bus2 = read_gbps(1, nbytes), read_gbps(2, nbytes // 2)
+    bus1, bus2 = split_read_gbps(files["q4_0"].stat().st_size)
     print(f"  ceiling, memory bus: 2 readers {bus2:.1f} GB/s / 1 reader {bus1:.1f} GB/s = {bus2 / bus1:.2f}x; "
           f"2 ranks reach {best2 / best1 / (bus2 / bus1):.2f} of it")
 

@@ -3,6 +3,8 @@ so tok/s <= read GB/s / weight GB per token, and N ranks on one host share one b
 
     read_gbps(processes=1, nbytes=512 MiB) -> float   GB/s that `processes` concurrent processes read
                                                      together, each summing its own `nbytes` array
+    split_read_gbps(nbytes) -> (one, two)            GB/s of 1 process reading nbytes, and of 2 reading
+                                                     half each together: a 2-rank decode's ceiling
 
 Each process sums its own array (far beyond any cache; give a decode's working set, as its page
 tables stop fitting the caches too) with numpy, after a barrier so they run at once; the figure is
@@ -38,6 +40,12 @@ def read_gbps(processes: int = 1, nbytes: int = 512 << 20, passes: int = 5) -> f
     for p in procs:
         p.join()
     return processes * nbytes / max(times) / 1e9
+
+
+def split_read_gbps(nbytes: int) -> tuple[float, float]:
+    """(1 process reading nbytes, 2 processes reading nbytes / 2 each, together) in GB/s: a decode step
+    reads every weight byte once, so 2 ranks on one bus decode at most (two / one)x one rank."""
+    return read_gbps(1, nbytes), read_gbps(2, nbytes // 2)
 
 
 if __name__ == "__main__":

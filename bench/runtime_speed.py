@@ -23,7 +23,8 @@ with its ratio against the peer measured in the same run (issue 31's goals):
   weight byte once, so 2 ranks sharing one memory bus reach at most what
   the bus gives 2 concurrent readers over 1 (bench/membw.py: 1 process
   reading the rank file's bytes vs 2 each reading half), printed beside
-  the 2-rank ratio (measured 1.45x on a 2-core Zen 3 VM, 2.0x on a Xeon).
+  the 2-rank ratio (measured 1.59-1.96x on a 2-core Zen 3 VM, as its load
+  moved, and 1.96x on a Xeon).
 `--only load` measures the load alone (no decode, prefill or llama.cpp), and
 beside it the same rank file loaded as a plain NE file: no manifest, so no
 sha256 to check.
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from cache import cache_dir, locked
 from checkpoints import checkpoint, llama31_8b
-from membw import read_gbps
+from membw import split_read_gbps
 from peers import cached_gguf, llama_bench, run
 
 BIN = Path(sys.executable).parent
@@ -132,9 +133,9 @@ def main() -> None:
             keep(f"pp t{row.threads}", row.prompt_tok_s)
             peer[row.threads] = row
 
-    file_mb = rank_file.stat().st_size / 1e6
     nbytes = rank_file.stat().st_size
-    bus1, bus2 = read_gbps(1, nbytes), read_gbps(2, nbytes // 2)
+    file_mb = nbytes / 1e6
+    bus1, bus2 = split_read_gbps(nbytes)
     print(f"\nLlama-3.1-8B shape, {args.layers} layers, q4_0 (netp pipeline vs llama.cpp's converter + "
           f"llama-quantize --output-tensor-type q4_0), best of {args.rounds}, {os.cpu_count()} cores "
           f"({_cpu_name()})")

@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 from checkpoints import checkpoint, llama31_8b
-from membw import read_gbps
+from membw import split_read_gbps
 from peers import NS_LAYER_COUNTS, PeerError, cached_gguf, llama_bench, neural_speed_copy, neural_speed_run, run
 
 BIN = Path(sys.executable).parent
@@ -101,7 +101,7 @@ def main() -> None:
         say(f"ne-run, 1 rank x 1 thread (NE file): decode {one['decode']:.2f} tok/s, prefill {one['prompt']:.2f} "
             f"tok/s, load {one['load_s']:.1f} s, max RSS {rss1:.0f} MB; 2 ranks = {two['decode'] / one['decode']:.2f}x")
         gb = ne.stat().st_size / 1e9  # weight bytes a decode step reads, all ranks together
-        bw1, bw2 = read_gbps(1, int(gb * 1e9)), read_gbps(2, int(gb * 1e9 / 2))  # each rank's working set
+        bw1, bw2 = split_read_gbps(ne.stat().st_size)  # each rank's working set
         say(f"memory read (bench/membw.py, a rank's bytes per process): 1 process {bw1:.1f} GB/s, 2 together "
             f"{bw2:.1f} GB/s; decode reads "
             f"{one['decode'] * gb:.1f} GB/s at 1 rank, {two['decode'] * gb:.1f} GB/s at 2 ranks")

@@ -420,6 +420,24 @@ _simd_q4_0_p, _simd_q4_1_p, _simd_q8_0_p = (simd.block_products(k, _PREFILL_GROU
 
 
 @njit(cache=True)
+def _simd_pass(kind, wide, qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1):
+    """One intrinsic call: the prefill block (wide) or the decode one, of the matrix's type."""
+    if wide:
+        if kind == 0:
+            _simd_q4_0_p(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
+        elif kind == 1:
+            _simd_q4_1_p(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
+        else:
+            _simd_q8_0_p(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
+    elif kind == 0:
+        _simd_q4_0_d(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
+    elif kind == 1:
+        _simd_q4_1_d(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
+    else:
+        _simd_q8_0_d(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
+
+
+@njit(cache=True)
 def _simd_tile(kind, qs, d, m, xq, xd, xs, out, tl):
     """Tile tl against all T rows (out written, not added)."""
     T, nb = xq.shape[0], xq.shape[1]
@@ -427,24 +445,11 @@ def _simd_tile(kind, qs, d, m, xq, xd, xs, out, tl):
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
         t = 0
-        while t + _PREFILL_TOKENS <= T:
-            for g in range(0, R // simd.LANES, _PREFILL_GROUPS):
-                if kind == 0:
-                    _simd_q4_0_p(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
-                elif kind == 1:
-                    _simd_q4_1_p(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
-                else:
-                    _simd_q8_0_p(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
-            t += _PREFILL_TOKENS
         while t < T:
-            for g in range(0, R // simd.LANES, _DECODE_GROUPS):
-                if kind == 0:
-                    _simd_q4_0_d(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
-                elif kind == 1:
-                    _simd_q4_1_d(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
-                else:
-                    _simd_q8_0_d(qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
-            t += 1
+            wide = t + _PREFILL_TOKENS <= T
+            for g in range(0, R // simd.LANES, _PREFILL_GROUPS if wide else _DECODE_GROUPS):
+                _simd_pass(kind, wide, qs, d, m, xq, xd, xs, out, tl, g, t, b0, b1)
+            t += _PREFILL_TOKENS if wide else 1
 
 
 # -- drivers: one serial, one prange, per path (numba caches each function once, so the two loops are

@@ -59,8 +59,9 @@ def _best_isa() -> str | None:
     return None
 
 
+_LANES = {"avx512vnni": 16, "avx2": 8}  # rows per vector of s32 lanes
 ISA = _best_isa()
-LANES = {"avx512vnni": 16, "avx2": 8, None: 16}[ISA]  # rows per vector of s32 lanes
+LANES = _LANES[ISA] if ISA else 16  # (without either, unused: the kernels never call block_products)
 KINDS = ("q4_0", "q4_1", "q8_0")
 
 
@@ -171,7 +172,7 @@ def _emit(module: ir.Module, isa: str, kind: str, groups: int, tokens: int) -> i
     name = f"netp_{isa}_{kind}_g{groups}_t{tokens}"
     if name in module.globals:
         return module.globals[name]
-    lanes = {"avx512vnni": 16, "avx2": 8}[isa]
+    lanes = _LANES[isa]
     k_words = 8 if kind == "q8_0" else 4  # 32-bit words of codes per row and block
     p8 = _i8.as_pointer()
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [p8] * 7 + [_i64] * 7), name)

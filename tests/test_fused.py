@@ -45,7 +45,7 @@ def logits_both_ways(model: Path, ranks: int, nthread: int = 1) -> tuple[np.ndar
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_compiled_decode_gives_the_python_layers_bits(family, family_ne, family_shards):
-    # 3 ranks: 2 KV heads over 4 query heads straddle a rank (the cache keeps a head per query head);
+    # 3 ranks: 2 KV heads over 4 query heads straddle a rank (both ranks hold and cache that KV head);
     # 2 threads: the step's products split among them (results independent of the thread count)
     one_thread = None
     for model, ranks, nthread in ((family_ne(family, "q4_0"), 1, 1), (family_ne(family, "q4_0"), 1, 2),
